@@ -1,0 +1,78 @@
+"""SAMA stage 1: supervised fine-tuning on paired video edits + image edits.
+
+Run (after `pip install -r requirements.txt -e .`):
+  sama-train --config=configs/stage1_sft.py:wan_14b     # the paper's model; TPU v5p-64 class or larger
+  sama-train --config=configs/stage1_sft.py:wan_1_3b    # one 80 GB GPU with remat, or a v5p-8
+  sama-train --config=configs/stage1_sft.py:tiny        # CPU smoke run on the embedded synthetic data
+Any field can be overridden: --config.optimizer.lr=1e-5 --config.mesh.ici.fsdp=-1
+
+The argument selects the model preset (tiny | wan_1_3b | wan_14b); the tiny variant also switches to
+the generated dataset, small frames and a few steps so it runs in minutes on a CPU.
+"""
+import ml_collections
+
+from sama_jax import presets, sharding
+
+
+def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
+    preset = arg or "wan_14b"
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = 1
+    c.seed = 0
+    c.workdir = "runs/stage1_" + preset
+
+    c.model = presets.model_config(preset)
+    c.precision = ml_collections.ConfigDict(dict(
+        param_dtype="float32",
+        compute_dtype="float32" if tiny else "bfloat16",
+        # The official Wan code keeps the residual stream and modulation in fp32; "bfloat16" runs
+        # everything in the compute dtype (diffusers' behaviour).
+        residual_dtype="float32",
+        attention="auto",          # auto | xla | cudnn | splash
+        remat="none" if tiny else "full",   # none | full | attention
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        ici=dict(data=1, fsdp=-1, context=1, tensor=1),
+        dcn=dict(data=1, fsdp=1, context=1, tensor=1),
+    ))
+    c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+
+    c.data = ml_collections.ConfigDict(dict(
+        # Mixture of manifests by kind; weights are sampling probabilities.
+        mixture=[
+            dict(kind="video_edit", manifest="data/synthetic/video_edits.jsonl", weight=0.7),
+            dict(kind="image_edit", manifest="data/synthetic/image_edits.jsonl", weight=0.3),
+        ],
+        num_frames=5 if tiny else 81,
+        pixels=64 * 64 if tiny else 480 * 832,
+        # Aspect-ratio buckets (h/w): 1/2, 2/3, 3/4, 1 and reciprocals, as in the paper.
+        aspect_ratios=(0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0),
+        size_multiple=32 if not tiny else 16,
+        motion_alignment=False,
+        worker_count=0 if tiny else 8,
+        prefetch=2,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=2 if tiny else 32,
+        steps=20 if tiny else 20_000,
+        semantic_loss_weight=0.1,
+        timestep_shift=5.0,
+        log_every=5 if tiny else 50,
+    ))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3 if tiny else 2e-5, b1=0.9, b2=0.999, weight_decay=0.01,
+        grad_clip_norm=1.0, ema_decay=0.9998,
+    ))
+    c.schedule = ml_collections.ConfigDict(dict(warmup_steps=2 if tiny else 500, decay="constant"))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=10 if tiny else 1000, keep=3, async_save=not tiny,
+        init_from="",   # an Orbax checkpoint written by convert-wan-weights
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=10 if tiny else 2000, num_steps=4 if tiny else 50, guidance=5.0, shift=5.0,
+        sampler="euler", prompt_prefix="[Video edit] ",
+    ))
+    return c

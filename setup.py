@@ -1,0 +1,47 @@
+"""sama_jax: SAMA instruction-guided video editing on Wan2.1, in JAX/Flax NNX.
+
+Install on a fresh machine (Python 3.11, CPU):
+    pip install -r requirements.txt -e .
+requirements.txt pins the whole stack, test-time references included; install_requires below only
+names what the library imports, so the package also installs into an existing JAX environment.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="sama_jax",
+    version="0.1.0",
+    description="SAMA video editing on Wan2.1 in JAX/Flax NNX: models, converters, data, training.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sama_jax", "sama_jax.*", "tools", "tools.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        "transformers>=5.0",
+        "sentencepiece",
+        "ftfy",
+        "imageio",
+        "imageio-ffmpeg",
+        "av",
+        "pillow",
+        "psutil",
+    ],
+    extras_require={
+        # Parity references and the test runner. torch must be the CPU wheel pinned in requirements.txt.
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest", "pytest-xdist"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sama-mesh-info=sama_jax.mesh_info:main",
+            "convert-wan-weights=tools.convert_wan_weights.cli:main",
+        ],
+    },
+)

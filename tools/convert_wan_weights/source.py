@@ -1,0 +1,166 @@
+"""Tensor-by-tensor reading of PyTorch checkpoints, and key checks with clear errors.
+
+Formats: one `.safetensors` file; sharded safetensors (a `.safetensors.index.json`, or a directory
+holding one or several `.safetensors` files); a PyTorch pickle (`.pth`, `.pt`, `.bin`) read with
+torch.load(mmap=True, weights_only=True). Safetensors are memory-mapped, so reading one tensor
+touches only that tensor's bytes. This is the only place torch is imported (bf16 -> float32).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match what the converter expects; the message says what and where."""
+
+
+class TensorSource:
+    """Read-only view of a checkpoint's tensors: keys, shapes and float32/other numpy arrays."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file_of: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._handles: dict[str, object] = {}
+        self._pickled: Mapping[str, object] | None = None
+        if not os.path.exists(path):
+            raise ConversionError(f"checkpoint not found: {path}")
+        files = self._safetensors_files(path)
+        if files:
+            self._open_safetensors(files)
+        elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+            self._open_pickle(path)
+        else:
+            raise ConversionError(
+                f"{path}: not a .safetensors file, a .safetensors.index.json, a directory of "
+                ".safetensors files or a .pth/.pt/.bin PyTorch checkpoint")
+
+    @staticmethod
+    def _safetensors_files(path: str) -> list[str]:
+        if os.path.isdir(path):
+            index = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+            if index:
+                path = index[0]
+            else:
+                return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if path.endswith(".safetensors.index.json"):
+            with open(path) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ConversionError(f"{path}: not a safetensors index ({e})") from e
+            base = os.path.dirname(path)
+            files = sorted({os.path.join(base, name) for name in weight_map.values()})
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise ConversionError(f"{path}: shards listed in the index are missing: {missing}")
+            return files
+        return [path] if path.endswith(".safetensors") else []
+
+    def _open_safetensors(self, files: list[str]) -> None:
+        from safetensors import safe_open
+
+        for file in files:
+            try:
+                handle = safe_open(file, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ConversionError(f"{file}: cannot read safetensors header: {e}") from e
+            self._handles[file] = handle
+            for key in handle.keys():
+                if key in self._file_of:
+                    raise ConversionError(f"tensor {key!r} appears in both {self._file_of[key]} and {file}")
+                self._file_of[key] = file
+                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+
+    def _open_pickle(self, path: str) -> None:
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot load PyTorch checkpoint: {e}") from e
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+                state = state[wrapper]
+        if not isinstance(state, Mapping):
+            raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
+        self._pickled = state
+        for key, value in state.items():
+            if hasattr(value, "shape"):
+                self._file_of[key] = path
+                self._shapes[key] = tuple(value.shape)
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def file_of(self, key: str) -> str:
+        return self._file_of[key]
+
+    def get(self, key: str, dtype=np.float32) -> np.ndarray:
+        """One tensor as a numpy array of `dtype` (float32 by default; bf16 is upcast exactly)."""
+        import torch
+
+        if key not in self._file_of:
+            raise ConversionError(f"{self.path}: no tensor {key!r}")
+        if self._pickled is not None:
+            tensor = self._pickled[key]
+        else:
+            tensor = self._handles[self._file_of[key]].get_tensor(key)
+        if tensor.dtype in (torch.bfloat16, torch.float16, torch.float64):
+            tensor = tensor.to(torch.float32)
+        return np.asarray(tensor.numpy(), dtype=dtype)
+
+
+def strip_prefix(keys: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]:
+    """{key without the first matching prefix: original key} for wrapped state dicts."""
+    out = {}
+    for key in keys:
+        bare = key
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                bare = key[len(prefix):]
+                break
+        out[bare] = key
+    return out
+
+
+def check_keys(source_path: str, shapes: Mapping[str, tuple[int, ...]],
+               expected: Mapping[str, tuple[int, ...]], optional: Iterable[str] = ()) -> None:
+    """Compares a checkpoint's {key: shape} with the expected one; raises one error listing every
+    missing, unexpected and mis-shaped tensor (keys in `optional` may be absent)."""
+    optional = set(optional)
+    missing = sorted(k for k in expected if k not in shapes and k not in optional)
+    unexpected = sorted(k for k in shapes if k not in expected)
+    misshaped = sorted(f"{k}: checkpoint {tuple(shapes[k])}, expected {tuple(expected[k])}"
+                       for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k]))
+    if missing or unexpected or misshaped:
+        lines = [f"{source_path} does not match the expected model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("wrong shape", misshaped)):
+            if items:
+                shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in shown)
+        raise ConversionError("\n".join(lines))
+
+
+def cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 array -> the stored dtype ('float32' or 'bfloat16')."""
+    if dtype == "float32":
+        return np.asarray(array, np.float32)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.asarray(array, ml_dtypes.bfloat16)
+    raise ConversionError(f"unsupported --dtype {dtype!r}; use float32 or bfloat16")
