@@ -1,0 +1,1 @@
+"""Data: manifests, ArrayRecord storage, Grain pipelines and host-side transforms."""

@@ -1,0 +1,74 @@
+"""The manifest: one JSON object a line, one training sample each, paths relative to the manifest.
+
+    {"id": "clip_000017", "kind": "video_edit", "source": "videos/a.mp4", "target": "videos/a_edit.mp4",
+     "text": "Replace the red ball with a blue cube."}
+    {"id": "img_000003", "kind": "image_edit", "source": "images/b.png", "target": "images/b_edit.png",
+     "text": "Make the square green."}
+    {"id": "t2v_000042", "kind": "t2v", "target": "clips/c.mp4", "text": "A yellow circle moves left."}
+
+kind: video_edit | image_edit | t2v. `source` is required for the edit kinds and absent for t2v (the
+motion-alignment transforms make a source from the clip). Any other keys are kept (e.g. fps, origin).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+KINDS = ("video_edit", "image_edit", "t2v")
+REQUIRED = {"video_edit": ("source", "target", "text"), "image_edit": ("source", "target", "text"),
+            "t2v": ("target", "text")}
+
+
+class ManifestError(ValueError):
+    """A manifest line that is not a valid sample; the message names the file and line."""
+
+
+def validate(sample: dict, where: str) -> dict:
+    if not isinstance(sample, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(sample).__name__}")
+    kind = sample.get("kind")
+    if kind not in KINDS:
+        raise ManifestError(f"{where}: kind {kind!r} is not one of {KINDS}")
+    missing = [k for k in ("id",) + REQUIRED[kind] if not sample.get(k) and sample.get(k) != 0]
+    if missing:
+        raise ManifestError(f"{where}: {kind} sample lacks {missing}")
+    return sample
+
+
+def read_manifest(path: str) -> list[dict]:
+    """All samples of a JSONL manifest, validated; ids must be unique."""
+    samples, seen = [], {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: not JSON ({e.msg})") from e
+            validate(sample, where)
+            if sample["id"] in seen:
+                raise ManifestError(f"{where}: id {sample['id']!r} already used on line {seen[sample['id']]}")
+            seen[sample["id"]] = number
+            samples.append(sample)
+    return samples
+
+
+def write_manifest(path: str, samples: Iterable[dict]) -> int:
+    """Writes samples (validated) atomically; returns how many."""
+    tmp = path + ".tmp"
+    count = 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        for count, sample in enumerate(samples, 1):
+            validate(sample, f"{path}: sample {count}")
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return count
+
+
+def resolve(manifest_path: str, relative: str) -> str:
+    """A sample's path, relative to the manifest's directory (absolute paths are kept)."""
+    return os.path.join(os.path.dirname(os.path.abspath(manifest_path)), relative)
