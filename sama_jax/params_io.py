@@ -8,7 +8,9 @@ a crash before it leaves no directory at the target path.
 """
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -25,24 +27,34 @@ class ParamsWriter:
 
     def __init__(self, path: str, kind: str, config: Mapping[str, Any], overwrite: bool = False):
         self.path = os.path.abspath(path)
-        if os.path.exists(self.path):
-            if not overwrite:
-                raise ParamsCheckpointError(f"{self.path} exists; pass overwrite to replace it")
-        self.overwrite = overwrite
+        if os.path.exists(self.path) and not overwrite:
+            raise ParamsCheckpointError(f"{self.path} exists; pass overwrite to replace it")
+        # Replacing writes next to the old checkpoint and swaps at the end, so a crash at any point
+        # leaves either the old or the new checkpoint complete at `path`.
+        self._target = self.path + ".replacement" if os.path.exists(self.path) else self.path
+        # Leftovers of an interrupted earlier conversion must not be merged into this one.
+        for stale in glob.glob(glob.escape(self._target) + ".partial_save*") + (
+                [self._target] if self._target != self.path else []):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
         self._metadata = {"kind": kind, "config": _jsonable(dict(config))}
         self._started = False
 
     def add(self, tree: Mapping[str, Any]) -> None:
         """Adds arrays (new keys only) to the pending checkpoint; they can be freed afterwards."""
-        ocp.partial.save(self.path, tree, custom_metadata=None if self._started else self._metadata)
+        ocp.partial.save(self._target, tree,
+                         custom_metadata=None if self._started else self._metadata)
         self._started = True
 
     def finalize(self) -> None:
         if not self._started:
             raise ParamsCheckpointError(f"{self.path}: nothing was written")
-        if self.overwrite and os.path.exists(self.path):
-            ocp.delete(self.path) if ocp.is_orbax_checkpoint(self.path) else _rmtree(self.path)
-        ocp.partial.finalize(self.path)
+        ocp.partial.finalize(self._target)
+        if self._target != self.path:
+            old = self.path + ".old"
+            os.replace(self.path, old)
+            os.replace(self._target, self.path)
+            shutil.rmtree(old)
 
 
 def save_params(path: str, params: Mapping[str, Any], kind: str, config: Mapping[str, Any],
@@ -57,9 +69,10 @@ def read_metadata(path: str) -> tuple[str, dict]:
     """(kind, config) of a params checkpoint."""
     if not os.path.isdir(path):
         raise ParamsCheckpointError(f"params checkpoint not found: {path}")
-    if not ocp.is_orbax_checkpoint(path):
-        raise ParamsCheckpointError(f"{path} is not a complete Orbax checkpoint")
-    meta = ocp.metadata(path).custom_metadata or {}
+    try:
+        meta = ocp.metadata(path).custom_metadata or {}
+    except Exception as e:  # noqa: BLE001 - orbax raises layout/IO errors of several types
+        raise ParamsCheckpointError(f"{path} is not a complete Orbax checkpoint: {e}") from e
     if "kind" not in meta or "config" not in meta:
         raise ParamsCheckpointError(f"{path} is an Orbax checkpoint but not a sama_jax params "
                                     "checkpoint (no kind/config metadata)")
@@ -85,8 +98,3 @@ def _jsonable(value):
         return value.item()
     return value
 
-
-def _rmtree(path):
-    import shutil
-
-    shutil.rmtree(path)
