@@ -1,0 +1,214 @@
+"""Media IO: decode and write videos (PyAV, H.264 mp4) and images (Pillow) as uint8 RGB arrays.
+
+    frames = decode_video("clip.mp4", max_frames=81)      # (T, H, W, 3) uint8
+    image = decode_image(png_bytes)                      # (H, W, 3) uint8
+    media = decode_media(blob, ".png")                   # (1, H, W, 3): images are 1-frame videos
+    info = video_info("clip.mp4")                        # {"frames", "fps", "height", "width"}
+    write_video("out.mp4", frames, fps=16)               # H.264 yuv420p; height and width even
+    write_image("out.png", frame)
+
+Every input is a path or the encoded bytes (bytes, bytearray, memoryview), so the same calls decode
+files on disk and records read back from ArrayRecord shards. Anything that cannot be read - missing,
+empty, corrupt or truncated - raises MediaError whose message names the file (or "<bytes>") and the
+problem, never an exception of another kind: the data pipeline skips and counts exactly these.
+"""
+from __future__ import annotations
+
+import io
+import os
+from fractions import Fraction
+from typing import Union
+
+import av
+import numpy as np
+from PIL import Image
+
+MediaInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+
+
+class MediaError(ValueError):
+    """Media that cannot be read or written; the message names the file (or "<bytes>") and the problem."""
+
+
+def _name(source: MediaInput) -> str:
+    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+
+
+def _open_input(source: MediaInput):
+    """A path or a file object over the bytes; raises MediaError for a missing or empty input."""
+    name = _name(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise MediaError(f"{name}: empty input (0 bytes)")
+        return io.BytesIO(bytes(source))
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise MediaError(f"{name}: file does not exist")
+    if os.path.isdir(path):
+        raise MediaError(f"{name}: is a directory, not a media file")
+    if os.path.getsize(path) == 0:
+        raise MediaError(f"{name}: empty file (0 bytes)")
+    return path
+
+
+def normalize_ext(ext: str) -> str:
+    """'.MP4', 'mp4' -> '.mp4'."""
+    ext = ext.lower()
+    return ext if ext.startswith(".") else "." + ext
+
+
+def is_image_ext(ext: str) -> bool:
+    return normalize_ext(ext) in IMAGE_EXTS
+
+
+def decode_video(source: MediaInput, max_frames: int | None = None, threads: int = 1) -> np.ndarray:
+    """The first `max_frames` (default all) frames as (T, H, W, 3) uint8 RGB.
+
+    threads=1 decodes on one core (the data loader parallelises across samples instead); 0 lets
+    FFmpeg pick. A stream that ends before the frame count in its header is reported as truncated
+    rather than returned short, so a damaged file never silently becomes a shorter clip.
+    """
+    name = _name(source)
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    target = _open_input(source)
+    try:
+        with av.open(target, mode="r") as container:
+            if not container.streams.video:
+                raise MediaError(f"{name}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+            declared = stream.frames
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except MediaError:
+        raise
+    except Exception as e:  # PyAV raises many error types (FFmpegError, OSError, EOFError, ValueError...)
+        raise MediaError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise MediaError(f"{name}: video stream has no decodable frames")
+    wanted = declared if max_frames is None else min(declared, max_frames)
+    if declared > 0 and len(frames) < wanted:
+        raise MediaError(f"{name}: truncated video, header declares {declared} frames but only "
+                         f"{len(frames)} decode")
+    return np.stack(frames)
+
+
+def decode_image(source: MediaInput) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB (grey, palette and alpha images are converted)."""
+    name = _name(source)
+    target = _open_input(source)
+    try:
+        with Image.open(target) as image:
+            image.load()  # Image.open is lazy; load() is where truncation shows up
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError (bad PNG chunks)...
+        raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def decode_media(source: MediaInput, ext: str, max_frames: int | None = None) -> np.ndarray:
+    """(T, H, W, 3) uint8 for a video or an image (T=1), chosen by the extension."""
+    ext = normalize_ext(ext)
+    if ext in IMAGE_EXTS:
+        return decode_image(source)[None]
+    if ext in VIDEO_EXTS:
+        return decode_video(source, max_frames=max_frames)
+    raise MediaError(f"{_name(source)}: unsupported extension {ext!r} "
+                     f"(images: {IMAGE_EXTS}, videos: {VIDEO_EXTS})")
+
+
+def video_info(source: MediaInput) -> dict:
+    """{"frames", "fps", "height", "width"} from the container, without decoding pixels.
+
+    The frames are counted by demuxing packets (reads the file, decodes nothing), which also works for
+    containers without a frame count in the header (webm, some mkv) and catches truncated files.
+    """
+    name = _name(source)
+    target = _open_input(source)
+    try:
+        with av.open(target, mode="r") as container:
+            if not container.streams.video:
+                raise MediaError(f"{name}: no video stream")
+            stream = container.streams.video[0]
+            declared = stream.frames
+            # Count the packets actually present: a file cut short keeps its header (with the full
+            # frame count) but loses packets, and demuxing finds that without decoding.
+            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            if declared > 0 and frames < declared:
+                raise MediaError(f"{name}: truncated video, header declares {declared} frames but "
+                                 f"only {frames} are stored")
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            info = dict(frames=int(frames), fps=float(rate) if rate else 0.0,
+                        height=int(stream.codec_context.height), width=int(stream.codec_context.width))
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"{name}: cannot read video header ({type(e).__name__}: {e})") from e
+    if info["frames"] <= 0 or info["height"] <= 0 or info["width"] <= 0:
+        raise MediaError(f"{name}: video has no frames or no size ({info})")
+    return info
+
+
+def _check_frames(path: str, frames: np.ndarray, video: bool) -> np.ndarray:
+    frames = np.asarray(frames)
+    want = 4 if video else 3
+    if frames.dtype != np.uint8 or frames.ndim != want or frames.shape[-1] != 3:
+        layout = "(T, H, W, 3)" if video else "(H, W, 3)"
+        raise MediaError(f"{path}: expected uint8 {layout} RGB, got {frames.dtype} {frames.shape}")
+    return frames
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 17) -> None:
+    """Writes an H.264 (yuv420p) mp4 that any player reads; written to a temporary name then renamed.
+
+    yuv420p halves the chroma resolution, so height and width must be even. crf 17 is visually
+    lossless; colours come back within a few levels.
+    """
+    path = os.fspath(path)
+    frames = _check_frames(path, frames, video=True)
+    t, h, w, _ = frames.shape
+    if t == 0 or h % 2 or w % 2:
+        raise MediaError(f"{path}: H.264 yuv420p needs >= 1 frame and even height/width, "
+                         f"got {t} frames of {h}x{w}")
+    if fps <= 0:
+        raise MediaError(f"{path}: fps must be positive, got {fps}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    try:
+        # faststart puts the index first, so a truncated file is detected by its frame count.
+        with av.open(tmp, mode="w", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, MediaError):
+            raise
+        raise MediaError(f"{path}: cannot write video ({type(e).__name__}: {e})") from e
+
+
+def write_image(path: str | os.PathLike, frame: np.ndarray) -> None:
+    """Writes an image; the format comes from the extension (png is lossless)."""
+    path = os.fspath(path)
+    frame = _check_frames(path, frame, video=False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    try:
+        Image.fromarray(frame).save(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise MediaError(f"{path}: cannot write image ({type(e).__name__}: {e})") from e
