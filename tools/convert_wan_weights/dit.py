@@ -1,0 +1,353 @@
+"""Wan2.1 DiT / SAMA-14B state dict -> params checkpoint for sama_jax.models.wan_dit.WanDiT.
+
+Layouts, told apart by their keys (an optional 'model.diffusion_model.' / 'diffusion_model.' /
+'pipe.dit.' prefix is stripped):
+  official   Wan2.1 / DiffSynth / SAMA names: time_projection.1.weight, blocks.N.self_attn.q.weight...
+  diffusers  WanTransformer3DModel names: condition_embedder.time_proj.weight, blocks.N.attn1.to_q...
+SAMA's additions (segment_embedding, siglip_feat_mlp.{norm,fc1,fc2}, semantic_head.{norm,proj}) use
+the same names in both. Model size comes from the shapes: dim, ffn_dim, layers, text/freq/in/out
+dims, patch size, semantic widths. The head count is not in any shape, so it is taken from, in order:
+`options.num_heads`; a config.json next to the weights (diffusers' num_attention_heads, or
+num_heads); dim / 128 when 128 divides dim (every released Wan2.1 model has head_dim 128). text_len
+(512 for the released models) likewise from `options.text_len` or config.json.
+
+A base Wan checkpoint lacks SAMA's keys: an error unless `allow_base_wan`, in which case they are
+initialised as SAMA's code leaves them: segment embedding zero (a no-op); the projector with
+PyTorch's default Linear init (U(+-1/sqrt(fan_in)) for weight and bias) and LayerNorm (1, 0); the
+semantic head with a xavier-uniform weight, N(0, 1e-3^2) bias and LayerNorm (1, 0); numpy seed
+`options.seed` (default 0).
+
+Streaming: each output parameter is built and written on its own; a per-layer parameter is stacked
+across layers directly in the stored dtype, one layer read at a time (safetensors mmap), so peak
+host memory is about one stacked parameter (the largest: ffn.0 of 14B, 40 x 13824 x 5120) plus one
+layer in float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+
+from sama_jax import params_io
+from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys, strip_prefix
+
+KIND = "wan_dit"
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.")
+SAMA_PREFIXES = ("segment_embedding.", "siglip_feat_mlp.", "semantic_head.")
+# Flush small parameters to the checkpoint in groups of about this many bytes.
+GROUP_BYTES = 64 << 20
+
+# Official name -> diffusers name, per module prefix (blocks use the 'blocks.N.' prefix).
+_DIFFUSERS_TOP = {
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.modulation": "scale_shift_table",
+    "head.head": "proj_out",
+}
+_DIFFUSERS_BLOCK = {
+    "modulation": "scale_shift_table",
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    # diffusers' norm2 is the cross-attention norm, the official norm3.
+    "norm3": "norm2",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+}
+
+
+def _to_layout(official_key: str, layout: str) -> str:
+    if layout == "official":
+        return official_key
+    match = re.match(r"blocks\.(\d+)\.(.*)", official_key)
+    table, prefix, rest = (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2)) if match \
+        else (_DIFFUSERS_TOP, "", official_key)
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return prefix + new + rest[len(old):]
+    return official_key
+
+
+def detect_layout(bare_keys) -> str:
+    keys = set(bare_keys)
+    if "time_projection.1.weight" in keys:
+        return "official"
+    if "condition_embedder.time_proj.weight" in keys:
+        return "diffusers"
+    raise ConversionError("not a Wan2.1 DiT checkpoint: neither time_projection.1.weight (official "
+                          "Wan/SAMA layout) nor condition_embedder.time_proj.weight (diffusers) found")
+
+
+def matches(source: TensorSource) -> bool:
+    bare = strip_prefix(source.keys(), PREFIXES)
+    return "patch_embedding.weight" in bare and (
+        "time_projection.1.weight" in bare or "condition_embedder.time_proj.weight" in bare)
+
+
+# -- parameter table -------------------------------------------------------------------------------
+# Each entry: (our path, official key template with {i} for per-layer keys, transform).
+def _linear(ours: str, official: str):
+    return [(f"{ours}.kernel", f"{official}.weight", "linear"), (f"{ours}.bias", f"{official}.bias", "copy")]
+
+
+def _norm(ours: str, official: str, bias: bool = True):
+    out = [(f"{ours}.scale", f"{official}.weight", "copy")]
+    return out + ([(f"{ours}.bias", f"{official}.bias", "copy")] if bias else [])
+
+
+def _attention(ours: str, official: str):
+    out = []
+    for name in "qkvo":
+        out += _linear(f"{ours}.{name}", f"{official}.{name}")
+    return out + _norm(f"{ours}.norm_q", f"{official}.norm_q", bias=False) + \
+        _norm(f"{ours}.norm_k", f"{official}.norm_k", bias=False)
+
+
+TOP_PARAMS = (
+    [("patch_embedding.kernel", "patch_embedding.weight", "conv"),
+     ("patch_embedding.bias", "patch_embedding.bias", "copy")]
+    + _linear("text_embedding.fc1", "text_embedding.0") + _linear("text_embedding.fc2", "text_embedding.2")
+    + _linear("time_embedding.fc1", "time_embedding.0") + _linear("time_embedding.fc2", "time_embedding.2")
+    + _linear("time_projection", "time_projection.1")
+    + [("head.modulation", "head.modulation", "copy")] + _linear("head.head", "head.head")
+)
+SAMA_PARAMS = (
+    [("segment_embedding", "segment_embedding.weight", "copy")]
+    + _norm("siglip_feat_mlp.norm", "siglip_feat_mlp.norm")
+    + _linear("siglip_feat_mlp.fc1", "siglip_feat_mlp.fc1")
+    + _linear("siglip_feat_mlp.fc2", "siglip_feat_mlp.fc2")
+    + _norm("semantic_head.norm", "semantic_head.norm") + _linear("semantic_head.proj", "semantic_head.proj")
+)
+BLOCK_PARAMS = (
+    [("blocks.modulation", "blocks.{i}.modulation", "copy")]
+    + _attention("blocks.self_attn", "blocks.{i}.self_attn")
+    + _norm("blocks.norm3", "blocks.{i}.norm3")
+    + _attention("blocks.cross_attn", "blocks.{i}.cross_attn")
+    + _linear("blocks.ffn.fc1", "blocks.{i}.ffn.0") + _linear("blocks.ffn.fc2", "blocks.{i}.ffn.2")
+)
+
+
+def _transform(array: np.ndarray, how: str) -> np.ndarray:
+    if how == "linear":      # torch (out, in) -> flax kernel (in, out)
+        return array.T
+    if how == "conv":        # Conv3d (out, in, t, h, w) -> (t, h, w, in, out)
+        return array.transpose(2, 3, 4, 1, 0)
+    return array
+
+
+def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape for a model config (the SAMA keys included)."""
+    dim, ffn, sem, hid = cfg["dim"], cfg["ffn_dim"], cfg["semantic_dim"], cfg["semantic_hidden_dim"]
+    patch = tuple(cfg["patch_size"])
+    lin = lambda name, i, o: {f"{name}.weight": (o, i), f"{name}.bias": (o,)}
+    shapes = {"patch_embedding.weight": (dim, cfg["in_dim"], *patch), "patch_embedding.bias": (dim,),
+              "head.modulation": (1, 2, dim), "segment_embedding.weight": (cfg["num_segments"], dim),
+              "siglip_feat_mlp.norm.weight": (sem,), "siglip_feat_mlp.norm.bias": (sem,),
+              "semantic_head.norm.weight": (dim,), "semantic_head.norm.bias": (dim,)}
+    shapes.update(lin("text_embedding.0", cfg["text_dim"], dim) | lin("text_embedding.2", dim, dim))
+    shapes.update(lin("time_embedding.0", cfg["freq_dim"], dim) | lin("time_embedding.2", dim, dim))
+    shapes.update(lin("time_projection.1", dim, 6 * dim))
+    shapes.update(lin("head.head", dim, cfg["out_dim"] * int(np.prod(patch))))
+    shapes.update(lin("siglip_feat_mlp.fc1", sem, hid) | lin("siglip_feat_mlp.fc2", hid, dim))
+    shapes.update(lin("semantic_head.proj", dim, sem))
+    for i in range(cfg["num_layers"]):
+        b = f"blocks.{i}."
+        shapes[b + "modulation"] = (1, 6, dim)
+        for attn in ("self_attn", "cross_attn"):
+            for name in "qkvo":
+                shapes.update(lin(f"{b}{attn}.{name}", dim, dim))
+            shapes[f"{b}{attn}.norm_q.weight"] = (dim,)
+            shapes[f"{b}{attn}.norm_k.weight"] = (dim,)
+        shapes[b + "norm3.weight"] = (dim,)
+        shapes[b + "norm3.bias"] = (dim,)
+        shapes.update(lin(b + "ffn.0", dim, ffn) | lin(b + "ffn.2", ffn, dim))
+    return shapes
+
+
+# -- config from shapes ----------------------------------------------------------------------------
+def _config_json(source: TensorSource) -> dict:
+    folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read config.json next to the weights: {e}") from e
+
+
+def derive_config(source: TensorSource, official_keys, shape_of, options) -> dict:
+    """Model config from tensor shapes (official names via `shape_of`), config.json and options."""
+    from sama_jax import presets
+
+    def need(key):
+        shape = shape_of(key)
+        if shape is None:
+            raise ConversionError(f"{source.path}: cannot derive the model size: {key} is missing")
+        return shape
+
+    patch_shape = need("patch_embedding.weight")
+    dim, in_dim, patch = patch_shape[0], patch_shape[1], tuple(patch_shape[2:])
+    if len(patch) != 3:
+        raise ConversionError(f"{source.path}: patch_embedding.weight has shape {patch_shape}, "
+                              "expected a Conv3d weight (dim, in, t, h, w)")
+    layer_ids = set()
+    for key in official_keys:
+        match = re.match(r"blocks\.(\d+)\.", key)
+        if match:
+            layer_ids.add(int(match.group(1)))
+    if not layer_ids:
+        raise ConversionError(f"{source.path}: no transformer blocks (blocks.N.*) found")
+    extra = _config_json(source)
+    num_heads = getattr(options, "num_heads", None) or extra.get("num_attention_heads") or extra.get("num_heads")
+    if not num_heads:
+        if dim % 128:
+            raise ConversionError(
+                f"{source.path}: cannot tell the number of attention heads of a dim-{dim} model "
+                "(not a multiple of 128); put a config.json with num_attention_heads next to the "
+                "weights or pass num_heads")
+        num_heads = dim // 128
+    if dim % int(num_heads):
+        raise ConversionError(f"{source.path}: dim {dim} is not divisible by num_heads {num_heads}")
+    common = presets.DIT["wan_14b"]
+    cfg = dict(
+        dim=dim, ffn_dim=need("blocks.0.ffn.0.weight")[0], num_heads=int(num_heads),
+        num_layers=max(layer_ids) + 1, freq_dim=need("time_embedding.0.weight")[1],
+        text_dim=need("text_embedding.0.weight")[1], in_dim=in_dim,
+        out_dim=need("head.head.weight")[0] // int(np.prod(patch)), patch_size=patch,
+        eps=float(extra.get("eps", common["eps"])),
+        text_len=int(getattr(options, "text_len", None) or extra.get("text_len") or common["text_len"]),
+        semantic_dim=common["semantic_dim"], semantic_hidden_dim=common["semantic_hidden_dim"],
+        num_segments=common["num_segments"])
+    fc1 = shape_of("siglip_feat_mlp.fc1.weight")
+    if fc1 is not None:
+        cfg["semantic_hidden_dim"], cfg["semantic_dim"] = fc1
+    segments = shape_of("segment_embedding.weight")
+    if segments is not None:
+        cfg["num_segments"] = segments[0]
+    return cfg
+
+
+def _from_diffusers(key: str) -> str:
+    match = re.match(r"blocks\.(\d+)\.(.*)", key)
+    table, prefix, rest = (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2)) if match \
+        else (_DIFFUSERS_TOP, "", key)
+    for old, new in table.items():
+        if rest == new or rest.startswith(new + "."):
+            return prefix + old + rest[len(new):]
+    return key
+
+
+# -- base-Wan initialisation of SAMA's modules -----------------------------------------------------
+def _sama_init(key: str, shape: tuple[int, ...], cfg: dict, rng: np.random.Generator) -> np.ndarray:
+    if key == "segment_embedding.weight":
+        return np.zeros(shape, np.float32)
+    if key.endswith("norm.weight"):
+        return np.ones(shape, np.float32)
+    if key.endswith("norm.bias"):
+        return np.zeros(shape, np.float32)
+    if key.startswith("siglip_feat_mlp."):   # torch.nn.Linear default init
+        fan_in = cfg["semantic_dim"] if ".fc1." in key else cfg["semantic_hidden_dim"]
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    if key == "semantic_head.proj.weight":   # xavier uniform
+        bound = np.sqrt(6.0 / (shape[0] + shape[1]))
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    if key == "semantic_head.proj.bias":
+        return rng.normal(0.0, 1e-3, shape).astype(np.float32)
+    raise ConversionError(f"no initialisation for {key}")
+
+
+# -- conversion ------------------------------------------------------------------------------------
+def _nested(path: str, value) -> dict:
+    out = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(into: dict, tree: dict) -> None:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v
+
+
+def _output_arrays(read, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(our path, stored array), one parameter at a time; blocks stacked across layers."""
+    for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
+        yield ours, cast(_transform(read(official), how), dtype)
+    np_dtype = cast(np.zeros(0, np.float32), dtype).dtype
+    for ours, template, how in BLOCK_PARAMS:
+        stacked = None
+        for i in range(cfg["num_layers"]):
+            layer = _transform(read(template.format(i=i)), how)
+            if stacked is None:
+                stacked = np.empty((cfg["num_layers"], *layer.shape), np_dtype)
+            stacked[i] = layer
+            del layer
+        yield ours, stacked
+        del stacked
+
+
+def convert(source: TensorSource, output: str, options) -> dict:
+    bare = strip_prefix(source.keys(), PREFIXES)
+    layout = detect_layout(bare)
+    to_file = {}  # official key -> key in the file
+    for key in bare:
+        to_file[key if layout == "official" else _from_diffusers(key)] = bare[key]
+
+    def shape_of(official_key):
+        file_key = to_file.get(official_key)
+        return None if file_key is None else tuple(source.shape(file_key))
+
+    cfg = derive_config(source, list(to_file), shape_of, options)
+    expected = {_to_layout(k, layout): s for k, s in expected_shapes(cfg).items()}
+    sama_keys = [k for k in expected if k.startswith(SAMA_PREFIXES)]
+    allow_base = bool(getattr(options, "allow_base_wan", False))
+    try:
+        check_keys(source.path, {k: source.shape(v) for k, v in bare.items()}, expected,
+                   optional=sama_keys if allow_base else ())
+    except ConversionError as e:
+        missing_sama = [k for k in sama_keys if k not in bare]
+        hint = ("\n  (a base Wan2.1 checkpoint without SAMA's keys converts with --allow-base-wan)"
+                if missing_sama and not allow_base else "")
+        raise ConversionError(f"{e}{hint}") from None
+
+    rng = np.random.default_rng(getattr(options, "seed", 0) or 0)
+    shapes = expected_shapes(cfg)
+    initialised = []
+
+    def read(official_key):
+        file_key = to_file.get(official_key)
+        if file_key is None:
+            initialised.append(official_key)
+            return _sama_init(official_key, shapes[official_key], cfg, rng)
+        return source.get(file_key)
+
+    dtype = getattr(options, "dtype", "bfloat16")
+    writer = params_io.ParamsWriter(output, KIND, cfg, overwrite=bool(getattr(options, "overwrite", False)))
+    group, group_bytes, total = {}, 0, 0
+    for path, array in _output_arrays(read, cfg, dtype):
+        total += array.size
+        _merge(group, _nested(path, array))
+        group_bytes += array.nbytes
+        if group_bytes >= GROUP_BYTES:
+            writer.add(group)
+            group, group_bytes = {}, 0
+        del array
+    if group:
+        writer.add(group)
+    writer.finalize()
+    return dict(layout=layout, dtype=dtype, params=int(total), num_layers=cfg["num_layers"],
+                dim=cfg["dim"], num_heads=cfg["num_heads"], initialised=initialised)
