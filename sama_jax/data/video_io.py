@@ -1,4 +1,4 @@
-"""Media IO: decode and write videos (PyAV, H.264 mp4) and images (Pillow) as uint8 RGB arrays.
+"""Media IO: decode (PyAV) and write (ffmpeg, H.264 mp4) videos, and images (Pillow), as uint8 RGB.
 
     frames = decode_video("clip.mp4", max_frames=81)      # (T, H, W, 3) uint8
     image = decode_image(png_bytes)                      # (H, W, 3) uint8
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from fractions import Fraction
 from typing import Union
 
 import av
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -165,11 +167,15 @@ def _check_frames(path: str, frames: np.ndarray, video: bool) -> np.ndarray:
     return frames
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 17) -> None:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 17,
+                threads: int = 1) -> None:
     """Writes an H.264 (yuv420p) mp4 that any player reads; written to a temporary name then renamed.
 
     yuv420p halves the chroma resolution, so height and width must be even. crf 17 is visually
-    lossless; colours come back within a few levels.
+    lossless; colours come back within a few levels. The encode runs in a fresh ffmpeg process
+    (imageio-ffmpeg's binary): encoding through PyAV inside a long-lived process gave different
+    bytes for the same frames now and then (x264 reading reused, uninitialised buffers), and the
+    synthetic dataset must be byte-for-byte reproducible. threads=0 lets x264 pick a thread count.
     """
     path = os.fspath(path)
     frames = _check_frames(path, frames, video=True)
@@ -180,16 +186,20 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     if fps <= 0:
         raise MediaError(f"{path}: fps must be positive, got {fps}")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    tmp = path + ".tmp.mp4"
+    rate = Fraction(fps).limit_denominator(1001)
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-nostdin",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{rate.numerator}/{rate.denominator}",
+               "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf),
+               "-threads", str(threads),
+               # faststart puts the index first, so a truncated file is detected by its frame count.
+               "-movflags", "+faststart", "-f", "mp4", tmp]
     try:
-        # faststart puts the index first, so a truncated file is detected by its frame count.
-        with av.open(tmp, mode="w", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode(None))
+        result = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            raise MediaError(f"{path}: ffmpeg failed (exit {result.returncode}): "
+                             f"{result.stderr.decode(errors='replace').strip()[-500:]}")
         os.replace(tmp, path)
     except Exception as e:
         if os.path.exists(tmp):

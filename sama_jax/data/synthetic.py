@@ -1,0 +1,296 @@
+"""The embedded default dataset: moving coloured shapes, edits with exact ground truth, raw clips.
+
+    sama-make-synthetic --out data/synthetic                 # ~200 samples, a few seconds on a CPU
+    sama-make-synthetic --out /tmp/syn --height 128 --width 192 --frames 33 --video-edits 1000
+
+writes real media and three manifests (sama_jax.data.manifest format) under --out:
+    video_edits.jsonl   video_edit: videos/<id>_src.mp4 -> videos/<id>_tgt.mp4 + instruction
+    image_edits.jsonl   image_edit: images/<id>_src.png -> images/<id>_tgt.png + instruction
+    clips.jsonl         t2v:        clips/<id>.mp4 + caption (stage 0 raw clips)
+
+A scene is a background colour and 1-3 objects; each object has a shape, colour, style (filled,
+outline, striped), size and a straight-line motion that bounces off the frame edges. An edit changes
+exactly one object (recolour, replace shape, remove, add, restyle) and the target is the same scene
+rendered with the edit applied, so source and target differ only where the edited object is (before
+the lossy H.264 encode; pngs are lossless). Objects in a scene have distinct (colour, shape) pairs so
+every instruction names one object. Sample i of each kind is drawn from its own generator seeded
+with (seed, kind, i): the data set is a pure function of the arguments, and growing a count keeps
+the samples already there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import numpy as np
+
+from sama_jax.data import manifest as manifest_lib
+from sama_jax.data import video_io
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
+    "magenta": (210, 50, 200), "cyan": (40, 210, 220), "orange": (245, 140, 30), "white": (245, 245, 245),
+}
+BACKGROUNDS = {"black": (15, 15, 20), "grey": (110, 110, 115), "navy": (20, 25, 70),
+               "dark green": (20, 60, 30)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+STYLES = ("filled", "outline", "striped")
+EDITS = ("recolour", "replace", "remove", "add", "restyle")
+KIND_CODES = {"video_edit": 0, "image_edit": 1, "t2v": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    shape: str
+    colour: str
+    style: str
+    radius: float      # half the object's extent, in pixels
+    y: float           # centre at frame 0
+    x: float
+    vy: float          # pixels per frame
+    vx: float
+
+    def describe(self, with_style: bool = False) -> str:
+        style = {"filled": "", "outline": "outlined ", "striped": "striped "}[self.style] if with_style else ""
+        return f"{style}{self.colour} {self.shape}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[Shape, ...]
+
+
+def _bounce(p0: float, v: float, t: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Positions of a point moving at v that reflects off lo and hi (a triangle wave)."""
+    span = hi - lo
+    if span <= 0:
+        return np.full(t.shape, (lo + hi) / 2)
+    q = np.mod(p0 - lo + v * t, 2 * span)
+    return lo + np.where(q > span, 2 * span - q, q)
+
+
+def trajectory(obj: Shape, frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (y, x) of an object over the frames; it stays fully inside the frame."""
+    t = np.arange(frames, dtype=np.float64)
+    r = obj.radius
+    return _bounce(obj.y, obj.vy, t, r, height - 1 - r), _bounce(obj.x, obj.vx, t, r, width - 1 - r)
+
+
+def _solid(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        return np.maximum(np.abs(dy), np.abs(dx)) <= r
+    if shape == "diamond":
+        return np.abs(dy) + np.abs(dx) <= r
+    if shape == "triangle":  # apex up, base at dy = r; sides through the apex (0, -r) and (+-r, r)
+        return (dy <= r) & (2 * np.abs(dx) <= dy + r)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def object_mask(obj: Shape, cy: float, cx: float, height: int, width: int) -> np.ndarray:
+    """(H, W) bool: the pixels the object paints when centred at (cy, cx)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    solid = _solid(obj.shape, dy, dx, obj.radius)
+    if obj.style == "filled":
+        return solid
+    # Outline: the solid minus a shrunken copy; thickness grows with size so it stays visible.
+    thickness = max(1.5, obj.radius / 4)
+    outline = solid & ~_solid(obj.shape, dy, dx, obj.radius - thickness)
+    if obj.style == "outline":
+        return outline
+    if obj.style == "striped":  # diagonal stripes inside the outline, in object coordinates
+        period = max(3.0, obj.radius / 2)
+        stripes = np.mod(np.floor((dy + dx) / period), 2) == 0
+        return outline | (solid & stripes)
+    raise ValueError(f"unknown style {obj.style!r}; expected one of {STYLES}")
+
+
+def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
+    """(T, H, W, 3) uint8; objects are painted in order, later ones on top."""
+    video = np.empty((frames, height, width, 3), np.uint8)
+    video[:] = BACKGROUNDS[scene.background]
+    for obj in scene.objects:
+        ys, xs = trajectory(obj, frames, height, width)
+        for t in range(frames):
+            video[t][object_mask(obj, ys[t], xs[t], height, width)] = COLOURS[obj.colour]
+    return video
+
+
+def object_masks(obj: Shape, frames: int, height: int, width: int) -> np.ndarray:
+    """(T, H, W) bool: where the object is in every frame (for checking edits)."""
+    ys, xs = trajectory(obj, frames, height, width)
+    return np.stack([object_mask(obj, ys[t], xs[t], height, width) for t in range(frames)])
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _direction(obj: Shape) -> str:
+    if abs(obj.vx) < 0.05 and abs(obj.vy) < 0.05:
+        return "stays still"
+    if abs(obj.vx) >= abs(obj.vy):
+        return "moves to the right" if obj.vx > 0 else "moves to the left"
+    return "moves down" if obj.vy > 0 else "moves up"
+
+
+def random_object(rng: np.random.Generator, height: int, width: int, taken: set, still: bool) -> Shape:
+    """A new object whose (colour, shape) is not in `taken`."""
+    free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in taken]
+    colour, shape = free[rng.integers(len(free))]
+    radius = float(rng.uniform(0.12, 0.2) * min(height, width))
+    speed = 0.0 if still else float(rng.uniform(0.02, 0.05) * min(height, width))
+    angle = float(rng.uniform(0, 2 * np.pi))
+    return Shape(shape=shape, colour=colour, style=str(rng.choice(STYLES, p=[0.6, 0.2, 0.2])),
+                 radius=radius, y=float(rng.uniform(radius, height - 1 - radius)),
+                 x=float(rng.uniform(radius, width - 1 - radius)),
+                 vy=speed * np.sin(angle), vx=speed * np.cos(angle))
+
+
+def random_scene(rng: np.random.Generator, height: int, width: int, still: bool = False,
+                 max_objects: int = 3) -> Scene:
+    objects, taken = [], set()
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        obj = random_object(rng, height, width, taken, still)
+        taken.add((obj.colour, obj.shape))
+        objects.append(obj)
+    return Scene(background=str(rng.choice(list(BACKGROUNDS))), objects=tuple(objects))
+
+
+def _other(rng: np.random.Generator, options, current):
+    choices = [o for o in options if o != current]
+    return choices[rng.integers(len(choices))]
+
+
+def random_edit(rng: np.random.Generator, scene: Scene, height: int, width: int,
+                still: bool = False) -> tuple[Scene, str, dict]:
+    """(edited scene, instruction, edit record). The record names the edit and the object index it
+    touches in the source (remove/recolour/replace/restyle) or the target (add)."""
+    edit = EDITS[rng.integers(len(EDITS))]
+    if edit == "remove" and len(scene.objects) == 1:
+        edit = "add"  # keep at least one object in the source and the target
+    taken = {(o.colour, o.shape) for o in scene.objects}
+    if edit == "add":
+        new = random_object(rng, height, width, taken, still)
+        target = dataclasses.replace(scene, objects=scene.objects + (new,))
+        motion = "" if still else f" that {_direction(new)}"
+        return target, f"Add {_a(new.describe(with_style=True))}{motion}.", dict(type="add", object=len(scene.objects))
+    k = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[k]
+    others = taken - {(obj.colour, obj.shape)}
+    name = obj.describe()
+    if edit == "remove":
+        objects = scene.objects[:k] + scene.objects[k + 1:]
+        return dataclasses.replace(scene, objects=objects), f"Remove the {name}.", dict(type="remove", object=k)
+    if edit == "recolour":
+        colour = _other(rng, [c for c in COLOURS if (c, obj.shape) not in others], obj.colour)
+        new, text = dataclasses.replace(obj, colour=colour), f"Change the color of the {name} to {colour}."
+    elif edit == "replace":
+        shape = _other(rng, [s for s in SHAPES if (obj.colour, s) not in others], obj.shape)
+        new = dataclasses.replace(obj, shape=shape)
+        text = f"Replace the {name} with {_a(obj.colour + ' ' + shape)}."
+    else:  # restyle
+        style = _other(rng, STYLES, obj.style)
+        new = dataclasses.replace(obj, style=style)
+        text = {"filled": f"Fill in the {name}.", "outline": f"Make the {name} an outline only.",
+                "striped": f"Give the {name} diagonal stripes."}[style]
+    objects = scene.objects[:k] + (new,) + scene.objects[k + 1:]
+    return dataclasses.replace(scene, objects=objects), text, dict(type=edit, object=k)
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"{_a(o.describe(with_style=True))} {_direction(o)}" for o in scene.objects]
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"On a {scene.background} background, {joined}."
+
+
+def sample_rng(seed: int, kind: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, KIND_CODES[kind], index])
+
+
+def make_video_edit(seed: int, index: int, frames: int, height: int, width: int):
+    """(source (T,H,W,3), target, instruction, edit record) for video-edit sample `index`."""
+    rng = sample_rng(seed, "video_edit", index)
+    scene = random_scene(rng, height, width)
+    edited, text, record = random_edit(rng, scene, height, width)
+    return render(scene, frames, height, width), render(edited, frames, height, width), text, record
+
+
+def make_image_edit(seed: int, index: int, height: int, width: int):
+    """(source (H,W,3), target, instruction, edit record) for image-edit sample `index`."""
+    rng = sample_rng(seed, "image_edit", index)
+    scene = random_scene(rng, height, width, still=True)
+    edited, text, record = random_edit(rng, scene, height, width, still=True)
+    return render(scene, 1, height, width)[0], render(edited, 1, height, width)[0], text, record
+
+
+def make_clip(seed: int, index: int, frames: int, height: int, width: int):
+    """(clip (T,H,W,3), caption) for raw clip `index`."""
+    rng = sample_rng(seed, "t2v", index)
+    scene = random_scene(rng, height, width)
+    return render(scene, frames, height, width), caption(scene)
+
+
+def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 64, clips: int = 64,
+             frames: int = 17, height: int = 64, width: int = 96, fps: float = 16.0) -> dict:
+    """Writes the media and the three manifests under `out`; returns {manifest name: path}."""
+    if height % 2 or width % 2 or height < 16 or width < 16:
+        raise ValueError(f"height and width must be even and >= 16 (H.264 yuv420p), got {height}x{width}")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    size = dict(frames=frames, height=height, width=width, fps=fps)
+    rows = {"video_edits": [], "image_edits": [], "clips": []}
+    for i in range(video_edits):
+        sid = f"synvid_{i:06d}"
+        source, target, text, record = make_video_edit(seed, i, frames, height, width)
+        src, tgt = f"videos/{sid}_src.mp4", f"videos/{sid}_tgt.mp4"
+        video_io.write_video(os.path.join(out, src), source, fps)
+        video_io.write_video(os.path.join(out, tgt), target, fps)
+        rows["video_edits"].append(dict(id=sid, kind="video_edit", source=src, target=tgt, text=text,
+                                        edit=record, origin="synthetic", **size))
+    for i in range(image_edits):
+        sid = f"synimg_{i:06d}"
+        source, target, text, record = make_image_edit(seed, i, height, width)
+        src, tgt = f"images/{sid}_src.png", f"images/{sid}_tgt.png"
+        video_io.write_image(os.path.join(out, src), source)
+        video_io.write_image(os.path.join(out, tgt), target)
+        rows["image_edits"].append(dict(id=sid, kind="image_edit", source=src, target=tgt, text=text,
+                                        edit=record, origin="synthetic", height=height, width=width))
+    for i in range(clips):
+        sid = f"synclip_{i:06d}"
+        clip, text = make_clip(seed, i, frames, height, width)
+        path = f"clips/{sid}.mp4"
+        video_io.write_video(os.path.join(out, path), clip, fps)
+        rows["clips"].append(dict(id=sid, kind="t2v", target=path, text=text, origin="synthetic", **size))
+    paths = {}
+    for name, samples in rows.items():
+        paths[name] = os.path.join(out, name + ".jsonl")
+        manifest_lib.write_manifest(paths[name], samples)
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/synthetic", help="output directory (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--video-edits", type=int, default=64, help="paired video edits")
+    parser.add_argument("--image-edits", type=int, default=64, help="paired image edits (png)")
+    parser.add_argument("--clips", type=int, default=64, help="raw text-to-video clips (stage 0)")
+    parser.add_argument("--frames", type=int, default=17, help="frames per video (4k+1 suits Wan)")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--fps", type=float, default=16.0)
+    args = parser.parse_args(argv)
+    paths = generate(args.out, seed=args.seed, video_edits=args.video_edits, image_edits=args.image_edits,
+                     clips=args.clips, frames=args.frames, height=args.height, width=args.width, fps=args.fps)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
