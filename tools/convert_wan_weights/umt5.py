@@ -1,0 +1,169 @@
+"""umT5-XXL encoder: PyTorch checkpoint -> params checkpoint of sama_jax.models.umt5.UMT5Encoder.
+
+Two layouts are read:
+  official  Wan2.1's models_t5_umt5-xxl-enc-bf16.pth: token_embedding.weight, blocks.N.{norm1,
+            attn.{q,k,v,o}, norm2, ffn.gate.0, ffn.fc1, ffn.fc2, pos_embedding.embedding}, norm.weight
+  transformers  UMT5EncoderModel (or a full UMT5 model; its decoder.* and lm_head.* tensors are
+            ignored): shared.weight, encoder.block.N.layer.0.SelfAttention.{q,k,v,o,
+            relative_attention_bias}, layer.0.layer_norm, layer.1.DenseReluDense.{wi_0,wi_1,wo},
+            layer.1.layer_norm, encoder.final_layer_norm
+FFN mapping: official ffn.gate.0 = transformers wi_0 (the GELU branch) -> our ffn.gate; ffn.fc1 = wi_1
+-> ffn.fc1; ffn.fc2 = wo -> ffn.fc2. The token embedding is always read from shared.weight when present:
+some transformers 5.x saves leave encoder.embed_tokens untied (zeros), so it is never trusted over it.
+
+Sizes come from tensor shapes. max_distance and eps are not stored in the weights: they come from a
+transformers config.json next to the checkpoint when there is one, else umT5-XXL's (128, 1e-6).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from sama_jax import params_io, presets
+from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+
+KIND = "umt5"
+
+# Our parameter path (under blocks/, stacked over layers) -> (official key, transformers key, transpose).
+PER_LAYER = {
+    ("norm1", "scale"): ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight", False),
+    ("attn", "q", "kernel"): ("blocks.{i}.attn.q.weight", "encoder.block.{i}.layer.0.SelfAttention.q.weight", True),
+    ("attn", "k", "kernel"): ("blocks.{i}.attn.k.weight", "encoder.block.{i}.layer.0.SelfAttention.k.weight", True),
+    ("attn", "v", "kernel"): ("blocks.{i}.attn.v.weight", "encoder.block.{i}.layer.0.SelfAttention.v.weight", True),
+    ("attn", "o", "kernel"): ("blocks.{i}.attn.o.weight", "encoder.block.{i}.layer.0.SelfAttention.o.weight", True),
+    ("pos_embedding", "embedding"): (
+        "blocks.{i}.pos_embedding.embedding.weight",
+        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight", False),
+    ("norm2", "scale"): ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight", False),
+    ("ffn", "gate", "kernel"): ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", True),
+    ("ffn", "fc1", "kernel"): ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", True),
+    ("ffn", "fc2", "kernel"): ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight", True),
+}
+GLOBAL = {
+    ("token_embedding", "embedding"): ("token_embedding.weight", "shared.weight"),
+    ("norm", "scale"): ("norm.weight", "encoder.final_layer_norm.weight"),
+}
+# transformers tensors that are not part of the encoder we build.
+IGNORED_PREFIXES = ("decoder.", "lm_head.")
+UNTIED_EMBEDDING = "encoder.embed_tokens.weight"
+
+
+def layout_of(source: TensorSource) -> str | None:
+    if "token_embedding.weight" in source and "blocks.0.pos_embedding.embedding.weight" in source:
+        return "official"
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in source:
+        return "transformers"
+    return None
+
+
+def matches(source: TensorSource) -> bool:
+    return layout_of(source) is not None
+
+
+def _read_hf_config(source: TensorSource) -> dict:
+    base = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
+    path = os.path.join(base, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{path}: not valid JSON ({e})") from e
+
+
+def infer_config(source: TensorSource, layout: str) -> dict:
+    col = 0 if layout == "official" else 1
+    key = lambda path, i=0: (PER_LAYER[path][col].format(i=i) if path in PER_LAYER else GLOBAL[path][col])
+    embedding = key(("token_embedding", "embedding"))
+    if embedding not in source and layout == "transformers" and UNTIED_EMBEDDING in source:
+        embedding = UNTIED_EMBEDDING
+    for needed in (embedding, key(("ffn", "fc1", "kernel")), key(("pos_embedding", "embedding"))):
+        if needed not in source:
+            raise ConversionError(f"{source.path}: {layout} umT5 layout but no tensor {needed!r}")
+    pattern = re.compile(r"^blocks\.(\d+)\." if layout == "official" else r"^encoder\.block\.(\d+)\.")
+    layers = {int(m.group(1)) for k in source.keys() if (m := pattern.match(k))}
+    vocab_size, dim = source.shape(embedding)
+    num_buckets, num_heads = source.shape(key(("pos_embedding", "embedding")))
+    full = presets.TEXT_ENCODER["wan_14b"]
+    config = dict(vocab_size=vocab_size, dim=dim, ffn_dim=source.shape(key(("ffn", "fc1", "kernel")))[0],
+                  num_heads=num_heads, num_layers=max(layers) + 1, num_buckets=num_buckets,
+                  max_distance=full["max_distance"], eps=full["eps"], text_len=full["text_len"])
+    hf = _read_hf_config(source) if layout == "transformers" else {}
+    if hf:
+        where = "config.json next to " + source.path
+        if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+            raise ConversionError(f"{where}: feed_forward_proj is {hf['feed_forward_proj']!r}; "
+                                  "umT5 uses gated-gelu")
+        if hf.get("num_heads", num_heads) != num_heads:
+            raise ConversionError(f"{where}: num_heads {hf['num_heads']} but the relative attention "
+                                  f"bias has {num_heads} heads")
+        config["max_distance"] = hf.get("relative_attention_max_distance", config["max_distance"])
+        config["eps"] = hf.get("layer_norm_epsilon", config["eps"])
+    return config
+
+
+def expected_shapes(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
+    col = 0 if layout == "official" else 1
+    d, f, h, nb = config["dim"], config["ffn_dim"], config["num_heads"], config["num_buckets"]
+    torch_shapes = {("norm1", "scale"): (d,), ("norm2", "scale"): (d,),
+                    ("attn", "q", "kernel"): (d, d), ("attn", "k", "kernel"): (d, d),
+                    ("attn", "v", "kernel"): (d, d), ("attn", "o", "kernel"): (d, d),
+                    ("pos_embedding", "embedding"): (nb, h),
+                    ("ffn", "gate", "kernel"): (f, d), ("ffn", "fc1", "kernel"): (f, d),
+                    ("ffn", "fc2", "kernel"): (d, f)}
+    out = {GLOBAL[("token_embedding", "embedding")][col]: (config["vocab_size"], d),
+           GLOBAL[("norm", "scale")][col]: (d,)}
+    for i in range(config["num_layers"]):
+        for path, names in PER_LAYER.items():
+            out[names[col].format(i=i)] = torch_shapes[path]
+    return out
+
+
+def _nest(path: tuple[str, ...], value) -> dict:
+    for name in reversed(path):
+        value = {name: value}
+    return value
+
+
+def convert(source: TensorSource, output: str, args) -> dict:
+    layout = layout_of(source)
+    if layout is None:
+        raise ConversionError(f"{source.path}: not a umT5 encoder checkpoint (neither the official "
+                              "Wan2.1 nor the transformers UMT5EncoderModel layout)")
+    config = infer_config(source, layout)
+    col = 0 if layout == "official" else 1
+    expected = expected_shapes(config, layout)
+    shapes = {k: source.shape(k) for k in source.keys()}
+    ignored = [k for k in shapes if layout == "transformers" and k.startswith(IGNORED_PREFIXES)]
+    embedding_key = GLOBAL[("token_embedding", "embedding")][col]
+    if layout == "transformers":
+        if embedding_key not in shapes and UNTIED_EMBEDDING in shapes:
+            embedding_key = UNTIED_EMBEDDING  # only the encoder's copy was saved
+            expected[UNTIED_EMBEDDING] = expected.pop(GLOBAL[("token_embedding", "embedding")][col])
+        elif UNTIED_EMBEDDING in shapes:
+            ignored.append(UNTIED_EMBEDDING)  # tied to shared.weight; possibly left as zeros
+    check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored}, expected)
+
+    config.update(dtype=args.dtype, param_dtype=args.dtype)
+    writer = params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite)
+    writer.add({"token_embedding": {"embedding": cast(source.get(embedding_key), args.dtype)},
+                "norm": {"scale": cast(source.get(GLOBAL[("norm", "scale")][col]), args.dtype)}})
+    for path, names in PER_LAYER.items():
+        # One stacked (layers, ...) array at a time, filled layer by layer in the stored dtype.
+        stacked = None
+        for i in range(config["num_layers"]):
+            tensor = source.get(names[col].format(i=i))
+            tensor = cast(tensor.T if names[2] else tensor, args.dtype)
+            if stacked is None:
+                stacked = np.empty((config["num_layers"],) + tensor.shape, tensor.dtype)
+            stacked[i] = tensor
+        writer.add({"blocks": _nest(path, stacked)})
+        del stacked
+    writer.finalize()
+    num_params = sum(int(np.prod(s)) for s in expected.values())
+    return dict(layout=layout, num_layers=config["num_layers"], dim=config["dim"],
+                num_params=num_params, ignored_tensors=len(ignored), dtype=args.dtype)
