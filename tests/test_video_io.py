@@ -69,8 +69,9 @@ def test_truncated_video(tmp_path, mp4, cut):
     bad.write_bytes(blob[:int(len(blob) * cut)])
     with pytest.raises(MediaError, match="cut.mp4"):
         video_io.decode_video(bad)
-    with pytest.raises(MediaError, match="cut.mp4.*truncated"):
+    with pytest.raises(MediaError, match="cut.mp4.*truncated") as caught:
         video_io.video_info(bad)
+    assert caught.value.reason == "truncated"
 
 
 def test_unreadable_inputs_name_the_file(tmp_path, mp4):
@@ -81,11 +82,12 @@ def test_unreadable_inputs_name_the_file(tmp_path, mp4):
     garbage.write_bytes(b"not a video at all " * 50)
     header_only = tmp_path / "header.mp4"
     header_only.write_bytes(mp4.read_bytes()[:100])
-    for path, problem in [(missing, "does not exist"), (empty, "empty"), (garbage, "cannot"),
-                          (header_only, "")]:
+    for path, problem, reason in [(missing, "does not exist", "missing"), (empty, "empty", "empty"),
+                                  (garbage, "cannot", "corrupt"), (header_only, "", "corrupt")]:
         for read in (video_io.decode_video, video_io.video_info):
-            with pytest.raises(MediaError, match=f"{path.name}.*{problem}"):
+            with pytest.raises(MediaError, match=f"{path.name}.*{problem}") as caught:
                 read(path)
+            assert caught.value.reason == reason
     with pytest.raises(MediaError, match="<bytes>"):
         video_io.decode_video(b"\x00" * 64)
     with pytest.raises(MediaError, match="is a directory"):

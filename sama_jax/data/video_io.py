@@ -32,7 +32,18 @@ VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
 
 class MediaError(ValueError):
-    """Media that cannot be read or written; the message names the file (or "<bytes>") and the problem."""
+    """Media that cannot be read or written; the message names the file (or "<bytes>") and the problem.
+
+    `reason` sorts failures for skip counts: missing | empty | truncated | corrupt | unsupported |
+    invalid (bad arguments to a writer).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep the reason across processes (grain workers pickle exceptions)
+        return type(self), (str(self), self.reason)
 
 
 def _name(source: MediaInput) -> str:
@@ -44,15 +55,15 @@ def _open_input(source: MediaInput):
     name = _name(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise MediaError(f"{name}: empty input (0 bytes)")
+            raise MediaError(f"{name}: empty input (0 bytes)", "empty")
         return io.BytesIO(bytes(source))
     path = os.fspath(source)
     if not os.path.exists(path):
-        raise MediaError(f"{name}: file does not exist")
+        raise MediaError(f"{name}: file does not exist", "missing")
     if os.path.isdir(path):
-        raise MediaError(f"{name}: is a directory, not a media file")
+        raise MediaError(f"{name}: is a directory, not a media file", "missing")
     if os.path.getsize(path) == 0:
-        raise MediaError(f"{name}: empty file (0 bytes)")
+        raise MediaError(f"{name}: empty file (0 bytes)", "empty")
     return path
 
 
@@ -99,7 +110,7 @@ def decode_video(source: MediaInput, max_frames: int | None = None, threads: int
     wanted = declared if max_frames is None else min(declared, max_frames)
     if declared > 0 and len(frames) < wanted:
         raise MediaError(f"{name}: truncated video, header declares {declared} frames but only "
-                         f"{len(frames)} decode")
+                         f"{len(frames)} decode", "truncated")
     return np.stack(frames)
 
 
@@ -123,7 +134,7 @@ def decode_media(source: MediaInput, ext: str, max_frames: int | None = None) ->
     if ext in VIDEO_EXTS:
         return decode_video(source, max_frames=max_frames)
     raise MediaError(f"{_name(source)}: unsupported extension {ext!r} "
-                     f"(images: {IMAGE_EXTS}, videos: {VIDEO_EXTS})")
+                     f"(images: {IMAGE_EXTS}, videos: {VIDEO_EXTS})", "unsupported")
 
 
 def video_info(source: MediaInput) -> dict:
@@ -145,7 +156,7 @@ def video_info(source: MediaInput) -> dict:
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
             if declared > 0 and frames < declared:
                 raise MediaError(f"{name}: truncated video, header declares {declared} frames but "
-                                 f"only {frames} are stored")
+                                 f"only {frames} are stored", "truncated")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             info = dict(frames=int(frames), fps=float(rate) if rate else 0.0,
                         height=int(stream.codec_context.height), width=int(stream.codec_context.width))
@@ -163,7 +174,7 @@ def _check_frames(path: str, frames: np.ndarray, video: bool) -> np.ndarray:
     want = 4 if video else 3
     if frames.dtype != np.uint8 or frames.ndim != want or frames.shape[-1] != 3:
         layout = "(T, H, W, 3)" if video else "(H, W, 3)"
-        raise MediaError(f"{path}: expected uint8 {layout} RGB, got {frames.dtype} {frames.shape}")
+        raise MediaError(f"{path}: expected uint8 {layout} RGB, got {frames.dtype} {frames.shape}", "invalid")
     return frames
 
 
@@ -182,9 +193,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     t, h, w, _ = frames.shape
     if t == 0 or h % 2 or w % 2:
         raise MediaError(f"{path}: H.264 yuv420p needs >= 1 frame and even height/width, "
-                         f"got {t} frames of {h}x{w}")
+                         f"got {t} frames of {h}x{w}", "invalid")
     if fps <= 0:
-        raise MediaError(f"{path}: fps must be positive, got {fps}")
+        raise MediaError(f"{path}: fps must be positive, got {fps}", "invalid")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".tmp.mp4"
     rate = Fraction(fps).limit_denominator(1001)
