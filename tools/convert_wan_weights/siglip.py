@@ -1,0 +1,153 @@
+"""SigLIP vision tower: transformers safetensors -> params checkpoint of sama_jax.models.siglip.
+
+Accepted layouts (transformers key names):
+  prefixed  vision_model.embeddings..., vision_model.encoder.layers.N..., vision_model.post_layernorm
+            (SiglipVisionModel.save_pretrained, and the full SiglipModel such as
+            google/siglip-so400m-patch14-384, whose text_model.* and logit_{scale,bias} are ignored)
+  flat      the same keys without the vision_model. prefix
+The attention-pooling head (head.probe, head.attention.*, head.layernorm.*, head.mlp.*) is ignored
+on purpose: SAMA's semantic features are the last hidden state after post_layernorm, before that head.
+
+Sizes come from tensor shapes; the number of heads is not in the weights and is read from the
+config.json next to the checkpoint (vision_config.num_attention_heads for a full SiglipModel). Without
+a config.json only the so400m width (1152 -> 16 heads) is recognised.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from sama_jax import params_io, presets
+from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+
+KIND = "siglip"
+PREFIX = "vision_model."
+# Tensors that are present in released checkpoints but are not part of the tower we build.
+IGNORED = re.compile(r"^(vision_model\.)?head\.|^text_model\.|^logit_(scale|bias)$")
+
+# Our path under layers/ (stacked over layers) -> (transformers key without prefix, transpose).
+PER_LAYER = {}
+for _norm in ("layer_norm1", "layer_norm2"):
+    PER_LAYER[(_norm, "scale")] = (f"encoder.layers.{{i}}.{_norm}.weight", False)
+    PER_LAYER[(_norm, "bias")] = (f"encoder.layers.{{i}}.{_norm}.bias", False)
+for _proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    PER_LAYER[("self_attn", _proj, "kernel")] = (f"encoder.layers.{{i}}.self_attn.{_proj}.weight", True)
+    PER_LAYER[("self_attn", _proj, "bias")] = (f"encoder.layers.{{i}}.self_attn.{_proj}.bias", False)
+for _fc in ("fc1", "fc2"):
+    PER_LAYER[("mlp", _fc, "kernel")] = (f"encoder.layers.{{i}}.mlp.{_fc}.weight", True)
+    PER_LAYER[("mlp", _fc, "bias")] = (f"encoder.layers.{{i}}.mlp.{_fc}.bias", False)
+
+
+def prefix_of(source: TensorSource) -> str | None:
+    for prefix in (PREFIX, ""):
+        if (f"{prefix}embeddings.patch_embedding.weight" in source
+                and f"{prefix}encoder.layers.0.self_attn.q_proj.weight" in source):
+            return prefix
+    return None
+
+
+def matches(source: TensorSource) -> bool:
+    return prefix_of(source) is not None
+
+
+def _vision_config_json(source: TensorSource) -> dict:
+    base = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
+    path = os.path.join(base, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    return config.get("vision_config", config)
+
+
+def infer_config(source: TensorSource, prefix: str) -> dict:
+    hidden, channels, patch, _ = source.shape(f"{prefix}embeddings.patch_embedding.weight")
+    if channels != 3:
+        raise ConversionError(f"{source.path}: patch embedding takes {channels} channels, expected 3")
+    num_positions, _ = source.shape(f"{prefix}embeddings.position_embedding.weight")
+    grid = math.isqrt(num_positions)
+    if grid * grid != num_positions:
+        raise ConversionError(f"{source.path}: {num_positions} position embeddings is not a square grid")
+    pattern = re.compile("^" + re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for k in source.keys() if (m := pattern.match(k))}
+    full = presets.SIGLIP["wan_14b"]
+    config = dict(hidden_size=hidden, num_layers=max(layers) + 1, patch_size=patch,
+                  image_size=grid * patch, eps=full["eps"],
+                  intermediate_size=source.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0])
+    hf = _vision_config_json(source)
+    if "num_attention_heads" in hf:
+        config["num_heads"] = hf["num_attention_heads"]
+        config["eps"] = hf.get("layer_norm_eps", config["eps"])
+    elif hidden == full["hidden_size"]:
+        config["num_heads"] = full["num_heads"]
+    else:
+        raise ConversionError(f"{source.path}: the number of attention heads is not in the weights; "
+                              "put the model's config.json next to the checkpoint")
+    if hidden % config["num_heads"]:
+        raise ConversionError(f"{source.path}: width {hidden} is not divisible by "
+                              f"{config['num_heads']} heads")
+    return config
+
+
+def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
+    d, f, p = config["hidden_size"], config["intermediate_size"], config["patch_size"]
+    grid = config["image_size"] // p
+    out = {f"{prefix}embeddings.patch_embedding.weight": (d, 3, p, p),
+           f"{prefix}embeddings.patch_embedding.bias": (d,),
+           f"{prefix}embeddings.position_embedding.weight": (grid * grid, d),
+           f"{prefix}post_layernorm.weight": (d,), f"{prefix}post_layernorm.bias": (d,)}
+    torch_shapes = {"layer_norm": (d,), "proj.weight": (d, d), "proj.bias": (d,),
+                    "fc1.weight": (f, d), "fc1.bias": (f,), "fc2.weight": (d, f), "fc2.bias": (d,)}
+    for i in range(config["num_layers"]):
+        for key, _ in PER_LAYER.values():
+            key = key.format(i=i)
+            kind = next(k for k in torch_shapes if k in key)
+            out[prefix + key] = torch_shapes[kind]
+    return out
+
+
+def _nest(path: tuple[str, ...], value) -> dict:
+    for name in reversed(path):
+        value = {name: value}
+    return value
+
+
+def convert(source: TensorSource, output: str, args) -> dict:
+    prefix = prefix_of(source)
+    if prefix is None:
+        raise ConversionError(f"{source.path}: not a SigLIP vision tower (no "
+                              "[vision_model.]embeddings.patch_embedding / encoder.layers.0 tensors)")
+    config = infer_config(source, prefix)
+    shapes = {k: source.shape(k) for k in source.keys()}
+    ignored = [k for k in shapes if IGNORED.match(k)]
+    check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored},
+               expected_shapes(config, prefix))
+
+    config.update(dtype=args.dtype, param_dtype=args.dtype)
+    get = lambda key: source.get(prefix + key)
+    writer = params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite)
+    writer.add({
+        # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
+        "patch_embedding": {
+            "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), args.dtype),
+            "bias": cast(get("embeddings.patch_embedding.bias"), args.dtype)},
+        "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), args.dtype)},
+        "post_layernorm": {"scale": cast(get("post_layernorm.weight"), args.dtype),
+                           "bias": cast(get("post_layernorm.bias"), args.dtype)},
+    })
+    for path, (key, transpose) in PER_LAYER.items():
+        stacked = np.stack([cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)),
+                                 args.dtype) for i in range(config["num_layers"])])
+        writer.add({"layers": _nest(path, stacked)})
+    writer.finalize()
+    num_params = sum(int(np.prod(s)) for s in expected_shapes(config, prefix).values())
+    return dict(layout="prefixed" if prefix else "flat", num_layers=config["num_layers"],
+                hidden_size=config["hidden_size"], num_params=num_params,
+                ignored_tensors=len(ignored), dtype=args.dtype)
