@@ -76,13 +76,13 @@ def _to_layout(official_key: str, layout: str) -> str:
     return official_key
 
 
-def detect_layout(bare_keys) -> str:
+def detect_layout(bare_keys, path: str) -> str:
     keys = set(bare_keys)
     if "time_projection.1.weight" in keys:
         return "official"
     if "condition_embedder.time_proj.weight" in keys:
         return "diffusers"
-    raise ConversionError("not a Wan2.1 DiT checkpoint: neither time_projection.1.weight (official "
+    raise ConversionError(f"{path}: not a Wan2.1 DiT checkpoint: neither time_projection.1.weight (official "
                           "Wan/SAMA layout) nor condition_embedder.time_proj.weight (diffusers) found")
 
 
@@ -302,7 +302,7 @@ def _output_arrays(read, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
 
 def convert(source: TensorSource, output: str, options) -> dict:
     bare = strip_prefix(source.keys(), PREFIXES)
-    layout = detect_layout(bare)
+    layout = detect_layout(bare, source.path)
     to_file = {}  # official key -> key in the file
     for key in bare:
         to_file[key if layout == "official" else _from_diffusers(key)] = bare[key]
