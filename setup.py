@@ -43,6 +43,7 @@ setup(
             "sama-mesh-info=sama_jax.mesh_info:main",
             "convert-wan-weights=tools.convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
+            "sama-precompute=sama_jax.precompute:main",
         ],
     },
 )
