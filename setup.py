@@ -43,6 +43,8 @@ setup(
             "sama-mesh-info=sama_jax.mesh_info:main",
             "convert-wan-weights=tools.convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
+            "sama-build-shards=sama_jax.data.arrayrecord:main",
+            "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
         ],
     },
