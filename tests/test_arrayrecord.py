@@ -2,8 +2,6 @@
 import json
 import os
 import pickle
-import sys
-import types
 
 import grain
 import numpy as np
@@ -126,20 +124,17 @@ def test_resume_keeps_done_shards(dataset, tmp_path):
     assert third["total_records"] == 8
 
 
-def test_decode_check_and_features(dataset, tmp_path, monkeypatch):
+def test_decode_check_and_features(dataset, tmp_path):
+    """Features stored by sama-precompute (at precompute.feature_path) travel inside the records."""
+    from sama_jax import precompute
+
     path, samples, _ = dataset
-    feature_dir = tmp_path / "features"
-
-    def feature_path(manifest_path, sample_id, name):
-        return str(feature_dir / name / f"{sample_id}.npy")
-
-    monkeypatch.setitem(sys.modules, "sama_jax.precompute",
-                        types.SimpleNamespace(feature_path=feature_path, __name__="sama_jax.precompute"))
-    (feature_dir / "text").mkdir(parents=True)
     stored = {}
     for i, sample in enumerate(samples[:4]):  # only some samples have features
         stored[sample["id"]] = np.arange(6, dtype=np.float32).reshape(2, 3) + i
-        np.save(feature_path(path, sample["id"], "text"), stored[sample["id"]])
+        target = precompute.feature_path(path, sample["id"], "text")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        np.save(target, stored[sample["id"]])
     index = _build(dataset, tmp_path / "shards", check="decode", features=["text"], samples_per_shard=100)
     assert index["skipped_counts"] == {"missing": 1, "empty": 1, "truncated": 1, "corrupt": 1, "too_short": 1}
     for record in arrayrecord.iter_records(str(tmp_path / "shards")):
@@ -149,6 +144,8 @@ def test_decode_check_and_features(dataset, tmp_path, monkeypatch):
             assert record["features"]["text"].dtype == np.float32
         else:
             assert record["features"] == {}
+    for sample_id in stored:  # the dataset fixture is shared: leave no features behind
+        os.remove(precompute.feature_path(path, sample_id, "text"))
 
 
 def test_cli_and_bad_arguments(dataset, tmp_path, capsys):
@@ -163,3 +160,23 @@ def test_cli_and_bad_arguments(dataset, tmp_path, capsys):
     assert len(arrayrecord.ShardSource(str(tmp_path / "one"))) == 7
     with pytest.raises(ValueError, match="check"):
         arrayrecord.build_shards(path, str(tmp_path / "x"), check="maybe")
+
+
+def test_records_feed_the_training_pipeline(dataset, tmp_path):
+    """ShardSource records are what sama_jax.data.pipeline's sample transform consumes."""
+    from sama_jax.data import pipeline
+
+    _build(dataset, tmp_path / "shards")
+    source = arrayrecord.ShardSource(str(tmp_path / "shards"))
+    spec = pipeline.SampleSpec(num_frames=5, min_frames=5, buckets=((32, 48),), anchor_frames=1)
+    kinds = []
+    for index in range(len(source)):
+        sample = pipeline.prepare_sample(source[index], index, spec)
+        frames = 1 if sample["kind"] == "image_edit" else 5
+        assert sample["target"].shape == sample["source"].shape == (frames, 32, 48, 3)
+        kinds.append(sample["kind"])
+    assert kinds == ["video_edit"] * 3 + ["image_edit"] * 2 + ["t2v"] * 2
+    # The decoded target matches the synthetic ground truth up to H.264 loss.
+    first = pipeline.prepare_sample(source[0], 0, spec)
+    truth = synthetic.make_video_edit(3, 0, T, H, W)[1]
+    assert np.abs(first["target"].astype(int) - truth).mean() < 4

@@ -34,7 +34,8 @@ complete and renamed into place; a rerun keeps done shards and builds the rest. 
 the manifest's hash and the shard size, so a changed manifest is refused rather than mixed in.
 
 Precomputed features: --features text,semantic stores, for each name, the array that
-sama_jax.precompute.feature_path(manifest, id, name) points at (.npy; absent files are left out).
+sama_jax.precompute.feature_path(manifest, id, name) points at (the .npy files sama-precompute
+writes under <manifest dir>/features/); a sample without that file gets no entry for the name.
 """
 from __future__ import annotations
 
