@@ -106,3 +106,21 @@ def test_bad_images(tmp_path, rng):
             video_io.decode_image(path)
     with pytest.raises(MediaError, match="unsupported extension"):
         video_io.decode_media(good, ".txt")
+
+
+def test_cut_at_a_packet_boundary_is_truncated_not_short(mp4):
+    """A file cut exactly between packets decodes without a codec error; it must still be refused."""
+    import io
+
+    import av
+
+    blob = mp4.read_bytes()
+    with av.open(io.BytesIO(blob)) as container:
+        ends = [p.pos + p.size for p in container.demux(container.streams.video[0]) if p.size]
+    assert len(ends) == 9 and ends[-1] == len(blob)
+    for kept in (1, 4, 8):
+        with pytest.raises(MediaError, match=f"declares 9 frames but only {kept} are stored") as caught:
+            video_io.decode_video(blob[:ends[kept - 1]])
+        assert caught.value.reason == "truncated"
+    # Asking only for frames that are all there still works on the cut file.
+    assert video_io.decode_video(blob[:ends[7]], max_frames=2).shape == (2, 64, 96, 3)

@@ -81,8 +81,9 @@ def decode_video(source: MediaInput, max_frames: int | None = None, threads: int
     """The first `max_frames` (default all) frames as (T, H, W, 3) uint8 RGB.
 
     threads=1 decodes on one core (the data loader parallelises across samples instead); 0 lets
-    FFmpeg pick. A stream that ends before the frame count in its header is reported as truncated
-    rather than returned short, so a damaged file never silently becomes a shorter clip.
+    FFmpeg pick. A stream that ends before the frame count in its header because packets are
+    missing is reported as truncated rather than returned short, so a damaged file never silently
+    becomes a shorter clip.
     """
     name = _name(source)
     if max_frames is not None and max_frames < 1:
@@ -109,8 +110,9 @@ def decode_video(source: MediaInput, max_frames: int | None = None, threads: int
         raise MediaError(f"{name}: video stream has no decodable frames")
     wanted = declared if max_frames is None else min(declared, max_frames)
     if declared > 0 and len(frames) < wanted:
-        raise MediaError(f"{name}: truncated video, header declares {declared} frames but only "
-                         f"{len(frames)} decode", "truncated")
+        # Fewer frames than declared: a cut-off file (video_info raises, finding packets missing),
+        # or a whole file whose edit list makes the decoder drop frames (kept as decoded).
+        video_info(source)
     return np.stack(frames)
 
 
