@@ -8,6 +8,15 @@
 
 kind: video_edit | image_edit | t2v. `source` is required for the edit kinds and absent for t2v (the
 motion-alignment transforms make a source from the clip). Any other keys are kept (e.g. fps, origin).
+Optional keys written by our tools:
+    origin                  where the sample came from: synthetic | ditto | reco | openve | diffsynth
+    fps, frames, height, width   the media's, when the writer knows them (sama-make-synthetic)
+    edit                    synthetic edits: {"type": recolour|replace|remove|add|restyle, "object": i}
+    task, edit_type         the source dataset's edit category (ReCo task, OpenVE category)
+    start_frame             leading frames to drop from source and target (OpenVE-3M: 4, as SAMA's loader)
+    source_caption          Ditto-1M's caption of the source video
+Manifests are made by sama-make-synthetic (sama_jax.data.synthetic) and sama-import-manifest
+(sama_jax.data.importers), and turned into ArrayRecord shards by sama-build-shards.
 """
 from __future__ import annotations
 
