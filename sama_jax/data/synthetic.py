@@ -90,23 +90,37 @@ def _solid(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def _patch(obj: Shape, cy: float, cx: float, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """The object's pixels within its bounding box: (rows, cols, bool mask of that box).
+
+    Only the box is rasterised, so rendering costs the objects' area, not frames x frame size.
+    """
+    r = obj.radius
+    y0, y1 = max(0, int(np.floor(cy - r))), min(height, int(np.ceil(cy + r)) + 1)
+    x0, x1 = max(0, int(np.floor(cx - r))), min(width, int(np.ceil(cx + r)) + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    solid = _solid(obj.shape, dy, dx, r)
+    if obj.style == "filled":
+        mask = solid
+    elif obj.style in ("outline", "striped"):
+        # Outline: the solid minus a shrunken copy; thickness grows with size so it stays visible.
+        thickness = max(1.5, r / 4)
+        mask = solid & ~_solid(obj.shape, dy, dx, r - thickness)
+        if obj.style == "striped":  # diagonal stripes inside the outline, in object coordinates
+            period = max(3.0, r / 2)
+            mask = mask | (solid & (np.mod(np.floor((dy + dx) / period), 2) == 0))
+    else:
+        raise ValueError(f"unknown style {obj.style!r}; expected one of {STYLES}")
+    return slice(y0, y1), slice(x0, x1), mask
+
+
 def object_mask(obj: Shape, cy: float, cx: float, height: int, width: int) -> np.ndarray:
     """(H, W) bool: the pixels the object paints when centred at (cy, cx)."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    dy, dx = yy - cy, xx - cx
-    solid = _solid(obj.shape, dy, dx, obj.radius)
-    if obj.style == "filled":
-        return solid
-    # Outline: the solid minus a shrunken copy; thickness grows with size so it stays visible.
-    thickness = max(1.5, obj.radius / 4)
-    outline = solid & ~_solid(obj.shape, dy, dx, obj.radius - thickness)
-    if obj.style == "outline":
-        return outline
-    if obj.style == "striped":  # diagonal stripes inside the outline, in object coordinates
-        period = max(3.0, obj.radius / 2)
-        stripes = np.mod(np.floor((dy + dx) / period), 2) == 0
-        return outline | (solid & stripes)
-    raise ValueError(f"unknown style {obj.style!r}; expected one of {STYLES}")
+    full = np.zeros((height, width), bool)
+    rows, cols, mask = _patch(obj, cy, cx, height, width)
+    full[rows, cols] = mask
+    return full
 
 
 def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
@@ -116,7 +130,8 @@ def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
     for obj in scene.objects:
         ys, xs = trajectory(obj, frames, height, width)
         for t in range(frames):
-            video[t][object_mask(obj, ys[t], xs[t], height, width)] = COLOURS[obj.colour]
+            rows, cols, mask = _patch(obj, ys[t], xs[t], height, width)
+            video[t, rows, cols][mask] = COLOURS[obj.colour]
     return video
 
 
