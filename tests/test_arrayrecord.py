@@ -154,6 +154,13 @@ def test_cli_and_bad_arguments(dataset, tmp_path, capsys):
                       "--min-frames", "3"])
     out = capsys.readouterr().out
     assert "7 of 12 samples in 3 shards" in out and "skipped 5" in out and "bad_cut: truncated" in out
+    # Shards built by two worker processes are the same as those built in order.
+    parallel = arrayrecord.build_shards(path, str(tmp_path / "p"), samples_per_shard=5, min_frames=3, workers=2)
+    sequential = json.load(open(tmp_path / "s" / arrayrecord.INDEX))
+    for key in ("shards", "records", "skipped", "skipped_counts"):
+        assert parallel[key] == sequential[key]
+    for shard in parallel["shards"]:
+        assert (tmp_path / "p" / shard).read_bytes() == (tmp_path / "s" / shard).read_bytes()
     # One sample a shard: the bad items' shards are empty and are left out of the source.
     index = arrayrecord.build_shards(path, str(tmp_path / "one"), samples_per_shard=1, min_frames=3)
     assert index["records"].count(0) == 5

@@ -40,9 +40,11 @@ writes under <manifest dir>/features/); a sample without that file gets no entry
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from typing import Iterable, Sequence
 
@@ -212,10 +214,11 @@ def _build_shard(samples: Sequence[dict], manifest_path: str, path: str, setting
 
 def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256, name: str = "",
                  min_frames: int = 1, check: str = "header", features: Sequence[str] = (),
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, workers: int = 1) -> dict:
     """Builds (or finishes building) the shards of a manifest; returns the index (see docstring).
 
     Samples go to shards by their manifest position, so a rerun assigns them identically.
+    workers > 1 builds that many shards at once in separate processes.
     """
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
@@ -239,7 +242,7 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
     index_path = os.path.join(out_dir, INDEX)
     if os.path.exists(index_path):
         os.remove(index_path)  # rewritten at the end; its absence marks an unfinished build
-    reports, resumed = [], 0
+    reports, todo = {}, []
     for i, shard in enumerate(shard_names(name, num_shards)):
         path = os.path.join(out_dir, shard)
         report_path = path[:-len(".array_record")] + ".json"
@@ -251,13 +254,26 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
             if stale:
                 raise ValueError(f"{report_path}: built with different settings {stale}; "
                                  f"build into a new directory or pass overwrite")
-            reports.append(report)
-            resumed += 1
-            continue
-        chunk = samples[i * samples_per_shard:(i + 1) * samples_per_shard]
-        reports.append(_build_shard(chunk, manifest_path, path, settings, min_frames, check, features))
-        log.info("shard %d/%d: %d records, %d skipped", i + 1, num_shards, reports[-1]["records"],
-                 len(reports[-1]["skipped"]))
+            reports[i] = report
+        else:
+            todo.append((i, samples[i * samples_per_shard:(i + 1) * samples_per_shard], path))
+    resumed = len(reports)
+    jobs = [(chunk, manifest_path, path, settings, min_frames, check, list(features)) for _, chunk, path in todo]
+    if workers > 1 and len(todo) > 1:
+        # Shards are independent; spawned processes (not forked) so a caller's threads cannot deadlock them.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            built = pool.map(_build_shard, *zip(*jobs))
+            for (i, _, _), report in zip(todo, built):
+                reports[i] = report
+                log.info("shard %d/%d: %d records, %d skipped", i + 1, num_shards, report["records"],
+                         len(report["skipped"]))
+    else:
+        for (i, _, _), job in zip(todo, jobs):
+            reports[i] = _build_shard(*job)
+            log.info("shard %d/%d: %d records, %d skipped", i + 1, num_shards, reports[i]["records"],
+                     len(reports[i]["skipped"]))
+    reports = [reports[i] for i in range(num_shards)]
     skipped = [item for report in reports for item in report["skipped"]]
     counts = {}
     for item in skipped:
@@ -337,11 +353,13 @@ def main(argv=None) -> None:
                         help="header: read headers and count packets; decode: also decode every frame")
     parser.add_argument("--features", default="", help="comma-separated precomputed feature names")
     parser.add_argument("--overwrite", action="store_true", help="rebuild shards that are already done")
+    parser.add_argument("--workers", type=int, default=1, help="shards built at once (processes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
                          min_frames=args.min_frames, check=args.check,
-                         features=[f for f in args.features.split(",") if f], overwrite=args.overwrite)
+                         features=[f for f in args.features.split(",") if f], overwrite=args.overwrite,
+                         workers=args.workers)
     print(f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
           f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)")
     if index["skipped_total"]:

@@ -23,7 +23,7 @@ from typing import Union
 import av
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MediaInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -124,7 +124,9 @@ def decode_image(source: MediaInput) -> np.ndarray:
         with Image.open(target) as image:
             image.load()  # Image.open is lazy; load() is where truncation shows up
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError (bad PNG chunks)...
+    except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+        raise MediaError(f"{name}: cannot decode image (not a known image format, or its header is damaged)") from e
+    except Exception as e:  # OSError (truncated), SyntaxError (bad PNG chunks)...
         raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
