@@ -1,0 +1,288 @@
+"""sama-precompute: frozen-encoder features for a dataset, written next to the data, so training on a
+pod need not run the 5.7B umT5 encoder (or SigLIP, or the VAE) at every step.
+
+    sama-precompute --config=configs/stage1_sft.py:wan_14b \\
+        --text-encoder ckpt/umt5 --tokenizer ckpt/google/umt5-xxl [--siglip ckpt/siglip] [--vae ckpt/wan_vae]
+        [--manifest data/x.jsonl ...]        # default: every manifest of config.data.mixture
+        [--batch-size 8] [--dtype float32|float16] [--prompt-prefix "..."] [--overwrite]
+
+Layout (feature_path): <manifest dir>/features/<manifest stem>/<name>/<quoted sample id>.npy, one
+array per sample and feature, plus <name>/settings.json recording what produced them:
+    text            (L, dim) umT5 last hidden state of prompt_prefix + text, cut to its true length L
+                    (<= text_len); pad with zeros to text_len (pad_text) for the DiT
+    semantic        (N * (g*g + 1), hidden) SigLIP semantic tokens of the target's anchor frames
+    target_latents  (1+k, H/8, W/8, 16) normalised Wan VAE latents of the target
+    source_latents  the same for the source (edit samples only)
+Frames are exactly what the training pipeline makes of the sample (sama_jax.data.pipeline.
+prepare_sample with this config: 4k+1 frames from frame 0, the source's aspect bucket, resize and
+centre crop), so stored features line up with the decoded video. Raw t2v clips under motion
+alignment get a random source and a task-token prompt per step: their text and source latents
+cannot be precomputed (their target latents and semantic tokens can).
+
+Every file is written atomically (temporary file + rename). Rerunning skips features already on
+disk, so an interrupted run resumes; settings.json must match the current run (else an error, or
+--overwrite recomputes). An item that fails (missing, corrupt or too-short media...) is reported with
+its id and path and skipped; a summary ends the run, and the exit status is 1 when any item failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import urllib.parse
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("text", "semantic", "target_latents", "source_latents")
+
+
+def feature_path(manifest_path: str, sample_id: str, name: str) -> str:
+    """Where feature `name` of sample `sample_id` of the manifest at `manifest_path` is stored."""
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    stem = os.path.splitext(os.path.basename(manifest_path))[0]
+    # Ids are free-form strings: quote them so '/' or '..' cannot escape the directory.
+    filename = urllib.parse.quote(str(sample_id), safe="") + ".npy"
+    if filename.startswith("."):
+        filename = "%2E" + filename[1:]
+    return os.path.join(base, "features", stem, name, filename)
+
+
+def settings_path(manifest_path: str, name: str) -> str:
+    return os.path.join(os.path.dirname(feature_path(manifest_path, "x", name)), "settings.json")
+
+
+def pad_text(embedding: np.ndarray, text_len: int) -> np.ndarray:
+    """A stored (L, dim) text feature -> (text_len, dim), zeros past L (what the DiT consumes)."""
+    if embedding.shape[0] > text_len:
+        raise ValueError(f"text feature has {embedding.shape[0]} tokens, more than text_len {text_len}")
+    return np.pad(embedding, ((0, text_len - embedding.shape[0]), (0, 0)))
+
+
+def save_atomic(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def check_settings(manifest_path: str, name: str, settings: dict, overwrite: bool) -> None:
+    """Records the settings of a feature directory, or refuses to mix in features made otherwise."""
+    path = settings_path(manifest_path, name)
+    if os.path.exists(path) and not overwrite:
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != settings:
+            diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings)
+                    if stored.get(k) != settings.get(k)}
+            raise ValueError(f"{os.path.dirname(path)} holds '{name}' features made with other "
+                             f"settings (stored, now): {diff}; pass --overwrite to recompute them")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Precomputer:
+    """Loads the encoders once and writes the features of one manifest at a time."""
+
+    def __init__(self, config, text_encoder: str | None, tokenizer: str | None, siglip: str | None,
+                 vae: str | None, batch_size: int = 8, dtype: str = "float32",
+                 prompt_prefix: str | None = None, overwrite: bool = False):
+        from sama_jax import semantic as semantic_lib
+        from sama_jax.data import pipeline
+
+        self.config = config
+        self.batch_size = batch_size
+        self.dtype = np.dtype(dtype)
+        self.overwrite = overwrite
+        self.text_len = int(config.model.text_encoder.text_len)
+        data = config.data
+        self.prompt_prefix = (prompt_prefix if prompt_prefix is not None
+                              else str(data.get("prompt_prefix", "")))
+        self.semantic_cfg = semantic_lib.SemanticConfig(**dict(config.model.semantic))
+        # Deterministic per-sample frames: the training transform without the random pretext.
+        spec = pipeline.SampleSpec.from_config(data, seed=int(config.get("seed", 0)),
+                                               anchor_frames=self.semantic_cfg.num_anchor_frames)
+        self.spec = dataclasses.replace(spec, pretext=None)
+        self.settings = {}
+        self.text = self.siglip = self.vae = None
+        if text_encoder:
+            from sama_jax import text as text_lib
+            from sama_jax.models import load_text_encoder
+
+            if not tokenizer:
+                raise ValueError("--text-encoder needs --tokenizer (the local umT5 tokenizer directory)")
+            self.text = text_lib.TextEncoder(load_text_encoder(text_encoder),
+                                             text_lib.load_tokenizer(tokenizer), self.text_len)
+            self.settings["text"] = dict(checkpoint=os.path.abspath(text_encoder), text_len=self.text_len,
+                                         tokenizer=os.path.abspath(tokenizer),
+                                         prompt_prefix=self.prompt_prefix, dtype=self.dtype.name)
+        media = dict(num_frames=self.spec.num_frames, frame_stride=self.spec.frame_stride,
+                     fps=self.spec.fps, buckets=[list(b) for b in self.spec.buckets])
+        if siglip:
+            from flax import nnx
+
+            from sama_jax.models import load_siglip
+
+            self.siglip = load_siglip(siglip)
+            self._semantic = nnx.jit(semantic_lib.semantic_tokens, static_argnums=2)
+            self.settings["semantic"] = dict(checkpoint=os.path.abspath(siglip), dtype=self.dtype.name,
+                                             **dict(config.model.semantic), **media)
+        if vae:
+            try:
+                from sama_jax.models import wan_vae
+            except ImportError as e:
+                raise ValueError(f"--vae given but the Wan VAE model is unavailable: {e}") from e
+            self.vae = wan_vae.load_vae(vae)
+            self._wan_vae = wan_vae
+            for name in ("target_latents", "source_latents"):
+                self.settings[name] = dict(checkpoint=os.path.abspath(vae), dtype=self.dtype.name,
+                                           **media)
+        if not self.settings:
+            raise ValueError("nothing to compute: give --text-encoder, --siglip and/or --vae")
+
+    def run(self, manifest_path: str) -> dict:
+        from sama_jax.data import pipeline
+
+        source = pipeline.ManifestSource(manifest_path)
+        for name, settings in self.settings.items():
+            check_settings(manifest_path, name, settings, self.overwrite)
+        summary = dict(manifest=manifest_path, samples=len(source), written={}, skipped_done={},
+                       failed=[])
+        count = lambda key, name: summary[key].__setitem__(name, summary[key].get(name, 0) + 1)
+        records = [source[i] for i in range(len(source))]
+        if self.text is not None:
+            self._run_text(manifest_path, records, summary, count)
+        media_names = [n for n in ("semantic", "target_latents", "source_latents") if n in self.settings]
+        if media_names:
+            for record in records:
+                self._run_media(manifest_path, record, media_names, summary, count)
+        return summary
+
+    def _todo(self, manifest_path, record, name, count) -> str | None:
+        path = feature_path(manifest_path, record["id"], name)
+        if os.path.exists(path) and not self.overwrite:
+            count("skipped_done", name)
+            return None
+        return path
+
+    def _run_text(self, manifest_path, records, summary, count):
+        todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", count))]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            texts = [self.prompt_prefix + str(r["text"]) for r, _ in chunk]
+            # One compiled shape: the last chunk is padded with empty prompts.
+            texts += [""] * (self.batch_size - len(texts))
+            try:
+                context, lengths = self.text(texts)
+                context = np.asarray(context)
+            except Exception as e:  # noqa: BLE001 - a tokenizer/encoder failure fails these items only
+                for record, _ in chunk:
+                    self._fail(summary, record, "text", "", e)
+                continue
+            for (record, path), hidden, length in zip(chunk, context, lengths):
+                save_atomic(path, hidden[:length].astype(self.dtype))
+                count("written", "text")
+
+    def _run_media(self, manifest_path, record, names, summary, count):
+        from sama_jax.data import pipeline
+        from sama_jax.data import transforms
+
+        paths = {}
+        for name in names:
+            if name == "source_latents" and record["kind"] == "t2v":
+                continue  # the source of a raw clip is made at train time (motion alignment)
+            if (path := self._todo(manifest_path, record, name, count)):
+                paths[name] = path
+        if not paths:
+            return
+        try:
+            sample = pipeline.prepare_sample(record, 0, self.spec)
+        except Exception as e:  # noqa: BLE001 - reported with id and path, then skipped
+            field = getattr(e, "field", "target")
+            self._fail(summary, record, ",".join(paths), record.get(field, ""),
+                       getattr(e, "error", e))
+            return
+        for name, path in paths.items():
+            try:
+                if name == "semantic":
+                    value = self._semantic(self.siglip, sample["anchors"][None], self.semantic_cfg)[0]
+                else:
+                    frames = sample["target" if name == "target_latents" else "source"]
+                    video = transforms.to_model_range(frames)[None]
+                    value = self._wan_vae.encode_video(self.vae, video)[0]
+                save_atomic(path, np.asarray(value, np.float32).astype(self.dtype))
+                count("written", name)
+            except Exception as e:  # noqa: BLE001
+                self._fail(summary, record, name, record.get("target", ""), e)
+
+    @staticmethod
+    def _fail(summary, record, names, path, error):
+        item = dict(id=str(record.get("id")), features=names, path=str(path),
+                    error=f"{type(error).__name__}: {error}")
+        summary["failed"].append(item)
+        log.warning("precompute: %s failed for %s (%s): %s", names, item["id"], item["path"], item["error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sama-precompute", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", action="append", default=[],
+                        help="manifest (JSONL); repeatable; default: the config's data mixture")
+    parser.add_argument("--text-encoder", help="umT5 params checkpoint (convert-wan-weights --kind umt5)")
+    parser.add_argument("--tokenizer", help="local umT5 tokenizer directory")
+    parser.add_argument("--siglip", help="SigLIP params checkpoint: writes semantic tokens")
+    parser.add_argument("--vae", help="Wan VAE params checkpoint: writes target/source latents")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per umT5 call")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                        help="stored dtype of the features")
+    parser.add_argument("--prompt-prefix", default=None,
+                        help="prepended to every text (default: config.data.prompt_prefix or '')")
+    parser.add_argument("--overwrite", action="store_true", help="recompute features already on disk")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sama_jax import config as config_lib
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, rest = config_lib.load_config(argv)
+    except config_lib.ConfigError as e:
+        print(f"sama-precompute: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    manifests = args.manifest or [entry["manifest"] for entry in config.data.mixture]
+    start = time.time()
+    try:
+        worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
+                             batch_size=args.batch_size, dtype=args.dtype,
+                             prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
+        summaries = [worker.run(path) for path in manifests]
+    except (ValueError, OSError) as e:
+        print(f"sama-precompute: error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for s in summaries:
+        failed += len(s["failed"])
+        print(f"{s['manifest']}: {s['samples']} samples; written {s['written']}; "
+              f"already done {s['skipped_done']}; failed {len(s['failed'])}")
+        for item in s["failed"]:
+            print(f"  FAILED {item['id']} [{item['features']}] {item['path']}: {item['error']}")
+    print(f"sama-precompute: done in {time.time() - start:.1f}s, {failed} failed item(s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
