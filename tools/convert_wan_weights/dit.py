@@ -283,12 +283,14 @@ def _merge(into: dict, tree: dict) -> None:
             into[k] = v
 
 
-def _output_arrays(read, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def _output_arrays(open_reader, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(our path, stored array), one parameter at a time; blocks stacked across layers."""
     for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
+        read = open_reader()
         yield ours, cast(_transform(read(official), how), dtype)
     np_dtype = cast(np.zeros(0, np.float32), dtype).dtype
     for ours, template, how in BLOCK_PARAMS:
+        read = open_reader()
         stacked = None
         for i in range(cfg["num_layers"]):
             layer = _transform(read(template.format(i=i)), how)
@@ -328,17 +330,25 @@ def convert(source: TensorSource, output: str, options) -> dict:
     shapes = expected_shapes(cfg)
     initialised = []
 
-    def read(official_key):
-        file_key = to_file.get(official_key)
-        if file_key is None:
-            initialised.append(official_key)
-            return _sama_init(official_key, shapes[official_key], cfg, rng)
-        return source.get(file_key)
+    def open_reader():
+        # A fresh view of the checkpoint per output parameter: dropping the previous one unmaps
+        # the safetensors pages it touched, so resident file pages stay near one parameter's size
+        # instead of growing to the whole checkpoint.
+        view = TensorSource(source.path)
+
+        def read(official_key):
+            file_key = to_file.get(official_key)
+            if file_key is None:
+                initialised.append(official_key)
+                return _sama_init(official_key, shapes[official_key], cfg, rng)
+            return view.get(file_key)
+
+        return read
 
     dtype = getattr(options, "dtype", "bfloat16")
     writer = params_io.ParamsWriter(output, KIND, cfg, overwrite=bool(getattr(options, "overwrite", False)))
     group, group_bytes, total = {}, 0, 0
-    for path, array in _output_arrays(read, cfg, dtype):
+    for path, array in _output_arrays(open_reader, cfg, dtype):
         total += array.size
         _merge(group, _nested(path, array))
         group_bytes += array.nbytes
