@@ -402,18 +402,10 @@ class WanVAE(nnx.Module):
     def encode_mean(self, video: jax.Array, *, chunked: bool = True) -> jax.Array:
         """The posterior mean mu (not normalised) of a checked (B, 4k+1, H, W, 3) video."""
         video = sharding.constrain(video.astype(self.config.dtype), ACTIVATION)
-        if not chunked:
-            out = self.encoder(video, None)
+        if chunked:
+            out = _run_chunks(self.encoder, video, TEMPORAL_STRIDE, 1)
         else:
-            first = FeatureCache()
-            out = self.encoder(video[:, :1], first)
-            num_chunks = (video.shape[1] - 1) // TEMPORAL_STRIDE
-            if num_chunks:
-                b, _, h, w, c = video.shape
-                chunks = jnp.moveaxis(
-                    video[:, 1:].reshape(b, num_chunks, TEMPORAL_STRIDE, h, w, c), 1, 0)
-                _, rest = jax.lax.scan(_carry_step(self.encoder), first.updated, chunks)
-                out = jnp.concatenate([out, _merge_chunks(rest)], axis=1)
+            out = self.encoder(video, None)
         return self.quant_conv(out)[..., :self.config.z_dim]
 
     def decode_unclamped(self, latents: jax.Array, *, chunked: bool = True) -> jax.Array:
@@ -425,13 +417,7 @@ class WanVAE(nnx.Module):
         x = self.post_quant_conv(sharding.constrain(z.astype(self.config.dtype), ACTIVATION))
         if not chunked:
             return self.decoder(x, None)
-        first = FeatureCache()
-        out = self.decoder(x[:, :1], first)
-        if x.shape[1] > 1:
-            _, rest = jax.lax.scan(_carry_step(self.decoder), first.updated,
-                                   jnp.moveaxis(x[:, 1:, None], 1, 0))
-            out = jnp.concatenate([out, _merge_chunks(rest)], axis=1)
-        return out
+        return _run_chunks(self.decoder, x, 1, TEMPORAL_STRIDE)
 
     def _latent_stats(self):
         shape = (1, 1, 1, 1, self.config.z_dim)
@@ -439,21 +425,27 @@ class WanVAE(nnx.Module):
                 jnp.asarray(self.config.latents_std, jnp.float32).reshape(shape))
 
 
-def _carry_step(module):
-    """lax.scan body: run `module` on one chunk with the previous chunk's cache as the carry."""
+def _run_chunks(module, x: jax.Array, chunk: int, out_chunk: int) -> jax.Array:
+    """The reference's chunk loop: `module` on x[:, :1], then on each next `chunk` frames in a
+    lax.scan whose carry is the feature cache and the output, written in place `out_chunk` frames
+    per step, so that nothing but the output grows with the frame count."""
+    first = FeatureCache()
+    head = module(x[:, :1], first)
+    num_chunks = (x.shape[1] - 1) // chunk
+    if not num_chunks:
+        return head
+    out = jnp.zeros(head.shape[:1] + (1 + num_chunks * out_chunk,) + head.shape[2:], head.dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis=1)
 
-    def step(previous, chunk):
+    def step(carry, i):
+        previous, out = carry
         cache = FeatureCache(previous)
-        out = module(chunk, cache)
-        return cache.updated, out
+        y = module(jax.lax.dynamic_slice_in_dim(x, 1 + i * chunk, chunk, axis=1), cache)
+        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + i * out_chunk, axis=1)
+        return (cache.updated, sharding.constrain(out, ACTIVATION)), None
 
-    return step
-
-
-def _merge_chunks(chunks: jax.Array) -> jax.Array:
-    """scan output (N, B, t, ...) -> (B, N * t, ...)."""
-    n, b, t = chunks.shape[:3]
-    return jnp.moveaxis(chunks, 0, 1).reshape((b, n * t) + chunks.shape[3:])
+    (_, out), _ = jax.lax.scan(step, (first.updated, out), jnp.arange(num_chunks))
+    return out
 
 
 def check_video(video: jax.Array, pad_frames: bool = False) -> jax.Array:
