@@ -193,7 +193,8 @@ def random_edit(rng: np.random.Generator, scene: Scene, height: int, width: int,
         new = random_object(rng, height, width, taken, still)
         target = dataclasses.replace(scene, objects=scene.objects + (new,))
         motion = "" if still else f" that {_direction(new)}"
-        return target, f"Add {_a(new.describe(with_style=True))}{motion}.", dict(type="add", object=len(scene.objects))
+        text = f"Add {_a(new.describe(with_style=True))}{motion}."
+        return target, text, dict(type="add", object=len(scene.objects))
     k = int(rng.integers(len(scene.objects)))
     obj = scene.objects[k]
     others = taken - {(obj.colour, obj.shape)}

@@ -125,7 +125,8 @@ def decode_image(source: MediaInput) -> np.ndarray:
             image.load()  # Image.open is lazy; load() is where truncation shows up
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
-        raise MediaError(f"{name}: cannot decode image (not a known image format, or its header is damaged)") from e
+        raise MediaError(f"{name}: cannot decode image (not a known image format, "
+                         "or its header is damaged)") from e
     except Exception as e:  # OSError (truncated), SyntaxError (bad PNG chunks)...
         raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -204,7 +205,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     tmp = path + ".tmp.mp4"
     rate = Fraction(fps).limit_denominator(1001)
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-nostdin",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{rate.numerator}/{rate.denominator}",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+               "-r", f"{rate.numerator}/{rate.denominator}",
                "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf),
                "-threads", str(threads),
                # faststart puts the index first, so a truncated file is detected by its frame count.
