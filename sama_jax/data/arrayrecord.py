@@ -16,7 +16,7 @@ Record: one msgpack map per sample (array_record group_size:1, so a read touches
     fps, frames, height, width   of the target from its header (fps 0.0 for images)
     meta                    dict of the manifest's other keys (e.g. edit, origin)
     features                {name: np.ndarray} precomputed features found for the sample (may be {})
-ShardSource returns exactly this dict (features as numpy arrays), which is what
+ShardSource returns exactly this dict (features as read-only numpy arrays over the record), which is what
 sama_jax.data.pipeline's sample transform consumes.
 
 Why msgpack and not tf.train.Example: the records are a few byte strings and arrays, msgpack
