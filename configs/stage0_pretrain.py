@@ -39,5 +39,9 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         speed_factor=2.0,
         speed_mode="fixed",       # fixed | alternate (the released code's alternation)
         shuffle_grid=(2, 2, 2),   # (t, h, w); the released code uses (4, 4, 4)
+        # Prepended to the caption; the released code names none. "none" = plain text-to-video.
+        tokens=dict(none="", cube="[cube inpainting]", speed="[speed perturbation]",
+                    shuffle="[tube shuffle]"),
+        none_source="black",      # black (no source content) | copy (source = the clip)
     ))
     return c

@@ -46,12 +46,18 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
             dict(kind="image_edit", manifest="data/synthetic/image_edits.jsonl", weight=0.3),
         ],
         num_frames=5 if tiny else 81,
+        # Frames are taken from frame 0 at frame_stride, or at round(clip fps / fps) when fps > 0 and
+        # the record has an fps; a clip giving fewer than min_frames (4k+1) frames is skipped.
+        frame_stride=1,
+        fps=0.0,
+        min_frames=5,
         pixels=64 * 64 if tiny else 480 * 832,
         # Aspect-ratio buckets (h/w): 1/2, 2/3, 3/4, 1 and reciprocals, as in the paper.
         aspect_ratios=(0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0),
         size_multiple=32 if not tiny else 16,
         motion_alignment=False,
         worker_count=0 if tiny else 8,
+        read_threads=1,            # decode threads per worker (PyAV and Pillow release the GIL)
         prefetch=2,
     ))
 
