@@ -46,6 +46,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import grain
+from absl import flags
 import numpy as np
 
 from sama_jax.data import manifest as manifest_lib
@@ -285,6 +286,10 @@ class BucketBatchIterator(grain.DatasetIterator):
         tail = self._ds.samples[self._next_position:]
         stream = tail.to_iter_dataset(self._ds.read_options)
         if self._ds.worker_count > 0:
+            # Grain's worker processes read absl flags; outside an absl.app main (tests, notebooks)
+            # they are unparsed and every read raises, so take the defaults.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             stream = stream.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self._ds.worker_count, per_worker_buffer_size=self._ds.worker_buffer_size))
         self._upstream = iter(stream)
