@@ -1,5 +1,6 @@
-"""PyTorch references for the DiT tests: tiny diffusers WanTransformer3DModel, the checkpoint layouts
-users have, and SAMA's semantic/segment/shared-RoPE path written from the spec.
+"""PyTorch references for the DiT tests (helpers only, no tests): tiny diffusers
+WanTransformer3DModel, the checkpoint layouts users have, and SAMA's semantic/segment/shared-RoPE
+path written from the spec.
 
 The official-layout key names below are written out from reference/wan21.md on purpose, instead of
 reusing the converter's table, so the tests check that table rather than repeat it.
