@@ -44,7 +44,8 @@ def rel_err(ours, ref):
 
 
 def convert(checkpoint, out):
-    assert cli.main([str(checkpoint), str(out), "--kind", "siglip", "--dtype", "float32"]) == 0
+    assert cli.detect_kind(TensorSource(str(checkpoint))) == "siglip"   # --kind auto recognises it
+    assert cli.main([str(checkpoint), str(out), "--dtype", "float32"]) == 0
     return load_siglip(str(out))
 
 

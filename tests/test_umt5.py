@@ -52,15 +52,15 @@ def rel_err(ours, ref, mask):
     return float(np.abs(np.asarray(ours)[valid] - ref[valid]).max() / np.abs(ref[valid]).max())
 
 
-def convert(checkpoint, out, *extra):
-    assert cli.main([str(checkpoint), str(out), "--kind", "umt5", "--dtype", "float32", *extra]) == 0
+def convert(checkpoint, out):
+    assert cli.detect_kind(TensorSource(str(checkpoint))) == "umt5"   # --kind auto recognises it
+    assert cli.main([str(checkpoint), str(out), "--dtype", "float32"]) == 0
     return load_text_encoder(str(out))
 
 
 def test_transformers_layout_parity(tmp_path):
     ref = reference_model()
     ref.save_pretrained(tmp_path / "hf")            # model.safetensors + config.json, as users have it
-    assert umt5_converter.matches(TensorSource(str(tmp_path / "hf")))   # what --kind auto asks
     model = convert(tmp_path / "hf", tmp_path / "ours")
     assert model.cfg.max_distance == TINY["max_distance"]
     ids, mask = inputs(16, [16, 9])
