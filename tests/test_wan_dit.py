@@ -201,8 +201,16 @@ def test_attention_dispatch(rng):
     with pytest.raises(ValueError, match="cuDNN attention needs bfloat16"):
         attn_lib.attention(q, k, v, "cudnn")
     # The TPU kernel in Pallas interpret mode, with padding of both lengths to its 128-token tiles.
+    reference = attn_lib.attention(q, k, v, "xla")
     splash = attn_lib.attention(q, k, v, "splash", splash_interpret=True)
-    assert rel_err(splash, attn_lib.attention(q, k, v, "xla")) < 1e-5
+    assert rel_err(splash, reference) < 1e-5
+    # Under a mesh the kernel runs per shard: batch, query length and heads split, keys gathered.
+    mesh = sharding.create_mesh(dict(ici=dict(data=2, context=2, tensor=2)))
+    q4, k4, v4 = (jnp.concatenate([t, t[..., :1, :]], axis=2) for t in (q, k, v))   # 4 heads
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        sharded = jax.jit(lambda *a: attn_lib.attention(*a, "splash", splash_interpret=True))(q4, k4, v4)
+    assert sharded.sharding.spec == jax.sharding.PartitionSpec("data", "context", "tensor")
+    assert rel_err(sharded, attn_lib.attention(q4, k4, v4, "xla")) < 1e-5
 
 
 def test_save_load_round_trip_and_mesh_load(tmp_path, rng):
