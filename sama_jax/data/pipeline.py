@@ -160,11 +160,6 @@ class _FieldError(Exception):
         self.field, self.error = field, error
 
 
-def _media_reason(message: str) -> str:
-    for needle, reason in (("does not exist", "missing"), ("empty", "empty"), ("truncated", "truncated")):
-        if needle in message:
-            return reason
-    return "corrupt"
 
 
 def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
@@ -212,7 +207,7 @@ class SampleTransform:
         try:
             return prepare_sample(record, index, self.spec)
         except _FieldError as e:
-            return {SKIP_KEY: _media_reason(str(e.error)), "id": str(sample_id), "index": int(index),
+            return {SKIP_KEY: e.error.reason, "id": str(sample_id), "index": int(index),
                     "path": _where(record, e.field), "message": str(e.error)}
         except transforms.SkipSample as e:
             return {SKIP_KEY: "too_short", "id": str(sample_id), "index": int(index),
