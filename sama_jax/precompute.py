@@ -135,7 +135,7 @@ class Precomputer:
             from sama_jax.models import load_siglip
 
             self.siglip = load_siglip(siglip)
-            self._semantic = nnx.jit(semantic_lib.semantic_tokens, static_argnums=2)
+            self._semantic = nnx.jit(semantic_lib.semantic_tokens_from_anchors, static_argnums=2)
             self.settings["semantic"] = dict(checkpoint=os.path.abspath(siglip), dtype=self.dtype.name,
                                              **dict(config.model.semantic), **media)
         if vae:

@@ -5,7 +5,9 @@ pool_grid x pool_grid local tokens by adaptive average pooling (PyTorch Adaptive
 bin i covers rows floor(i*G/g) .. ceil((i+1)*G/g) - 1, so bins overlap when g does not divide G),
 row-major, followed by one global token. Frames are concatenated in time order:
 
-    (B, T, H, W, 3) uint8 video -> (B, N * (pool_grid^2 + 1), hidden)     (1, 65, 1152) by default
+    semantic_tokens(siglip, video, cfg)                 (B, T, H, W, 3) uint8 video
+    semantic_tokens_from_anchors(siglip, anchors, cfg)  (B, N, H, W, 3): the data pipeline's anchors
+        -> (B, N * (pool_grid^2 + 1), hidden)          (1, 65, 1152) by default
 
 Config (presets.SEMANTIC): num_anchor_frames N (1 = the first frame, as the released code's
 SigLIPFirstFrameEncoder; N > 1 spreads the anchors evenly over the clip, first and last included),
@@ -88,15 +90,24 @@ def tokens_from_features(features: jax.Array, cfg: SemanticConfig) -> jax.Array:
     return jnp.concatenate(tokens, axis=2).reshape(b, n * cfg.tokens_per_frame, c)
 
 
-def semantic_tokens(model: siglip_lib.SiglipVisionModel, video: jax.Array,
-                    cfg: SemanticConfig) -> jax.Array:
-    """Video (B, T, H, W, 3), uint8 or float in [0, 255] -> semantic tokens (B, N*(g*g+1), hidden).
+def semantic_tokens_from_anchors(model: siglip_lib.SiglipVisionModel, anchors: jax.Array,
+                                 cfg: SemanticConfig) -> jax.Array:
+    """Anchor frames (B, N, H, W, 3), uint8 or float in [0, 255] (the data pipeline's `anchors`)
+    -> semantic tokens (B, N * tokens_per_frame, hidden).
 
-    Jit it with nnx.jit (the model is an argument); frozen: wrap in jax.lax.stop_gradient when used
-    inside a training step."""
-    b, t = video.shape[:2]
-    frames = jnp.asarray(video)[:, anchor_frame_indices(t, cfg.num_anchor_frames)]
-    n = frames.shape[1]
-    pixels = siglip_lib.preprocess(frames.reshape((b * n,) + frames.shape[2:]), model.cfg.image_size)
+    Jit it with nnx.jit (the model is an argument); inside a training step wrap the result in
+    jax.lax.stop_gradient: SigLIP is frozen."""
+    b, n = anchors.shape[:2]
+    if n != cfg.num_anchor_frames:
+        raise ValueError(f"got {n} anchor frames, the semantic config asks for {cfg.num_anchor_frames}")
+    pixels = siglip_lib.preprocess(jnp.asarray(anchors).reshape((b * n,) + anchors.shape[2:]),
+                                   model.cfg.image_size)
     features = model(pixels)
     return tokens_from_features(features.reshape(b, n, -1, features.shape[-1]), cfg)
+
+
+def semantic_tokens(model: siglip_lib.SiglipVisionModel, video: jax.Array,
+                    cfg: SemanticConfig) -> jax.Array:
+    """Whole video (B, T, H, W, 3) -> semantic tokens of its anchor frames (anchor_frame_indices)."""
+    frames = jnp.asarray(video)[:, anchor_frame_indices(video.shape[1], cfg.num_anchor_frames)]
+    return semantic_tokens_from_anchors(model, frames, cfg)

@@ -96,7 +96,7 @@ def test_writes_every_feature_and_reports_the_broken_item(setup, capsys):
             sample = pipeline.prepare_sample(record, 0, spec)
             tokens = np.load(feature("semantic"))
             assert tokens.shape == (sem_cfg.num_tokens, presets.SIGLIP["tiny"]["hidden_size"])
-            expected = semantic.semantic_tokens(siglip, sample["anchors"][None], sem_cfg)[0]
+            expected = semantic.semantic_tokens(siglip, sample["target"][None], sem_cfg)[0]
             np.testing.assert_allclose(tokens, np.asarray(expected), rtol=1e-5, atol=1e-5)
 
             latents = np.load(feature("target_latents"))

@@ -80,3 +80,7 @@ def test_extractor_matches_transformers_siglip_and_torch_pooling(tmp_path):
     expected = torch.cat([local, features.mean(1, keepdim=True)], 1).reshape(2, 20, -1).numpy()
     err = np.abs(tokens - expected).max() / np.abs(expected).max()
     assert err < 1e-5, err
+    from_anchors = semantic.semantic_tokens_from_anchors(model, video[:, [0, 4]], cfg)
+    np.testing.assert_array_equal(np.asarray(from_anchors), tokens)
+    with pytest.raises(ValueError, match="got 1 anchor frames"):
+        semantic.semantic_tokens_from_anchors(model, video[:, :1], cfg)

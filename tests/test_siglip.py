@@ -2,6 +2,7 @@
 
 Metric: max|ours - ref| / max|ref| of last_hidden_state (after post_layernorm), fp32.
 """
+import jax
 import numpy as np
 import pytest
 import torch
@@ -119,3 +120,20 @@ def test_converter_needs_heads_from_config_json(tmp_path):
     with pytest.raises(ConversionError, match=r"missing \(1\):\s+encoder.layers.1.mlp.fc2.bias"):
         siglip_converter.convert(TensorSource(str(tmp_path / "model.safetensors")), str(tmp_path / "o"),
                                  type("Args", (), dict(dtype="float32", overwrite=False))())
+
+
+def test_sharded_load_matches_unsharded(tmp_path):
+    from flax import nnx
+
+    from sama_jax import sharding
+
+    randomize_norms(SiglipVisionModel(vision_config()).eval()).save_pretrained(tmp_path / "hf")
+    plain = convert(tmp_path / "hf", tmp_path / "ours")
+    mesh = sharding.create_mesh(dict(ici=dict(fsdp=2, tensor=4)))
+    sharded = load_siglip(str(tmp_path / "ours"), mesh=mesh)
+    kernel = sharded.layers.mlp.fc1.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    x = pixels(4).numpy().transpose(0, 2, 3, 1)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        out = nnx.jit(lambda m, p: m(p))(sharded, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
