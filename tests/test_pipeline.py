@@ -265,3 +265,29 @@ def test_shard_source_feeds_the_same_batches(data_dir, tmp_path):
     a, _ = take(ds, 4)
     b, _ = take(make(data_dir, STAGE1), 4)
     assert_same(a, b)
+
+
+def test_precomputed_features_are_carried_padded_or_the_sample_skipped(data_dir):
+    records = []
+    for i, record in enumerate(pipeline.ManifestSource(str(data_dir / "image_edits.jsonl"))):
+        if i >= 4:
+            break
+        record = dict(record)
+        if i != 2:   # sample 2 lacks its features
+            record["features"] = {"text": np.full((3 + i, 8), i, np.float32),
+                                  "semantic": np.full((5, 4), 10 + i, np.float32)}
+        records.append(record)
+    data = data_config(features=("text", "semantic"))
+    ds = pipeline.build_pipeline(data, [(dict(weight=1.0), records)], batch_size=1, seed=0, num_epochs=1,
+                                 process_index=0, process_count=1, text_len=6)
+    it = iter(ds)
+    batches = list(it)
+    assert sorted(b["id"][0] for b in batches) == ["ie0", "ie1", "ie3"]
+    for b in batches:
+        i = int(b["id"][0][2:])
+        text = b["features/text"][0]
+        assert text.shape == (6, 8) and (text[:3 + i] == i).all() and (text[3 + i:] == 0).all()
+        np.testing.assert_array_equal(b["features/semantic"][0], np.full((5, 4), 10 + i, np.float32))
+    assert it.skip_summary()["counts"] == {"missing_features": 1}
+    with pytest.raises(ValueError, match="motion alignment"):
+        pipeline.SampleSpec.from_config(data_config(motion_alignment=True, features=("text",)), seed=0)

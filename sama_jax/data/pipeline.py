@@ -21,9 +21,13 @@ The graph, all Grain (grain.MapDataset) until the batching step:
   -> BucketBatchDataset              groups samples of one (T, H, W) into batches
 
 Records are dicts: id, kind (video_edit | image_edit | t2v), text, target and source (encoded bytes,
-or a path), target_ext and source_ext (derived from the path when absent), optional fps. A source of
-such dicts is anything with __len__ and __getitem__: ManifestSource (a JSONL manifest), part A's
-ArrayRecord source, or a list.
+or a path), target_ext and source_ext (derived from the path when absent), optional fps and
+features ({name: array}). A source of such dicts is anything with __len__ and __getitem__:
+ManifestSource (a JSONL manifest), arrayrecord.ShardSource (ArrayRecord shards), or a list.
+
+Precomputed features (sama-precompute): the names in data.features are carried into the batch as
+"features/<name>", stacked; "text" is zero-padded to text_len tokens. A sample without one of them is
+skipped as missing_features. Text and source features cannot be combined with motion alignment.
 
 Bad items: a missing, empty, corrupt or truncated file (video_io.MediaError), a clip too short for
 min_frames (transforms.SkipSample) or a malformed record becomes a skip marker instead of a sample.
@@ -35,8 +39,9 @@ samples waiting in partly filled buckets; set_state re-reads those few samples b
 restarts the upstream stream at the saved position.
 
 Multi-host caveat: each process buckets its own shard. Global arrays need the same per-host batch
-shape at every step, which holds when every sample lands in one bucket (fixed frame count and a single
-aspect ratio); with several buckets, hosts may disagree on a step's shape.
+shape at every step, which holds when every sample lands in one bucket (one aspect ratio, and
+min_frames = num_frames so every clip has the same length); with several buckets, hosts may disagree
+on a step's shape.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 
 EDIT_TASK = "edit"          # the task name of real editing pairs (no pretext)
 SKIP_KEY = "skipped"        # present (with the reason) only in skip markers
+FEATURE_PREFIX = "features/"  # batch keys of precomputed features
 MAX_SKIP_EXAMPLES = 100     # examples kept in the summary; every skip is logged and counted
 
 
@@ -117,9 +123,20 @@ class SampleSpec:
     anchor_frames: int = 1
     pretext: pretext_lib.PretextConfig | None = None   # set: t2v clips get a motion-alignment source
     seed: int = 0
+    features: tuple = ()              # precomputed features to carry, e.g. ("text", "semantic")
+    text_len: int = 512               # the "text" feature is zero-padded to this many tokens
+
+    def __post_init__(self):
+        # Motion alignment rewrites the instruction and makes the source at train time, so features
+        # of the stored text or source cannot match what the sample becomes.
+        stale = {"text", "source_latents"} & set(self.features)
+        if self.pretext is not None and stale:
+            raise ValueError(f"precomputed features {sorted(stale)} cannot be used with motion alignment "
+                             f"(it prepends a task token and makes the source per step); encode them "
+                             f"online or drop them from data.features")
 
     @classmethod
-    def from_config(cls, data, seed: int, anchor_frames: int = 1) -> "SampleSpec":
+    def from_config(cls, data, seed: int, anchor_frames: int = 1, text_len: int = 512) -> "SampleSpec":
         get = data.get
         pretext = None
         if get("motion_alignment", False):
@@ -129,7 +146,8 @@ class SampleSpec:
         return cls(num_frames=int(data["num_frames"]), frame_stride=int(get("frame_stride", 1)),
                    fps=float(get("fps", 0.0)), min_frames=int(get("min_frames", 5)),
                    buckets=tuple(buckets), anchor_frames=int(get("anchor_frames", anchor_frames)),
-                   pretext=pretext, seed=int(seed))
+                   pretext=pretext, seed=int(seed), features=tuple(get("features", ())),
+                   text_len=int(get("text_len", text_len)))
 
 
 def _ext(record: Mapping, field: str) -> str:
@@ -154,6 +172,10 @@ def _decode(record: Mapping, field: str, max_frames: int | None) -> np.ndarray:
         raise _FieldError(field, e) from e
 
 
+class _MissingFeatures(Exception):
+    pass
+
+
 class _FieldError(Exception):
     def __init__(self, field: str, error: Exception):
         super().__init__(str(error))
@@ -167,6 +189,10 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
     kind = record["kind"]
     if kind not in manifest_lib.KINDS:
         raise KeyError(f"kind {kind!r} is not one of {manifest_lib.KINDS}")
+    stored = record.get("features") or {}
+    missing = [name for name in spec.features if name not in stored]
+    if missing:
+        raise _MissingFeatures(f"no precomputed {missing} (record has {sorted(stored)})")
     text = record["text"]
     rng = np.random.default_rng([spec.seed, index])
     is_image = kind == "image_edit" or _ext(record, "target").lower() in IMAGE_EXTS
@@ -192,8 +218,16 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
         # A raw clip outside motion-alignment training is plain text-to-video: no source content.
         source, task = np.zeros_like(target), "none"
     anchors = target[transforms.anchor_indices(target.shape[0], spec.anchor_frames)]
-    return dict(source=source, target=target, anchors=anchors, text=text, kind=kind,
-                id=str(record["id"]), task=task)
+    sample = dict(source=source, target=target, anchors=anchors, text=text, kind=kind,
+                  id=str(record["id"]), task=task)
+    for name in spec.features:
+        value = np.asarray(stored[name])
+        if name == "text":  # stored cut to its true length; the DiT takes text_len tokens, zeros after
+            if value.shape[0] > spec.text_len:
+                raise _MissingFeatures(f"text feature has {value.shape[0]} tokens, more than {spec.text_len}")
+            value = np.pad(value, ((0, spec.text_len - value.shape[0]),) + ((0, 0),) * (value.ndim - 1))
+        sample[FEATURE_PREFIX + name] = value
+    return sample
 
 
 class SampleTransform:
@@ -209,6 +243,9 @@ class SampleTransform:
         except _FieldError as e:
             return {SKIP_KEY: e.error.reason, "id": str(sample_id), "index": int(index),
                     "path": _where(record, e.field), "message": str(e.error)}
+        except _MissingFeatures as e:
+            return {SKIP_KEY: "missing_features", "id": str(sample_id), "index": int(index),
+                    "path": _where(record, "target"), "message": str(e)}
         except transforms.SkipSample as e:
             return {SKIP_KEY: "too_short", "id": str(sample_id), "index": int(index),
                     "path": _where(record, "target"), "message": str(e)}
@@ -222,7 +259,8 @@ class SampleTransform:
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    return dict(
+    features = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k.startswith(FEATURE_PREFIX)}
+    return dict(features,
         source=np.stack([s["source"] for s in samples]),
         target=np.stack([s["target"] for s in samples]),
         anchors=np.stack([s["anchors"] for s in samples]),
@@ -396,7 +434,8 @@ def mix_sources(sources: Sequence[tuple[Mapping, Any]], seed: int,
 def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: int, seed: int,
                    num_epochs: int | None = None, process_index: int | None = None,
                    process_count: int | None = None, worker_count: int | None = None,
-                   anchor_frames: int = 1, drop_remainder: bool = True) -> BucketBatchDataset:
+                   anchor_frames: int = 1, text_len: int = 512,
+                   drop_remainder: bool = True) -> BucketBatchDataset:
     """The training pipeline for config.data over opened sources; batch_size is per process.
 
     process_index/count default to jax.process_index()/process_count(); worker_count defaults to
@@ -405,7 +444,7 @@ def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: 
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    spec = SampleSpec.from_config(data, seed, anchor_frames=anchor_frames)
+    spec = SampleSpec.from_config(data, seed, anchor_frames=anchor_frames, text_len=text_len)
     samples = mix_sources(sources, seed, num_epochs).map_with_index(SampleTransform(spec))
     local = samples[process_index::process_count]
     workers = int(data.get("worker_count", 0)) if worker_count is None else worker_count
