@@ -2,6 +2,7 @@
 
     python benchmarks/umt5_encode.py --layers 2 --dtype bfloat16
     python benchmarks/umt5_encode.py --layers 2 --dtype float32 --batch 1 --repeats 3
+    python benchmarks/umt5_encode.py --layers 2 --dtype float32 --reference   # transformers, same sizes
 
 The full encoder (5.68B parameters, 24 layers of width 4096 / FFN 10240 / 64 heads) needs 11.4 GB in
 bf16, more than a shared test machine has: this builds `--layers` layers at full width with random
@@ -50,6 +51,26 @@ def random_model(cfg: UMT5Config, seed: int = 0) -> UMT5Encoder:
     return nnx.merge(graphdef, state)
 
 
+def reference_encoder(cfg: UMT5Config, dtype: str):
+    """transformers' UMT5EncoderModel with the same sizes (random init) as a callable."""
+    import torch
+    from transformers import UMT5Config as HFConfig
+    from transformers import UMT5EncoderModel
+
+    torch_dtype = dict(bfloat16=torch.bfloat16, float32=torch.float32)[dtype]
+    model = UMT5EncoderModel(HFConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.ffn_dim,
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
+        relative_attention_max_distance=cfg.max_distance, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0)).to(torch_dtype).eval()
+
+    def encode(ids, mask):
+        with torch.no_grad():
+            model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+
+    return encode, f"cpu, transformers UMT5EncoderModel (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -58,32 +79,39 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference", action="store_true",
+                        help="time transformers' UMT5EncoderModel (PyTorch) instead, same sizes")
     args = parser.parse_args()
 
     full = UMT5Config(**presets.TEXT_ENCODER["wan_14b"], dtype=args.dtype, param_dtype=args.dtype)
     cfg = dataclasses.replace(full, num_layers=args.layers, vocab_size=args.vocab)
-    model = random_model(cfg)
     ids = np.random.default_rng(1).integers(1, args.vocab, (args.batch, args.length)).astype(np.int32)
     # The encoder runs all 512 positions whatever the prompt length: a full mask costs the same.
     mask = np.ones_like(ids)
-    encode = nnx.jit(text.encode)
+    if args.reference:
+        encode, device = reference_encoder(cfg, args.dtype)
+    else:
+        model = random_model(cfg)
+        jitted = nnx.jit(text.encode)
+        encode = lambda i, m: jitted(model, i, m).block_until_ready()
+        device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), sama_jax"
 
     start = time.perf_counter()
-    encode(model, ids, mask).block_until_ready()
+    encode(ids, mask)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        encode(model, ids, mask).block_until_ready()
+        encode(ids, mask)
         times.append(time.perf_counter() - start)
     best = min(times)
     per_layer = best / args.layers
     flops = flops_per_prompt_layer(cfg, args.length) * args.batch * args.layers
     bytes_per = jnp.dtype(args.dtype).itemsize
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
+    print(f"device: {device}")
     print(f"config: {args.layers} of {full.num_layers} layers at full width (dim {cfg.dim}, ffn {cfg.ffn_dim}, "
           f"heads {cfg.num_heads}), {args.dtype}, batch {args.batch} x {args.length} tokens")
-    print(f"compile+first run: {compile_s:.2f} s; runs: {', '.join(f'{t:.3f}' for t in times)} s")
+    print(f"first run (compile for jax): {compile_s:.2f} s; runs: {', '.join(f'{t:.3f}' for t in times)} s")
     print(f"measured: {best:.3f} s per batch, {per_layer:.3f} s per layer, "
           f"{flops / best / 1e9:.1f} GFLOP/s")
     print(f"extrapolated to {full.num_layers} layers: {per_layer * full.num_layers:.2f} s per batch, "
