@@ -173,8 +173,9 @@ def test_remat_policies_give_the_same_gradients(rng):
 
 def test_precision_policy(rng):
     batch = _tiny_batch(rng, batch=2)
+    forward = nnx.jit(lambda m, *a: m(*a))
     fp32 = _tiny_sama_model()
-    ref_v, ref_s = fp32(*batch)
+    ref_v, ref_s = forward(fp32, *batch)
     state = nnx.state(fp32, nnx.Param)
     results = {}
     for name, overrides in {
@@ -184,7 +185,7 @@ def test_precision_policy(rng):
         model = _tiny_sama_model(**overrides)
         nnx.update(model, jax.tree.map(lambda a, b: a.astype(b.dtype), state,
                                        nnx.state(model, nnx.Param)))
-        v, s = model(*batch)
+        v, s = forward(model, *batch)
         results[name] = (v.dtype, rel_err(v, ref_v), rel_err(s, ref_s))
     assert results["bf16 compute, fp32 residual"][0] == jnp.float32
     assert results["all bf16"][0] == jnp.bfloat16
@@ -217,10 +218,11 @@ def test_save_load_round_trip_and_mesh_load(tmp_path, rng):
     model = _tiny_sama_model()
     batch = _tiny_batch(rng, batch=2)
     save_dit(str(tmp_path / "ckpt"), model)
-    ref_v, ref_s = model(*batch)
+    forward = nnx.jit(lambda m, *a: m(*a))
+    ref_v, ref_s = forward(model, *batch)
     loaded = load_dit(str(tmp_path / "ckpt"))
     assert loaded.cfg == model.cfg
-    v, s = loaded(*batch)
+    v, s = forward(loaded, *batch)
     np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
     mesh = sharding.create_mesh(dict(ici=dict(fsdp=2, tensor=4)))
     on_mesh = load_dit(str(tmp_path / "ckpt"), mesh=mesh, precision=dict(param_dtype="bfloat16"))
@@ -242,3 +244,17 @@ def test_bad_inputs_are_named(rng):
         model(latents, t, text, semantic_tokens=semantic[..., :5])
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         WanDiTConfig(**dict(presets.DIT["tiny"], num_heads=3))
+
+
+@pytest.mark.parametrize("preset,wan_params", [("wan_1_3b", 1_418_996_800), ("wan_14b", 14_288_491_584)])
+def test_full_size_presets_have_the_released_parameter_counts(preset, wan_params):
+    from sama_jax.models.wan_dit import abstract_dit
+
+    model = abstract_dit(WanDiTConfig(**presets.DIT[preset]))
+    sizes = {jax.tree_util.keystr(path): int(np.prod(leaf.shape)) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]}
+    sama = sum(n for key, n in sizes.items()
+               if key.startswith(("['segment_embedding']", "['siglip_feat_mlp']", "['semantic_head']")))
+    dim = presets.DIT[preset]["dim"]
+    assert sama == 3 * dim + (2 * 1152 + 1152 * 1024 + 1024 + 1024 * dim + dim) + (2 * dim + dim * 1152 + 1152)
+    assert sum(sizes.values()) - sama == wan_params
