@@ -291,3 +291,16 @@ def test_precomputed_features_are_carried_padded_or_the_sample_skipped(data_dir)
     assert it.skip_summary()["counts"] == {"missing_features": 1}
     with pytest.raises(ValueError, match="motion alignment"):
         pipeline.SampleSpec.from_config(data_config(motion_alignment=True, features=("text",)), seed=0)
+
+
+def test_iterator_checkpoints_through_grains_orbax_handler(data_dir, tmp_path):
+    import grain
+    from etils import epath
+
+    full, _ = take(make(data_dir, STAGE1, batch_size=3), 5)
+    _, it = take(make(data_dir, STAGE1, batch_size=3), 2)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), item=it)
+    fresh = iter(make(data_dir, STAGE1, batch_size=3))
+    restored = handler.restore(epath.Path(tmp_path), item=fresh)
+    assert_same([next(restored) for _ in range(3)], full[2:])
