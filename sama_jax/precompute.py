@@ -22,11 +22,13 @@ cannot be precomputed (their target latents and semantic tokens can).
 Every file is written atomically (temporary file + rename). Rerunning skips features already on
 disk, so an interrupted run resumes; settings.json must match the current run (else an error, or
 --overwrite recomputes). An item that fails (missing, corrupt or too-short media...) is reported with
-its id and path and skipped; a summary ends the run, and the exit status is 1 when any item failed.
+its id and path and skipped; a summary ends the run. Exit status: 0 all done, 1 some items failed,
+2 bad arguments, config, manifest or settings (nothing computed for that manifest).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -151,33 +153,32 @@ class Precomputer:
         if not self.settings:
             raise ValueError("nothing to compute: give --text-encoder, --siglip and/or --vae")
 
-    def run(self, manifest_path: str) -> dict:
+    def run(self, manifest_path: str) -> Summary:
         from sama_jax.data import pipeline
 
         source = pipeline.ManifestSource(manifest_path)
         for name, settings in self.settings.items():
             check_settings(manifest_path, name, settings, self.overwrite)
-        summary = dict(manifest=manifest_path, samples=len(source), written={}, skipped_done={},
-                       failed=[])
-        count = lambda key, name: summary[key].__setitem__(name, summary[key].get(name, 0) + 1)
+        summary = Summary(manifest_path, len(source))
         records = [source[i] for i in range(len(source))]
         if self.text is not None:
-            self._run_text(manifest_path, records, summary, count)
+            self._run_text(manifest_path, records, summary)
         media_names = [n for n in ("semantic", "target_latents", "source_latents") if n in self.settings]
         if media_names:
             for record in records:
-                self._run_media(manifest_path, record, media_names, summary, count)
+                self._run_media(manifest_path, record, media_names, summary)
         return summary
 
-    def _todo(self, manifest_path, record, name, count) -> str | None:
+    def _todo(self, manifest_path: str, record: dict, name: str, summary: Summary) -> str | None:
+        """The feature's path if it still has to be computed, else None (counted as done)."""
         path = feature_path(manifest_path, record["id"], name)
         if os.path.exists(path) and not self.overwrite:
-            count("skipped_done", name)
+            summary.already_done[name] += 1
             return None
         return path
 
-    def _run_text(self, manifest_path, records, summary, count):
-        todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", count))]
+    def _run_text(self, manifest_path: str, records: list[dict], summary: Summary) -> None:
+        todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", summary))]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             texts = [self.prompt_prefix + str(r["text"]) for r, _ in chunk]
@@ -188,13 +189,13 @@ class Precomputer:
                 context = np.asarray(context)
             except Exception as e:  # noqa: BLE001 - a tokenizer/encoder failure fails these items only
                 for record, _ in chunk:
-                    self._fail(summary, record, "text", "", e)
+                    summary.fail(record, "text", "", e)
                 continue
             for (record, path), hidden, length in zip(chunk, context, lengths):
                 save_atomic(path, hidden[:length].astype(self.dtype))
-                count("written", "text")
+                summary.written["text"] += 1
 
-    def _run_media(self, manifest_path, record, names, summary, count):
+    def _run_media(self, manifest_path: str, record: dict, names: list[str], summary: Summary) -> None:
         from sama_jax.data import pipeline
         from sama_jax.data import transforms
 
@@ -202,16 +203,16 @@ class Precomputer:
         for name in names:
             if name == "source_latents" and record["kind"] == "t2v":
                 continue  # the source of a raw clip is made at train time (motion alignment)
-            if (path := self._todo(manifest_path, record, name, count)):
+            if (path := self._todo(manifest_path, record, name, summary)):
                 paths[name] = path
         if not paths:
             return
         try:
             sample = pipeline.prepare_sample(record, 0, self.spec)
         except Exception as e:  # noqa: BLE001 - reported with id and path, then skipped
+            # The pipeline wraps media errors with the field (source/target) they came from.
             field = getattr(e, "field", "target")
-            self._fail(summary, record, ",".join(paths), record.get(field, ""),
-                       getattr(e, "error", e))
+            summary.fail(record, ",".join(paths), record.get(field, ""), getattr(e, "error", e))
             return
         for name, path in paths.items():
             try:
@@ -222,16 +223,32 @@ class Precomputer:
                     video = transforms.to_model_range(frames)[None]
                     value = self._wan_vae.encode_video(self.vae, video)[0]
                 save_atomic(path, np.asarray(value, np.float32).astype(self.dtype))
-                count("written", name)
+                summary.written[name] += 1
             except Exception as e:  # noqa: BLE001
-                self._fail(summary, record, name, record.get("target", ""), e)
+                summary.fail(record, name, record.get("target", ""), e)
 
-    @staticmethod
-    def _fail(summary, record, names, path, error):
-        item = dict(id=str(record.get("id")), features=names, path=str(path),
+
+@dataclasses.dataclass
+class Summary:
+    """What one manifest's run did: features written and already on disk by name, failed items."""
+    manifest: str
+    samples: int
+    written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    already_done: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    failed: list = dataclasses.field(default_factory=list)
+
+    def fail(self, record: dict, features: str, path: str, error: Exception) -> None:
+        item = dict(id=str(record.get("id")), features=features, path=str(path),
                     error=f"{type(error).__name__}: {error}")
-        summary["failed"].append(item)
-        log.warning("precompute: %s failed for %s (%s): %s", names, item["id"], item["path"], item["error"])
+        self.failed.append(item)
+        log.warning("precompute: %s failed for %s (%s): %s", features, item["id"], item["path"],
+                    item["error"])
+
+    def report(self) -> str:
+        lines = [f"{self.manifest}: {self.samples} samples; written {dict(self.written)}; "
+                 f"already done {dict(self.already_done)}; failed {len(self.failed)}"]
+        lines += [f"  FAILED {f['id']} [{f['features']}] {f['path']}: {f['error']}" for f in self.failed]
+        return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"sama-precompute: error: {e}", file=sys.stderr)
         return 2
-    failed = 0
+    failed = sum(len(s.failed) for s in summaries)
     for s in summaries:
-        failed += len(s["failed"])
-        print(f"{s['manifest']}: {s['samples']} samples; written {s['written']}; "
-              f"already done {s['skipped_done']}; failed {len(s['failed'])}")
-        for item in s["failed"]:
-            print(f"  FAILED {item['id']} [{item['features']}] {item['path']}: {item['error']}")
+        print(s.report())
     print(f"sama-precompute: done in {time.time() - start:.1f}s, {failed} failed item(s)")
     return 1 if failed else 0
 
