@@ -258,13 +258,16 @@ def test_shard_source_feeds_the_same_batches(data_dir, tmp_path):
 
     arrayrecord.build_shards(str(data_dir / "video_edits.jsonl"), str(tmp_path / "ve"), samples_per_shard=4)
     arrayrecord.build_shards(str(data_dir / "image_edits.jsonl"), str(tmp_path / "ie"), samples_per_shard=4)
-    from_shards = [(STAGE1[0], arrayrecord.ShardSource(str(tmp_path / "ve"))),
-                   (STAGE1[1], arrayrecord.ShardSource(str(tmp_path / "ie")))]
+    from_shards = pipeline.open_sources([dict(STAGE1[0], shards="ve"), dict(STAGE1[1], shards="ie")],
+                                        root=str(tmp_path))
+    assert all(isinstance(source, arrayrecord.ShardSource) for _, source in from_shards)
     ds = pipeline.build_pipeline(data_config(), from_shards, batch_size=2, seed=0, process_index=0,
                                  process_count=1)
     a, _ = take(ds, 4)
     b, _ = take(make(data_dir, STAGE1), 4)
     assert_same(a, b)
+    with pytest.raises(ValueError, match="neither shards nor a manifest"):
+        pipeline.open_sources([dict(kind="t2v", weight=1.0)])
 
 
 def test_precomputed_features_are_carried_padded_or_the_sample_skipped(data_dir):

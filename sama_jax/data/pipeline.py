@@ -95,15 +95,23 @@ class ManifestSource:
 
 
 def open_sources(mixture: Sequence[Mapping[str, Any]], root: str = "") -> list[tuple[dict, Any]]:
-    """(entry, source) for each mixture entry; entries name a `manifest` (JSONL) relative to root."""
+    """(entry, source) for each mixture entry, paths relative to root.
+
+    An entry names `shards` (a directory built by sama-build-shards: arrayrecord.ShardSource) or a
+    `manifest` (JSONL, media read from the files it lists); shards win when both are given.
+    """
     opened = []
     for entry in mixture:
         entry = dict(entry)
-        if "manifest" not in entry:
-            raise ValueError(f"mixture entry {entry} names no manifest")
-        source = ManifestSource(os.path.join(root, entry["manifest"]))
+        if entry.get("shards"):
+            from sama_jax.data import arrayrecord
+            source = arrayrecord.ShardSource(os.path.join(root, entry["shards"]))
+        elif entry.get("manifest"):
+            source = ManifestSource(os.path.join(root, entry["manifest"]))
+        else:
+            raise ValueError(f"mixture entry {entry} names neither shards nor a manifest")
         if len(source) == 0:
-            raise ValueError(f"{source.path}: manifest has no samples")
+            raise ValueError(f"{source!r}: mixture entry {entry} has no samples")
         opened.append((entry, source))
     return opened
 
