@@ -61,7 +61,8 @@ def data_dir(tmp_path_factory):
            dict(id="bad_cut", kind="t2v", target="cut.mp4", text="x"),
            dict(id="bad_empty", kind="t2v", target="empty.mp4", text="x"),
            dict(id="bad_short", kind="t2v", target="short.mp4", text="x"),
-           dict(id="bad_missing_source", kind="video_edit", source="gone.mp4", target="c1.mp4", text="x")]
+           dict(id="bad_missing_source", kind="video_edit", source="gone.mp4", target="c1.mp4", text="x"),
+           dict(id="bad_image_clip", kind="t2v", target="i0.png", text="x")]
     manifest_lib.write_manifest(str(root / "mixed_bad.jsonl"), clips[:3] + bad + clips[3:])
     return root
 
@@ -215,13 +216,14 @@ def test_bad_items_are_skipped_counted_and_logged(data_dir, caplog):
     ids = sorted(np.concatenate([b["id"] for b in batches]).tolist())
     assert ids == [f"t2v{i}" for i in range(6)]                 # every good item once, nothing else
     summary = it.skip_summary()
-    assert summary["counts"] == {"missing": 2, "corrupt": 2, "empty": 1, "too_short": 1}
-    assert summary["total"] == 6
+    assert summary["counts"] == {"missing": 2, "corrupt": 2, "empty": 1, "too_short": 2}
+    assert summary["total"] == 7
     by_id = {e["id"]: e for e in summary["examples"]}
     assert by_id["bad_missing"]["path"].endswith("nowhere.mp4")
     assert by_id["bad_missing_source"]["path"].endswith("gone.mp4")
     assert by_id["bad_cut"]["path"].endswith("cut.mp4")
     assert "too short: 3 frames" in by_id["bad_short"]["message"]
+    assert "too short: 1 frames" in by_id["bad_image_clip"]["message"]
     for sample_id in by_id:
         assert any(sample_id in r.getMessage() for r in caplog.records)
     assert it.get_state()["skip_counts"] == summary["counts"]

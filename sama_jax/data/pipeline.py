@@ -57,7 +57,7 @@ import numpy as np
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pretext as pretext_lib
 from sama_jax.data import transforms
-from sama_jax.data.video_io import IMAGE_EXTS, MediaError, decode_media
+from sama_jax.data.video_io import MediaError, decode_media
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
         raise _MissingFeatures(f"no precomputed {missing} (record has {sorted(stored)})")
     text = record["text"]
     rng = np.random.default_rng([spec.seed, index])
-    is_image = kind == "image_edit" or _ext(record, "target").lower() in IMAGE_EXTS
+    # An image where a clip belongs decodes as 1 frame and is skipped as too short below.
+    is_image = kind == "image_edit"
     stride = transforms.stride_for(record.get("fps"), spec.fps, spec.frame_stride)
     max_frames = 1 if is_image else transforms.frames_needed(spec.num_frames, stride)
 
