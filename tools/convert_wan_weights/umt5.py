@@ -27,20 +27,21 @@ from tools.convert_wan_weights.source import ConversionError, TensorSource, cast
 
 KIND = "umt5"
 
-# Our parameter path (under blocks/, stacked over layers) -> (official key, transformers key, transpose).
+# Our parameter path under blocks/ (stacked over layers) -> (official key, transformers key).
+_ATTN = "encoder.block.{i}.layer.0.SelfAttention."
+_FFN = "encoder.block.{i}.layer.1.DenseReluDense."
 PER_LAYER = {
-    ("norm1", "scale"): ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight", False),
-    ("attn", "q", "kernel"): ("blocks.{i}.attn.q.weight", "encoder.block.{i}.layer.0.SelfAttention.q.weight", True),
-    ("attn", "k", "kernel"): ("blocks.{i}.attn.k.weight", "encoder.block.{i}.layer.0.SelfAttention.k.weight", True),
-    ("attn", "v", "kernel"): ("blocks.{i}.attn.v.weight", "encoder.block.{i}.layer.0.SelfAttention.v.weight", True),
-    ("attn", "o", "kernel"): ("blocks.{i}.attn.o.weight", "encoder.block.{i}.layer.0.SelfAttention.o.weight", True),
-    ("pos_embedding", "embedding"): (
-        "blocks.{i}.pos_embedding.embedding.weight",
-        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight", False),
-    ("norm2", "scale"): ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight", False),
-    ("ffn", "gate", "kernel"): ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", True),
-    ("ffn", "fc1", "kernel"): ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", True),
-    ("ffn", "fc2", "kernel"): ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight", True),
+    ("norm1", "scale"): ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
+    ("attn", "q", "kernel"): ("blocks.{i}.attn.q.weight", _ATTN + "q.weight"),
+    ("attn", "k", "kernel"): ("blocks.{i}.attn.k.weight", _ATTN + "k.weight"),
+    ("attn", "v", "kernel"): ("blocks.{i}.attn.v.weight", _ATTN + "v.weight"),
+    ("attn", "o", "kernel"): ("blocks.{i}.attn.o.weight", _ATTN + "o.weight"),
+    ("pos_embedding", "embedding"): ("blocks.{i}.pos_embedding.embedding.weight",
+                                     _ATTN + "relative_attention_bias.weight"),
+    ("norm2", "scale"): ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
+    ("ffn", "gate", "kernel"): ("blocks.{i}.ffn.gate.0.weight", _FFN + "wi_0.weight"),
+    ("ffn", "fc1", "kernel"): ("blocks.{i}.ffn.fc1.weight", _FFN + "wi_1.weight"),
+    ("ffn", "fc2", "kernel"): ("blocks.{i}.ffn.fc2.weight", _FFN + "wo.weight"),
 }
 GLOBAL = {
     ("token_embedding", "embedding"): ("token_embedding.weight", "shared.weight"),
@@ -77,7 +78,7 @@ def _read_hf_config(source: TensorSource) -> dict:
 
 def infer_config(source: TensorSource, layout: str) -> dict:
     col = 0 if layout == "official" else 1
-    key = lambda path, i=0: (PER_LAYER[path][col].format(i=i) if path in PER_LAYER else GLOBAL[path][col])
+    key = lambda path: (PER_LAYER[path][col].format(i=0) if path in PER_LAYER else GLOBAL[path][col])
     embedding = key(("token_embedding", "embedding"))
     if embedding not in source and layout == "transformers" and UNTIED_EMBEDDING in source:
         embedding = UNTIED_EMBEDDING
@@ -89,7 +90,8 @@ def infer_config(source: TensorSource, layout: str) -> dict:
     vocab_size, dim = source.shape(embedding)
     num_buckets, num_heads = source.shape(key(("pos_embedding", "embedding")))
     full = presets.TEXT_ENCODER["wan_14b"]
-    config = dict(vocab_size=vocab_size, dim=dim, ffn_dim=source.shape(key(("ffn", "fc1", "kernel")))[0],
+    ffn_dim = source.shape(key(("ffn", "fc1", "kernel")))[0]
+    config = dict(vocab_size=vocab_size, dim=dim, ffn_dim=ffn_dim,
                   num_heads=num_heads, num_layers=max(layers) + 1, num_buckets=num_buckets,
                   max_distance=full["max_distance"], eps=full["eps"], text_len=full["text_len"])
     hf = _read_hf_config(source) if layout == "transformers" else {}
@@ -157,7 +159,8 @@ def convert(source: TensorSource, output: str, args) -> dict:
         stacked = None
         for i in range(config["num_layers"]):
             tensor = source.get(names[col].format(i=i))
-            tensor = cast(tensor.T if names[2] else tensor, args.dtype)
+            # torch Linear weights are (out, in); Flax kernels are (in, out).
+            tensor = cast(tensor.T if path[-1] == "kernel" else tensor, args.dtype)
             if stacked is None:
                 stacked = np.empty((config["num_layers"],) + tensor.shape, tensor.dtype)
             stacked[i] = tensor
