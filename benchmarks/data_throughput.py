@@ -88,18 +88,20 @@ def pipeline_rate(blob: bytes, frames: int, workers: int, seconds: float) -> Non
         count += 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     it.close()
-    print(f"\nwhole pipeline, {workers} worker processes, {frames}-frame raw clips + motion alignment, batch 1: "
+    print(f"\nwhole pipeline, {workers} worker processes, {frames}-frame raw clips + motion alignment, "
+          f"batch 1: "
           f"{count / wall:.2f} samples/s wall, main process {1000 * cpu / count:.0f} CPU ms/sample "
           f"({count} samples; this machine has {os.cpu_count()} cores shared with other jobs)")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=12.0, help="timing per case")
     parser.add_argument("--frames", type=int, nargs="+", default=[81, 17])
     parser.add_argument("--pipeline-workers", type=int, default=2,
-                        help="also run the whole Grain pipeline (raw clips of the most frames + motion alignment, "
-                             "batch 1) with this many worker processes; 0 skips it")
+                        help="also run the whole Grain pipeline (raw clips of the most frames + motion "
+                             "alignment, batch 1) with this many worker processes; 0 skips it")
     args = parser.parse_args(argv)
 
     buckets = tuple(transforms.make_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32))
@@ -128,7 +130,8 @@ def main(argv=None):
         cases = [
             ("decode only (PyAV, 1 thread)", lambda: video_io.decode_video(blob, max_frames=frames)),
             ("stage 1 video-edit pair (2 decodes)", lambda: pipeline.prepare_sample(edit, 0, base)),
-            ("stage 0 raw clip + motion alignment", lambda: pipeline.prepare_sample(clip, next(counter), spec_ma)),
+            ("stage 0 raw clip + motion alignment",
+             lambda: pipeline.prepare_sample(clip, next(counter), spec_ma)),
         ]
         for name, fn in cases:
             per_s, wall_s, n = rate(fn, args.seconds)

@@ -246,7 +246,9 @@ class SampleTransform:
         self.spec = spec
 
     def __call__(self, index: int, record: Mapping) -> dict:
-        sample_id = record.get("id", f"<index {index}>") if isinstance(record, Mapping) else f"<index {index}>"
+        sample_id = f"<index {index}>"
+        if isinstance(record, Mapping):
+            sample_id = record.get("id", sample_id)
         try:
             return prepare_sample(record, index, self.spec)
         except _FieldError as e:
