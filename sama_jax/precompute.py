@@ -2,7 +2,8 @@
 pod need not run the 5.7B umT5 encoder (or SigLIP, or the VAE) at every step.
 
     sama-precompute --config=configs/stage1_sft.py:wan_14b \\
-        --text-encoder ckpt/umt5 --tokenizer ckpt/google/umt5-xxl [--siglip ckpt/siglip] [--vae ckpt/wan_vae]
+        --text-encoder ckpt/umt5 --tokenizer ckpt/google/umt5-xxl
+        [--siglip ckpt/siglip] [--vae ckpt/wan_vae]
         [--manifest data/x.jsonl ...]        # default: every manifest of config.data.mixture
         [--batch-size 8] [--dtype float32|float16] [--prompt-prefix "..."] [--overwrite]
 
@@ -126,8 +127,8 @@ class Precomputer:
                 raise ValueError("--text-encoder needs --tokenizer (the local umT5 tokenizer directory)")
             self.text = text_lib.TextEncoder(load_text_encoder(text_encoder),
                                              text_lib.load_tokenizer(tokenizer), self.text_len)
-            self.settings["text"] = dict(checkpoint=os.path.abspath(text_encoder), text_len=self.text_len,
-                                         tokenizer=os.path.abspath(tokenizer),
+            self.settings["text"] = dict(checkpoint=os.path.abspath(text_encoder),
+                                         text_len=self.text_len, tokenizer=os.path.abspath(tokenizer),
                                          prompt_prefix=self.prompt_prefix, dtype=self.dtype.name)
         media = dict(num_frames=self.spec.num_frames, frame_stride=self.spec.frame_stride,
                      fps=self.spec.fps, buckets=[list(b) for b in self.spec.buckets])

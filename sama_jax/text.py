@@ -47,7 +47,7 @@ def load_tokenizer(path: str):
 
 
 def tokenize(tokenizer, texts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cleaned, tokenized, padded/truncated texts -> (ids int32 (B, text_len), mask int32 (B, text_len))."""
+    """Texts, cleaned, tokenized, padded/truncated -> ids, mask: int32 (B, text_len) each."""
     if isinstance(texts, str):
         raise TypeError("tokenize takes a sequence of texts, not one string")
     batch = tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,

@@ -217,7 +217,8 @@ def build_from_checkpoint(path: str, kind: str, build, mesh=None, rules=None) ->
     try:
         abstract = nnx.eval_shape(lambda: build(config))
     except (TypeError, ValueError) as e:
-        raise params_io.ParamsCheckpointError(f"{path}: its config does not build a {kind} model: {e}") from e
+        raise params_io.ParamsCheckpointError(
+            f"{path}: its config does not build a {kind} model: {e}") from e
     graphdef, state = nnx.split(abstract)
     expected = nnx.to_pure_dict(state)
     stored_shapes = ocp.metadata(path).metadata
