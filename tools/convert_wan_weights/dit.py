@@ -18,9 +18,10 @@ semantic head with a xavier-uniform weight, N(0, 1e-3^2) bias and LayerNorm (1, 
 `options.seed` (default 0).
 
 Streaming: each output parameter is built and written on its own; a per-layer parameter is stacked
-across layers directly in the stored dtype, one layer read at a time (safetensors mmap), so peak
-host memory is about one stacked parameter (the largest: ffn.0 of 14B, 40 x 13824 x 5120) plus one
-layer in float32.
+across layers directly in the stored dtype, one layer read at a time (safetensors mmap; the source is reopened per
+output parameter so the mapped pages of finished tensors are released), and handed to Orbax without
+its defensive copy. Peak host memory is about one stacked parameter (the largest: ffn.0 of 14B,
+40 x 13824 x 5120) plus one layer in float32; benchmarks/convert_dit_rss.py measures it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import re
 from typing import Iterator
 
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
 
 from sama_jax import params_io
 from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys, strip_prefix
@@ -348,16 +350,19 @@ def convert(source: TensorSource, output: str, options) -> dict:
     dtype = getattr(options, "dtype", "bfloat16")
     writer = params_io.ParamsWriter(output, KIND, cfg, overwrite=bool(getattr(options, "overwrite", False)))
     group, group_bytes, total = {}, 0, 0
-    for path, array in _output_arrays(open_reader, cfg, dtype):
-        total += array.size
-        _merge(group, _nested(path, array))
-        group_bytes += array.nbytes
-        if group_bytes >= GROUP_BYTES:
+    # Orbax copies host arrays before writing them unless told not to; these arrays are never
+    # modified after being handed over, and the copy would double the peak memory.
+    with ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False)):
+        for path, array in _output_arrays(open_reader, cfg, dtype):
+            total += array.size
+            _merge(group, _nested(path, array))
+            group_bytes += array.nbytes
+            if group_bytes >= GROUP_BYTES:
+                writer.add(group)
+                group, group_bytes = {}, 0
+            del array
+        if group:
             writer.add(group)
-            group, group_bytes = {}, 0
-        del array
-    if group:
-        writer.add(group)
-    writer.finalize()
+        writer.finalize()
     return dict(layout=layout, dtype=dtype, params=int(total), num_layers=cfg["num_layers"],
                 dim=cfg["dim"], num_heads=cfg["num_heads"], initialised=initialised)
