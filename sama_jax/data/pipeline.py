@@ -181,15 +181,15 @@ def _decode(record: Mapping, field: str, max_frames: int | None) -> np.ndarray:
 
 
 class _MissingFeatures(Exception):
-    pass
+    """A precomputed feature that data.features asks for is absent from the record (or unusable)."""
 
 
 class _FieldError(Exception):
+    """The MediaError of one media field ("source" or "target") of a record, with the field's name."""
+
     def __init__(self, field: str, error: Exception):
         super().__init__(str(error))
         self.field, self.error = field, error
-
-
 
 
 def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
@@ -269,17 +269,16 @@ class SampleTransform:
 # Batching by bucket with a resumable state
 
 
+ARRAY_KEYS = ("source", "target", "anchors")
+STRING_KEYS = ("text", "kind", "id", "task")
+
+
 def collate(samples: Sequence[dict]) -> dict:
-    features = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k.startswith(FEATURE_PREFIX)}
-    return dict(features,
-        source=np.stack([s["source"] for s in samples]),
-        target=np.stack([s["target"] for s in samples]),
-        anchors=np.stack([s["anchors"] for s in samples]),
-        text=np.array([s["text"] for s in samples]),
-        kind=np.array([s["kind"] for s in samples]),
-        id=np.array([s["id"] for s in samples]),
-        task=np.array([s["task"] for s in samples]),
-    )
+    """Samples of one shape -> a batch: arrays (and features) stacked, strings as numpy str arrays."""
+    stacked = [k for k in samples[0] if k in ARRAY_KEYS or k.startswith(FEATURE_PREFIX)]
+    batch = {k: np.stack([s[k] for s in samples]) for k in stacked}
+    batch.update({k: np.array([s[k] for s in samples]) for k in STRING_KEYS})
+    return batch
 
 
 class BucketBatchDataset(grain.IterDataset):
