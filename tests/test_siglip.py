@@ -137,3 +137,30 @@ def test_sharded_load_matches_unsharded(tmp_path):
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         out = nnx.jit(lambda m, p: m(p))(sharded, x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_image_size_not_a_multiple_of_the_patch(tmp_path):
+    # As so400m-patch14-384 (27 * 14 = 378 < 384): the size comes from config.json, and the patch
+    # conv drops the remainder; preprocess must resize to 62 here, not to 4 * 14 = 56.
+    config = vision_config()
+    config.image_size = 62
+    ref = randomize_norms(SiglipVisionModel(config).eval())
+    ref.save_pretrained(tmp_path / "hf")
+    model = convert(tmp_path / "hf", tmp_path / "ours")
+    assert model.cfg.image_size == 62 and model.cfg.grid_size == 4
+    x = torch.rand(2, 3, 62, 62, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expected = ref(pixel_values=x).last_hidden_state.numpy()
+    err = rel_err(model(x.numpy().transpose(0, 2, 3, 1)), expected)
+    assert err < 1e-5, err
+
+
+def test_so400m_is_recognised_without_config_json(tmp_path):
+    full = presets.SIGLIP["wan_14b"]
+    d, f = full["hidden_size"], full["intermediate_size"]
+    shapes = {"embeddings.patch_embedding.weight": (d, 3, 14, 14), "embeddings.patch_embedding.bias": (d,),
+              "embeddings.position_embedding.weight": (729, d), "encoder.layers.0.mlp.fc1.weight": (f, d),
+              "encoder.layers.0.self_attn.q_proj.weight": (d, d)}
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "model.safetensors"))
+    config = siglip_converter.infer_config(TensorSource(str(tmp_path / "model.safetensors")), "")
+    assert (config["image_size"], config["num_heads"], config["patch_size"]) == (384, 16, 14)

@@ -8,9 +8,10 @@ Accepted layouts (transformers key names):
 The attention-pooling head (head.probe, head.attention.*, head.layernorm.*, head.mlp.*) is ignored
 on purpose: SAMA's semantic features are the last hidden state after post_layernorm, before that head.
 
-Sizes come from tensor shapes; the number of heads is not in the weights and is read from the
-config.json next to the checkpoint (vision_config.num_attention_heads for a full SiglipModel). Without
-a config.json only the so400m width (1152 -> 16 heads) is recognised.
+Sizes come from tensor shapes; the number of heads and the input size (384 for so400m, which is not
+27 patches x 14 = 378) are not in the weights and are read from the config.json next to the
+checkpoint (its vision_config for a full SiglipModel). Without a config.json only so400m-patch14-384
+(width 1152, patch 14, 27 x 27 positions -> 16 heads, 384 px) is recognised.
 """
 from __future__ import annotations
 
@@ -82,10 +83,22 @@ def infer_config(source: TensorSource, prefix: str) -> dict:
                   image_size=grid * patch, eps=full["eps"],
                   intermediate_size=source.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0])
     hf = _vision_config_json(source)
+    so400m = (hidden, patch, grid) == (full["hidden_size"], full["patch_size"],
+                                       full["image_size"] // full["patch_size"])
+    # The input size need not be a multiple of the patch: so400m takes 384 px and its VALID patch
+    # conv ignores the last 384 - 27 * 14 = 6 rows and columns.
+    if "image_size" in hf:
+        config["image_size"] = hf["image_size"]
+    elif so400m:
+        config["image_size"] = full["image_size"]
+    if config["image_size"] // patch != grid:
+        raise ConversionError(f"{source.path}: image_size {config['image_size']} with patch {patch} "
+                              f"gives a {config['image_size'] // patch}^2 grid, but the position "
+                              f"embedding has {num_positions} entries")
     if "num_attention_heads" in hf:
         config["num_heads"] = hf["num_attention_heads"]
         config["eps"] = hf.get("layer_norm_eps", config["eps"])
-    elif hidden == full["hidden_size"]:
+    elif so400m:
         config["num_heads"] = full["num_heads"]
     else:
         raise ConversionError(f"{source.path}: the number of attention heads is not in the weights; "
