@@ -114,7 +114,7 @@ def main(argv=None):
     mbps = os.path.getsize(source_path) * 8 / (max_frames / 16) / 1e6
     print(f"clips: {max_frames} frames {HEIGHT}x{WIDTH} H.264 crf 17, {mbps:.1f} Mbit/s at 16 fps "
           f"(made in {time.perf_counter() - t0:.0f} s); buckets: 480p paper ratios, multiple 32 "
-          f"-> 16:26 clips land in {transforms.nearest_bucket(HEIGHT, WIDTH, buckets)}")
+          f"-> {HEIGHT}x{WIDTH} clips land in {transforms.nearest_bucket(HEIGHT, WIDTH, buckets)}")
     blob = open(source_path, "rb").read()
 
     print(f"\n{'case':40s} {'frames':>6s} {'samples/s/core':>15s} {'CPU ms/sample':>14s} "
