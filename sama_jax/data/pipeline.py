@@ -455,6 +455,13 @@ def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: 
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     spec = SampleSpec.from_config(data, seed, anchor_frames=anchor_frames, text_len=text_len)
+    kinds = {entry.get("kind") for entry, _ in sources}
+    if process_count > 1 and (len(spec.buckets) > 1 or spec.min_frames < spec.num_frames
+                              or ("image_edit" in kinds and len(kinds) > 1)):
+        log.warning("multi-host data: each of the %d processes buckets its own shard, and this config "
+                    "allows several batch shapes (%d aspect buckets, min_frames %d < num_frames %d, "
+                    "kinds %s), so processes may yield different shapes at the same step",
+                    process_count, len(spec.buckets), spec.min_frames, spec.num_frames, sorted(kinds))
     samples = mix_sources(sources, seed, num_epochs).map_with_index(SampleTransform(spec))
     local = samples[process_index::process_count]
     workers = int(data.get("worker_count", 0)) if worker_count is None else worker_count
