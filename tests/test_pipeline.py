@@ -311,3 +311,26 @@ def test_iterator_checkpoints_through_grains_orbax_handler(data_dir, tmp_path):
     fresh = iter(make(data_dir, STAGE1, batch_size=3))
     restored = handler.restore(epath.Path(tmp_path), item=fresh)
     assert_same([next(restored) for _ in range(3)], full[2:])
+
+
+def test_resume_when_a_waiting_sample_became_unreadable(data_dir, tmp_path):
+    import shutil
+
+    for name in os.listdir(data_dir):
+        if name.endswith((".mp4", ".png", ".jsonl")):
+            shutil.copy(data_dir / name, tmp_path / name)
+    data = data_config(motion_alignment=True, fps=0.0)
+    ds = make(tmp_path, STAGE0, data=data, batch_size=3)
+    _, it = take(ds, 3)
+    state = it.get_state()
+    assert state["waiting"]
+    waiting_ids = {ds.samples[p]["id"] for p in state["waiting"]}
+    gone = sorted(waiting_ids)[0]
+    record = {r["id"]: r for m in ("clips.jsonl", "image_edits.jsonl")
+              for r in pipeline.ManifestSource(str(tmp_path / m))}[gone]
+    os.remove(record["target"])
+    resumed = iter(make(tmp_path, STAGE0, data=data, batch_size=3))
+    resumed.set_state(state)
+    assert resumed.skip_summary()["counts"] == {"missing": 1}
+    later = [next(resumed) for _ in range(2)]
+    assert all(b["source"].shape[0] == 3 for b in later)

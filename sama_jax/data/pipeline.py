@@ -405,6 +405,9 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._buffers = {}
         for position in state["waiting"]:
             sample = self._ds.samples[int(position)]
+            if SKIP_KEY in sample:  # readable when saved, not now (file changed since): count it
+                self._count_skip(sample)
+                continue
             key = sample["source"].shape[:3]
             self._buffers.setdefault(key, []).append((int(position), sample))
 
