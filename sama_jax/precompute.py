@@ -44,6 +44,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FEATURES = ("text", "semantic", "target_latents", "source_latents")
+MEDIA_FEATURES = FEATURES[1:]   # need the sample's decoded frames
 
 
 def feature_path(manifest_path: str, sample_id: str, name: str) -> str:
@@ -164,7 +165,7 @@ class Precomputer:
         records = [source[i] for i in range(len(source))]
         if self.text is not None:
             self._run_text(manifest_path, records, summary)
-        media_names = [n for n in ("semantic", "target_latents", "source_latents") if n in self.settings]
+        media_names = [n for n in MEDIA_FEATURES if n in self.settings]
         if media_names:
             for record in records:
                 self._run_media(manifest_path, record, media_names, summary)
