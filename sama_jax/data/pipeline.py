@@ -39,9 +39,12 @@ samples waiting in partly filled buckets; set_state re-reads those few samples b
 restarts the upstream stream at the saved position.
 
 Multi-host caveat: each process buckets its own shard. Global arrays need the same per-host batch
-shape at every step, which holds when every sample lands in one bucket (one aspect ratio, and
-min_frames = num_frames so every clip has the same length); with several buckets, hosts may disagree
-on a step's shape.
+shape at every step, which holds when every sample lands in one bucket (one aspect ratio, min_frames =
+num_frames, and one kind: images are 1-frame batches); otherwise hosts may disagree on a step's shape
+(build_pipeline logs a warning). Agreeing per step by exchanging bucket counts is not enough: each
+host's surplus of a shape grows like sqrt(steps), in decoded samples. The fix is a global bucket plan
+from per-record shape metadata (stored at shard build): every host forms the same global batches of
+stream positions and decodes only its slice.
 """
 from __future__ import annotations
 
