@@ -478,6 +478,16 @@ def _triple(v) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------
 
 @functools.partial(nnx.jit, static_argnames=("chunked",))
+def _encode_jit(vae: WanVAE, video: jax.Array, chunked: bool) -> jax.Array:
+    return vae.encode(video, chunked=chunked)
+
+
+@functools.partial(nnx.jit, static_argnames=("chunked",))
+def _decode_jit(vae: WanVAE, latents: jax.Array, chunked: bool) -> jax.Array:
+    return vae.decode(latents, chunked=chunked)
+
+
+@functools.partial(nnx.jit, static_argnames=("chunked",))
 def _encode_mean_jit(vae: WanVAE, video: jax.Array, chunked: bool) -> jax.Array:
     return vae.encode_mean(video, chunked=chunked)
 
@@ -493,12 +503,11 @@ def encode_video(vae: WanVAE, video, *, tiled: bool = False, tile_size=(30, 52),
     latents (x8 pixels) every tile_stride latents, each encoded on its own and blended with linear
     ramps over the overlaps (SAMA's defaults: 30x52 tiles, stride 15x26)."""
     video = check_video(jnp.asarray(video), pad_frames)
-    if tiled:
-        px = lambda v: tuple(SPATIAL_STRIDE * int(s) for s in v)
-        mu = _blend_tiles(lambda part: _encode_mean_jit(vae, part, chunked), video,
-                          px(tile_size), px(tile_stride), up=1, down=SPATIAL_STRIDE)
-    else:
-        mu = _encode_mean_jit(vae, video, chunked)
+    if not tiled:
+        return _encode_jit(vae, video, chunked)
+    px = lambda v: tuple(SPATIAL_STRIDE * int(s) for s in v)
+    mu = _blend_tiles(lambda part: _encode_mean_jit(vae, part, chunked), video,
+                      px(tile_size), px(tile_stride), up=1, down=SPATIAL_STRIDE)
     mean, std = vae._latent_stats()
     return ((mu - mean) / std).astype(vae.config.dtype)
 
@@ -508,11 +517,10 @@ def decode_latents(vae: WanVAE, latents, *, tiled: bool = False, tile_size=(30, 
     """Jitted `vae.decode`; `tiled` decodes overlapping latent tiles (sizes in latents) and blends
     the unclamped outputs with linear ramps over (tile - stride) * 8 pixels, then clamps."""
     latents = jnp.asarray(latents)
-    if tiled:
-        out = _blend_tiles(lambda part: _decode_unclamped_jit(vae, part, chunked), latents,
-                           tuple(tile_size), tuple(tile_stride), up=SPATIAL_STRIDE, down=1)
-    else:
-        out = _decode_unclamped_jit(vae, latents, chunked)
+    if not tiled:
+        return _decode_jit(vae, latents, chunked)
+    out = _blend_tiles(lambda part: _decode_unclamped_jit(vae, part, chunked), latents,
+                       tuple(tile_size), tuple(tile_stride), up=SPATIAL_STRIDE, down=1)
     return jnp.clip(out, -1.0, 1.0)
 
 
