@@ -78,3 +78,27 @@ class TextEncoder:
     def __call__(self, texts: Sequence[str]) -> tuple[jax.Array, np.ndarray]:
         ids, mask = tokenize(self.tokenizer, texts, self.text_len)
         return self._encode(self.model, ids, mask), mask.sum(axis=1)
+
+
+def build_sentencepiece_tokenizer(texts: Sequence[str], path: str, vocab_size: int) -> str:
+    """Trains a small umT5-style sentencepiece tokenizer (unigram; pad 0, eos 1, unk 2) on `texts`
+    and writes a directory `load_tokenizer` reads: spiece.model + tokenizer_config.json.
+
+    For tests and the synthetic demo, where no released tokenizer may be downloaded."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([clean_text(t) for t in texts]), model_writer=model,
+        vocab_size=vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=512,
+                       pad_token="<pad>", eos_token="</s>", unk_token="<unk>"), f)
+    return path

@@ -1,7 +1,4 @@
 """Text pipeline: Wan's cleaning, a tokenizer directory loaded offline, padding/truncation, encode."""
-import io
-import json
-
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -22,18 +19,9 @@ SENTENCES += ["Replace the cat with a dog & make it café-style.", "Ünïcödé 
 
 
 def make_tokenizer_dir(path):
-    """A tiny umT5-style tokenizer directory: a sentencepiece unigram model (pad 0, eos 1, unk 2) as
-    spiece.model plus the tokenizer_config.json a T5 tokenizer directory carries."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES), model_writer=model,
-                                   vocab_size=70, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-                                   bos_id=-1, character_coverage=1.0, minloglevel=2)
-    path.mkdir()
-    (path / "spiece.model").write_bytes(model.getvalue())
-    (path / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=512,
-        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")))
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+    """A tiny umT5-style tokenizer directory (sentencepiece unigram, pad 0, eos 1, unk 2)."""
+    text.build_sentencepiece_tokenizer(SENTENCES, str(path), vocab_size=70)
+    return spm.SentencePieceProcessor(model_file=str(path / "spiece.model"))
 
 
 def test_clean_text_as_wan():
