@@ -1,0 +1,45 @@
+"""Rectified-flow training objective of Wan2.1 / SAMA.
+
+    x_t = (1 - s) x0 + s eps,   v = eps - x0,   model timestep = 1000 s
+with s drawn uniformly and shifted, s' = k s / (1 + (k - 1) s) (k = 5 for Wan at 480p), the same s for
+the video latents and SAMA's semantic tokens of a sample. SAMA's loss:
+    L = MSE(v_pred, v) + w * L1(sem_pred, sem_v),   w = 0.1
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sample_sigma(key: jax.Array, batch: int, shift: float) -> jax.Array:
+    """(batch,) shifted sigmas in (0, 1]; u is drawn in [1/1000, 1] as the 1000-step training grid."""
+    u = jax.random.uniform(key, (batch,), minval=1.0 / NUM_TRAIN_TIMESTEPS, maxval=1.0)
+    return shift_sigma(u, shift)
+
+
+def add_noise(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """(1 - s) x0 + s eps with one sigma per sample (leading axis)."""
+    s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(jnp.float32)
+    return ((1.0 - s) * x0.astype(jnp.float32) + s * noise.astype(jnp.float32)).astype(x0.dtype)
+
+
+def sama_loss(velocity, noise, x0, semantic_velocity=None, semantic_noise=None, semantic_x0=None,
+              semantic_weight: float = 0.1) -> tuple[jax.Array, dict]:
+    """L_FM + semantic_weight * L1 on the semantic tokens' velocity, computed in fp32."""
+    target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
+    loss_fm = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target))
+    metrics = {"loss_fm": loss_fm}
+    loss = loss_fm
+    if semantic_velocity is not None:
+        semantic_target = semantic_noise.astype(jnp.float32) - semantic_x0.astype(jnp.float32)
+        loss_sem = jnp.mean(jnp.abs(semantic_velocity.astype(jnp.float32) - semantic_target))
+        metrics["loss_semantic"] = loss_sem
+        loss = loss + semantic_weight * loss_sem
+    metrics["loss"] = loss
+    return loss, metrics
