@@ -41,6 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sama-mesh-info=sama_jax.mesh_info:main",
+            "sama-smoke=sama_jax.smoke:main",
             "convert-wan-weights=tools.convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
             "sama-build-shards=sama_jax.data.arrayrecord:main",
