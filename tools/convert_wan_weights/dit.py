@@ -18,13 +18,14 @@ semantic head with a xavier-uniform weight, N(0, 1e-3^2) bias and LayerNorm (1, 
 `options.seed` (default 0).
 
 Streaming: each output parameter is built and written on its own; a per-layer parameter is stacked
-across layers directly in the stored dtype, one layer read at a time (safetensors mmap; the source is reopened per
-output parameter so the mapped pages of finished tensors are released), and handed to Orbax without
-its defensive copy. Peak host memory is about one stacked parameter (the largest: ffn.0 of 14B,
-40 x 13824 x 5120) plus one layer in float32; benchmarks/convert_dit_rss.py measures it.
+across layers directly in the stored dtype, one layer read at a time (safetensors mmap; the source
+is reopened per tensor so the mapped pages of finished tensors are released) and handed to Orbax
+without its defensive copy. Peak host memory is about one stacked parameter (the largest: ffn.0 of
+14B, 40 x 13824 x 5120) plus one layer in float32; benchmarks/convert_dit_rss.py measures it.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -292,16 +293,24 @@ def _output_arrays(open_reader, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
         yield ours, cast(_transform(read(official), how), dtype)
     np_dtype = cast(np.zeros(0, np.float32), dtype).dtype
     for ours, template, how in BLOCK_PARAMS:
-        read = open_reader()
         stacked = None
         for i in range(cfg["num_layers"]):
-            layer = _transform(read(template.format(i=i)), how)
+            layer = _transform(open_reader()(template.format(i=i)), how)
             if stacked is None:
                 stacked = np.empty((cfg["num_layers"], *layer.shape), np_dtype)
             stacked[i] = layer
             del layer
         yield ours, stacked
         del stacked
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps memory freed by the writer's worker threads in their malloc arenas; without a
+    trim, each parameter's write buffers stay resident and the next parameter stacks on top."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
 
 
 def convert(source: TensorSource, output: str, options) -> dict:
@@ -333,9 +342,9 @@ def convert(source: TensorSource, output: str, options) -> dict:
     initialised = []
 
     def open_reader():
-        # A fresh view of the checkpoint per output parameter: dropping the previous one unmaps
-        # the safetensors pages it touched, so resident file pages stay near one parameter's size
-        # instead of growing to the whole checkpoint.
+        # A fresh view of the checkpoint per tensor read: dropping the previous one unmaps the
+        # safetensors pages it touched, so resident file pages stay near one tensor's size instead
+        # of growing to the whole checkpoint.
         view = TensorSource(source.path)
 
         def read(official_key):
@@ -360,6 +369,7 @@ def convert(source: TensorSource, output: str, options) -> dict:
             if group_bytes >= GROUP_BYTES:
                 writer.add(group)
                 group, group_bytes = {}, 0
+                _return_freed_memory()
             del array
         if group:
             writer.add(group)
