@@ -75,7 +75,8 @@ def test_key_table_matches_full_size_model():
     with torch.device("meta"):
         state = AutoencoderKLWan().state_dict()
     table = vae_converter.entries(wan_vae.WanVAEConfig())
-    assert {e.diffusers: e.torch_shape for e in table} == {k: tuple(v.shape) for k, v in state.items()}
+    assert ({e.diffusers: e.torch_shape for e in table}
+            == {k: tuple(v.shape) for k, v in state.items()})
     assert {e.official for e in table} == {official_key(k) for k in state}
     assert sum(int(np.prod(e.torch_shape)) for e in table) == 126_892_531
 
@@ -108,8 +109,9 @@ def test_both_layouts_convert_to_the_same_params(checkpoints, tmp_path):
     enc, dec = from_diffusers["encoder"], from_diffusers["decoder"]
     np.testing.assert_array_equal(enc["conv_in"]["kernel"],
                                   sd["encoder.conv_in.weight"].transpose(2, 3, 4, 1, 0))
-    np.testing.assert_array_equal(enc["down_blocks"]["2"]["conv"]["kernel"],
-                                  sd["encoder.down_blocks.2.resample.1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        enc["down_blocks"]["2"]["conv"]["kernel"],
+        sd["encoder.down_blocks.2.resample.1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(dec["mid_block"]["attention"]["to_qkv"]["kernel"],
                                   sd["decoder.mid_block.attentions.0.to_qkv.weight"][:, :, 0, 0].T)
     np.testing.assert_array_equal(dec["up_blocks"]["1"]["resnets"]["0"]["norm1"]["gamma"],
@@ -173,7 +175,8 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(checkpoints, tmp_path):
 
 def test_load_vae_reports_shape_mismatches(checkpoints, tmp_path):
     _, diffusers_dir, _ = checkpoints
-    assert cli.main([diffusers_dir, str(tmp_path / "ok"), "--kind", "vae", "--dtype", "float32"]) == 0
+    assert cli.main([diffusers_dir, str(tmp_path / "ok"), "--kind", "vae",
+                     "--dtype", "float32"]) == 0
     params, config = params_io.load_params(str(tmp_path / "ok"))
     params["decoder"]["conv_in"]["bias"] = np.zeros((5,), np.float32)
     del params["quant_conv"]

@@ -2,23 +2,24 @@
 
 Reads like the official Wan2.1 `wan/modules/vae.py` and diffusers' AutoencoderKLWan, channels-last:
 causal Conv3d (time padded only on the past side, with the last 2 frames of the previous chunk as
-cache), RMS norms over channels, residual blocks, resample blocks (the first chunk is never resampled
-in time), one single-head per-frame attention in each middle block, latent normalisation with the
-16 per-channel constants.
+cache), RMS norms over channels, residual blocks, resample blocks (the first chunk is never
+resampled in time), one single-head per-frame attention in each middle block, latent normalisation
+with the 16 per-channel constants.
 
     vae = load_vae("ckpt/wan_vae")                 # written by convert-wan-weights --kind vae
     z = vae.encode(video)      # (B, 1+4k, H, W, 3) in [-1, 1] -> (B, 1+k, H/8, W/8, 16), normalised
     x = vae.decode(z)          # inverse, clamped to [-1, 1]
-    z = encode_video(vae, video, tiled=True)       # jitted; spatial tiles blended as in SAMA/DiffSynth
+    z = encode_video(vae, video, tiled=True)   # jitted; spatial tiles blended as SAMA/DiffSynth do
     x = decode_latents(vae, z, tiled=True)
 
-Chunking: like the reference, encode runs 1, 4, 4, ... frames at a time and decode one latent frame at
-a time, every causal conv reading the cached tail of its input from the previous chunk. The chunks
-after the first run in a lax.scan whose carry is that cache, so memory stays flat in the frame count.
-`chunked=False` runs the whole video in one pass instead (same numbers, memory grows with T).
+Chunking: like the reference, encode runs 1, 4, 4, ... frames at a time and decode one latent frame
+at a time, every causal conv reading the cached tail of its input from the previous chunk. The
+chunks after the first run in a lax.scan whose carry is that cache, so memory stays flat in the
+frame count. `chunked=False` runs the whole video in one pass instead (same numbers, memory grows
+with T).
 
-Sharding: activations are constrained to ('batch', None, 'spatial', None, 'act_embed'); map 'spatial'
-to a mesh axis (e.g. ('spatial', 'context')) to split large frames by rows across devices.
+Sharding: activations are constrained to ('batch', None, 'spatial', None, 'act_embed'); map
+'spatial' to a mesh axis (e.g. ('spatial', 'context')) to split large frames by rows across devices.
 """
 from __future__ import annotations
 
@@ -81,11 +82,11 @@ def config_from_dict(values: dict) -> WanVAEConfig:
 # ----------------------------------------------------------------------------------------------
 
 class FeatureCache:
-    """Per-layer tails of the previous chunk, read in call order; records this chunk's tails.
+    """Per-layer tails of the previous chunk, used in call order; records this chunk's tails.
 
-    `previous` is None on the first chunk (the reference's empty cache). A tail shorter than `keep`
-    frames is front-padded with zeros, which is what the reference's zero padding amounts to, so
-    every layer's cache has the same shape in every chunk and can be a lax.scan carry.
+    `previous` is None on the first chunk (the reference's empty cache), where zeros stand in for
+    the missing frames, which is what the reference's zero padding amounts to; so every layer's
+    cache has the same shape in every chunk and can be a lax.scan carry.
     """
 
     def __init__(self, previous: Sequence[jax.Array] | None = None):
@@ -96,15 +97,20 @@ class FeatureCache:
     def first_chunk(self) -> bool:
         return self.previous is None
 
-    def take(self, x: jax.Array, keep: int = CACHE_T) -> jax.Array | None:
-        """This layer's tail from the previous chunk (None on the first chunk); records the last
-        `keep` frames of [that tail, x] for the next chunk."""
-        old = None if self.previous is None else self.previous[len(self.updated)]
-        joined = x if old is None else jnp.concatenate([old, x], axis=1)
-        if joined.shape[1] < keep:
-            joined = jnp.pad(joined, ((0, 0), (keep - joined.shape[1], 0)) + ((0, 0),) * 3)
+    def extend(self, x: jax.Array, keep: int = CACHE_T) -> jax.Array:
+        """[this layer's tail from the previous chunk (`keep` zero frames on the first), x];
+        records its last `keep` frames as the tail for the next chunk."""
+        if self.previous is None:
+            joined = jnp.pad(x, ((0, 0), (keep, 0)) + ((0, 0),) * (x.ndim - 2))
+        else:
+            old = self.previous[len(self.updated)]
+            joined = jnp.concatenate([old.astype(x.dtype), x], axis=1)
+            # Slicing the new tail from the joined array (not from x, which XLA would otherwise
+            # simplify it to) orders the carry's write after its read, so the scan updates the
+            # cache in place instead of holding two copies (2 GiB at 480x832 in fp32).
+            joined = jax.lax.optimization_barrier(joined)
         self.updated.append(joined[:, -keep:])
-        return old
+        return joined
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +124,8 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> ja
 
 
 class CausalConv3d(nnx.Module):
-    """Conv3d padded by (2 * pad_t) past frames and none of the future: zeros, or the cache."""
+    """Conv3d padded by (2 * pad_t) past frames and none of the future: zeros, or the tail of
+    the previous chunk from the feature cache."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0, *, dtype,
                  param_dtype, rngs: nnx.Rngs, axes=("conv_in", "conv_out")):
@@ -133,13 +140,13 @@ class CausalConv3d(nnx.Module):
                                 out_sharding=(None, None, None) + tuple(axes))
         self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), out_sharding=(axes[1],))
 
-    def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         if self.time_pad:
-            if cache is not None:
-                x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
-            missing = self.time_pad - (0 if cache is None else cache.shape[1])
-            x = jnp.pad(x, ((0, 0), (missing, 0), (0, 0), (0, 0), (0, 0)))
+            if cache is None:
+                x = jnp.pad(x, ((0, 0), (self.time_pad, 0), (0, 0), (0, 0), (0, 0)))
+            else:
+                x = cache.extend(x, keep=self.time_pad)
         y = _conv(x, self.kernel[...].astype(self.dtype), self.stride, ((0, 0),) + self.spatial_pad)
         return y + self.bias[...].astype(self.dtype)
 
@@ -192,14 +199,14 @@ class ResidualBlock(nnx.Module):
     def __call__(self, x: jax.Array, cache: FeatureCache | None) -> jax.Array:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
         x = jax.nn.silu(self.norm1(x))
-        x = self.conv1(x, None if cache is None else cache.take(x))
+        x = self.conv1(x, cache)
         x = jax.nn.silu(self.norm2(x))
-        x = self.conv2(x, None if cache is None else cache.take(x))
+        x = self.conv2(x, cache)
         return sharding.constrain(x + h, ACTIVATION)
 
 
 class AttentionBlock(nnx.Module):
-    """Single-head self-attention over the H*W positions of each frame (causal in time trivially)."""
+    """Single-head self-attention over the H*W positions of each frame (so causal in time)."""
 
     def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -248,7 +255,8 @@ class Resample(nnx.Module):
             x = self._upsample_time(x, cache)
         if self.mode.startswith("upsample"):
             # nearest-exact 2x == repeating each pixel; the reference interpolates in fp32.
-            x = jnp.repeat(jnp.repeat(x.astype(jnp.float32), 2, axis=2), 2, axis=3).astype(self.dtype)
+            x = jnp.repeat(jnp.repeat(x.astype(jnp.float32), 2, axis=2), 2, axis=3)
+            x = x.astype(self.dtype)
             x = self.conv(x)
         else:
             x = self.conv(jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0))))
@@ -265,9 +273,9 @@ class Resample(nnx.Module):
             rest = self.time_conv(x[:, 1:])
             return jnp.concatenate([x[:, :1].astype(self.dtype), _interleave_time(rest)], axis=1)
         if cache.first_chunk:
-            cache.take(jnp.zeros_like(x))  # the reference's "Rep": the next chunk sees zeros
+            cache.extend(jnp.zeros_like(x))  # the reference's "Rep": the next chunk sees zeros
             return x
-        return _interleave_time(self.time_conv(x, cache.take(x)))
+        return _interleave_time(self.time_conv(x, cache))
 
     def _downsample_time(self, x, cache):
         if cache is None:
@@ -275,10 +283,10 @@ class Resample(nnx.Module):
             if x.shape[1] == 1:
                 return x
             return jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
-        old = cache.take(x, keep=1)
-        if old is None:
+        if cache.first_chunk:
+            cache.extend(x, keep=1)
             return x
-        return self.time_conv(jnp.concatenate([old.astype(x.dtype), x], axis=1))
+        return self.time_conv(cache.extend(x, keep=1))  # valid conv over [last frame, x]
 
 
 def _interleave_time(x: jax.Array) -> jax.Array:
@@ -319,13 +327,13 @@ class Encoder(nnx.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1, **kw)
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None) -> jax.Array:
-        x = self.conv_in(x, None if cache is None else cache.take(x))
+        x = self.conv_in(x, cache)
         x = sharding.constrain(x, ACTIVATION)
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
         x = jax.nn.silu(self.norm_out(x))
-        return self.conv_out(x, None if cache is None else cache.take(x))
+        return self.conv_out(x, cache)
 
 
 class UpBlock(nnx.Module):
@@ -362,13 +370,13 @@ class Decoder(nnx.Module):
         self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1, axes=("conv_in", None), **kw)
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None) -> jax.Array:
-        x = self.conv_in(x, None if cache is None else cache.take(x))
+        x = self.conv_in(x, cache)
         x = sharding.constrain(x, ACTIVATION)
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache)
         x = jax.nn.silu(self.norm_out(x))
-        return self.conv_out(x, None if cache is None else cache.take(x))
+        return self.conv_out(x, cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +393,8 @@ class WanVAE(nnx.Module):
         self.decoder = Decoder(cfg, **kw)
 
     # -- public API -------------------------------------------------------------------------------
-    def encode(self, video: jax.Array, *, chunked: bool = True, pad_frames: bool = False) -> jax.Array:
+    def encode(self, video: jax.Array, *, chunked: bool = True,
+               pad_frames: bool = False) -> jax.Array:
         """(B, T, H, W, 3) in [-1, 1], T = 4k+1, H and W multiples of 8 -> normalised latents
         (mu - mean) / std of shape (B, 1+k, H/8, W/8, z_dim). `pad_frames` repeats the last frame
         up to the next 4k+1 instead of raising."""
@@ -441,7 +450,8 @@ def _run_chunks(module, x: jax.Array, chunk: int, out_chunk: int) -> jax.Array:
         previous, out = carry
         cache = FeatureCache(previous)
         y = module(jax.lax.dynamic_slice_in_dim(x, 1 + i * chunk, chunk, axis=1), cache)
-        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + i * out_chunk, axis=1)
+        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + i * out_chunk,
+                                                  axis=1)
         return (cache.updated, sharding.constrain(out, ACTIVATION)), None
 
     (_, out), _ = jax.lax.scan(step, (first.updated, out), jnp.arange(num_chunks))
@@ -452,7 +462,8 @@ def check_video(video: jax.Array, pad_frames: bool = False) -> jax.Array:
     """Validates a (B, T, H, W, 3) video for the VAE; pads T to 4k+1 by repeating the last frame
     when `pad_frames`."""
     if video.ndim != 5 or video.shape[-1] != 3:
-        raise ValueError(f"video must be (B, T, H, W, 3) channels-last RGB, got {tuple(video.shape)}")
+        raise ValueError(f"video must be (B, T, H, W, 3) channels-last RGB, got "
+                         f"{tuple(video.shape)}")
     _, t, h, w, _ = video.shape
     if h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
         raise ValueError(f"video frames are {h}x{w}; the Wan VAE needs height and width that are "
@@ -527,7 +538,8 @@ def decode_latents(vae: WanVAE, latents, *, tiled: bool = False, tile_size=(30, 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis: every `stride`, dropping tiles once the previous one reaches
     the end (the reference's task list; the last tile may be cut short by the frame edge)."""
-    return [s for s in range(0, size, stride) if not (s - stride >= 0 and s - stride + tile >= size)]
+    return [s for s in range(0, size, stride)
+            if not (s - stride >= 0 and s - stride + tile >= size)]
 
 
 def ramp_mask(length: int, border: int, left_edge: bool, right_edge: bool) -> np.ndarray:
@@ -558,7 +570,8 @@ def _blend_tiles(run, x: jax.Array, tile, stride, up: int, down: int) -> jax.Arr
                 values = jnp.zeros(out.shape[:2] + (height * up // down, width * up // down)
                                    + out.shape[4:], jnp.float32)
                 weight = jnp.zeros((height * up // down, width * up // down), jnp.float32)
-            values, weight = _accumulate(values, weight, out, mask, h0 * up // down, w0 * up // down)
+            values, weight = _accumulate(values, weight, out, mask, h0 * up // down,
+                                         w0 * up // down)
     return values / weight[None, None, :, :, None]
 
 
@@ -601,7 +614,8 @@ def load_vae(path: str, dtype: str | None = None, mesh=None, rules=None) -> WanV
                  if tuple(found[k].shape) != tuple(expected[k].shape)]
     if problems:
         raise params_io.ParamsCheckpointError(
-            f"{path} does not fit the {KIND} model built from its config:\n  " + "\n  ".join(problems))
+            f"{path} does not fit the {KIND} model built from its config:\n  "
+            + "\n  ".join(problems))
     abstract_params = None
     if mesh is not None:
         shardings = _flatten(nnx.to_pure_dict(

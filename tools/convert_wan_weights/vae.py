@@ -4,7 +4,7 @@ Two layouts are read:
   official   Wan2.1_VAE.pth: conv1/conv2 (quant/post-quant), encoder.{conv1, downsamples.N (a flat
              list of residual and resample blocks), middle.{0,1,2}, head.{0,2}}, decoder.{conv1,
              middle.*, upsamples.N (flat: num_res_blocks+1 residual blocks, then a resample, per
-             stage), head.*}; residual blocks are residual.{0 norm, 2 conv, 3 norm, 6 conv}, shortcut
+             stage), head.*}; residual blocks: residual.{0 norm, 2 conv, 3 norm, 6 conv}, shortcut
   diffusers  AutoencoderKLWan: quant_conv/post_quant_conv, encoder.{conv_in, down_blocks.N,
              mid_block.{resnets.0, attentions.0, resnets.1}, norm_out, conv_out}, decoder.{conv_in,
              mid_block, up_blocks.I.{resnets.J, upsamplers.0}, norm_out, conv_out}; residual blocks
@@ -163,7 +163,7 @@ def matches(source: TensorSource) -> bool:
 
 
 def infer_config(source: TensorSource, layout: str) -> WanVAEConfig:
-    """Sizes from shapes; stages from the encoder's flat block list (resample blocks end a stage)."""
+    """Sizes from shapes; stages from the encoder's flat block list (a resample ends a stage)."""
     official = layout == "official"
     conv_in, post_quant = _MARKERS[layout][0], _MARKERS[layout][2]
     block = "encoder.downsamples.{}" if official else "encoder.down_blocks.{}"
