@@ -67,16 +67,20 @@ _DIFFUSERS_BLOCK = {
 }
 
 
-def _to_layout(official_key: str, layout: str) -> str:
-    if layout == "official":
-        return official_key
-    match = re.match(r"blocks\.(\d+)\.(.*)", official_key)
+def _rename(key: str, to_diffusers: bool) -> str:
+    """Official <-> diffusers key name (keys without a diffusers counterpart pass unchanged)."""
+    match = re.match(r"blocks\.(\d+)\.(.*)", key)
     table, prefix, rest = (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2)) if match \
-        else (_DIFFUSERS_TOP, "", official_key)
-    for old, new in table.items():
+        else (_DIFFUSERS_TOP, "", key)
+    for official, diffusers in table.items():
+        old, new = (official, diffusers) if to_diffusers else (diffusers, official)
         if rest == old or rest.startswith(old + "."):
             return prefix + new + rest[len(old):]
-    return official_key
+    return key
+
+
+def _to_layout(official_key: str, layout: str) -> str:
+    return official_key if layout == "official" else _rename(official_key, to_diffusers=True)
 
 
 def detect_layout(bare_keys, path: str) -> str:
@@ -240,16 +244,6 @@ def derive_config(source: TensorSource, official_keys, shape_of, options) -> dic
     return cfg
 
 
-def _from_diffusers(key: str) -> str:
-    match = re.match(r"blocks\.(\d+)\.(.*)", key)
-    table, prefix, rest = (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2)) if match \
-        else (_DIFFUSERS_TOP, "", key)
-    for old, new in table.items():
-        if rest == new or rest.startswith(new + "."):
-            return prefix + old + rest[len(new):]
-    return key
-
-
 # -- base-Wan initialisation of SAMA's modules -----------------------------------------------------
 def _sama_init(key: str, shape: tuple[int, ...], cfg: dict, rng: np.random.Generator) -> np.ndarray:
     if key == "segment_embedding.weight":
@@ -318,7 +312,7 @@ def convert(source: TensorSource, output: str, options) -> dict:
     layout = detect_layout(bare, source.path)
     to_file = {}  # official key -> key in the file
     for key in bare:
-        to_file[key if layout == "official" else _from_diffusers(key)] = bare[key]
+        to_file[key if layout == "official" else _rename(key, to_diffusers=False)] = bare[key]
 
     def shape_of(official_key):
         file_key = to_file.get(official_key)
