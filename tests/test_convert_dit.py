@@ -99,7 +99,7 @@ def test_base_wan_initialises_sama_modules_as_the_official_code(tmp_path, torch_
     assert 0.5e-3 < proj["bias"].std() < 1.5e-3
 
 
-def test_bfloat16_storage_and_cli(tmp_path, torch_model):
+def test_bfloat16_storage_and_cli(tmp_path, torch_model, capsys):
     save_diffusers_layout(torch_model, tmp_path / "diffusers")
     out = tmp_path / "ckpt"
     assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"]) == 0
@@ -107,8 +107,8 @@ def test_bfloat16_storage_and_cli(tmp_path, torch_model):
     assert params["blocks"]["self_attn"]["q"]["kernel"].dtype == ml_dtypes.bfloat16
     assert config["num_heads"] == HEADS
     # Without --overwrite an existing output is refused; with it, replaced.
-    with pytest.raises(params_io.ParamsCheckpointError, match="exists"):
-        cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"])
+    assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"]) == 1
+    assert "exists; pass overwrite" in capsys.readouterr().err
     assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan", "--overwrite",
                      "--dtype", "float32"]) == 0
     params, _ = params_io.load_params(str(out))
@@ -170,3 +170,12 @@ def test_heads_from_config_json_and_detection(tmp_path, torch_model):
     assert (config["num_heads"], config["text_len"]) == (HEADS, 8)
     save_file({"decoder.conv1.weight": torch.zeros(2)}, str(tmp_path / "vae.safetensors"))
     assert not convert_dit.matches(TensorSource(str(tmp_path / "vae.safetensors")))
+
+
+def test_cli_takes_the_head_count_for_an_official_checkpoint_without_config(tmp_path, torch_model):
+    save_file(official_state_dict(torch_model), str(tmp_path / "official.safetensors"))
+    out = tmp_path / "ckpt"
+    assert cli.main([str(tmp_path / "official.safetensors"), str(out), "--kind", "dit",
+                     "--allow-base-wan", "--num-heads", str(HEADS), "--text-len", "8"]) == 0
+    _, config = params_io.load_params(str(out), expected_kind="wan_dit")
+    assert (config["num_heads"], config["text_len"]) == (HEADS, 8)

@@ -1,7 +1,7 @@
 """convert-wan-weights: PyTorch checkpoint -> Orbax params checkpoint for sama_jax.
 
   convert-wan-weights INPUT OUTPUT [--kind auto|dit|vae|umt5|siglip] [--dtype bfloat16|float32]
-                      [--allow-base-wan] [--overwrite]
+                      [--allow-base-wan] [--num-heads N] [--text-len N] [--overwrite]
 
 INPUT is a .safetensors file, a .safetensors.index.json, a directory of shards, or a .pth file.
 `--kind auto` recognises the model from its keys. Each kind lives in its own module of this package
@@ -14,6 +14,7 @@ import importlib
 import sys
 import time
 
+from sama_jax import params_io
 from tools.convert_wan_weights.source import ConversionError, TensorSource
 
 KINDS = ("dit", "vae", "umt5", "siglip")
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-base-wan", action="store_true",
                         help="dit: accept a base Wan2.1 checkpoint without SAMA's segment embedding, "
                              "semantic projector and head (segment embedding starts at zero)")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="dit: attention heads, when neither dim/128 nor a config.json next to "
+                             "the weights gives them (only for non-released sizes)")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="dit: text tokens the model is run with (default: config.json or 512)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser
 
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         source = TensorSource(args.input)
         kind = detect_kind(source) if args.kind == "auto" else args.kind
         summary = _module(kind).convert(source, args.output, args)
-    except ConversionError as e:
+    except (ConversionError, params_io.ParamsCheckpointError) as e:
         print(f"convert-wan-weights: error: {e}", file=sys.stderr)
         return 1
     print(f"converted {kind} {args.input} -> {args.output} in {time.time() - start:.1f}s: {summary}")
