@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -98,3 +98,71 @@ def _jsonable(value):
         return value.item()
     return value
 
+
+
+def load_module(path: str, kind: str, build: Callable[[dict], Any], mesh=None, rules=None):
+    """A Flax NNX module filled from a params checkpoint.
+
+    `build(stored config dict) -> module` runs abstractly (no parameter memory); each array is then
+    restored in the dtype the built module asks for and, with `mesh`, straight into the sharding its
+    logical axis names give under `rules` (default sharding.DEFAULT_RULES). A checkpoint whose
+    arrays do not fit the module is refused with every missing, unexpected or mis-shaped array.
+    """
+    from flax import nnx
+
+    from sama_jax import sharding
+
+    stored_kind, config = read_metadata(path)
+    if stored_kind != kind:
+        raise ParamsCheckpointError(f"{path} holds a '{stored_kind}' checkpoint, expected '{kind}'")
+    try:
+        abstract = nnx.eval_shape(lambda: build(config))
+    except (TypeError, ValueError) as e:
+        raise ParamsCheckpointError(f"{path}: its config does not build a {kind} model: {e}") from e
+    graphdef, state = nnx.split(abstract)
+    expected = _flatten(nnx.to_pure_dict(state))
+    stored = _flatten(ocp.metadata(path).metadata)
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(stored))]
+    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(expected))]
+    problems += [f"{k}: checkpoint {tuple(stored[k].shape)}, model {tuple(expected[k].shape)}"
+                 for k in sorted(set(stored) & set(expected))
+                 if tuple(stored[k].shape) != tuple(expected[k].shape)]
+    if problems:
+        raise ParamsCheckpointError(
+            f"{path} does not fit the {kind} model built from its config:\n  " + "\n  ".join(problems))
+    if mesh is not None:
+        placements = _flatten(nnx.to_pure_dict(
+            sharding.state_shardings(state, mesh, rules or sharding.DEFAULT_RULES)))
+        sharding.check_divisible(expected, placements)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placements = {k: device for k in expected}
+    target = _unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placements[k])
+                         for k, v in expected.items()})
+    params, _ = load_params(path, expected_kind=kind, abstract=target)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    """Nested dicts -> {'a/0/b': leaf}. Module lists give int keys in nnx and str keys on disk; the
+    joined names agree."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sama_jax import sharding
-from sama_jax.models.umt5 import build_from_checkpoint
+from sama_jax import params_io, sharding
 
 KIND = "siglip"
 
@@ -175,4 +174,4 @@ def load_siglip(path: str, dtype: str | None = None, mesh=None, rules=None) -> S
             cfg = dataclasses.replace(cfg, dtype=dtype)
         return SiglipVisionModel(cfg, rngs=nnx.Rngs(0))
 
-    return build_from_checkpoint(path, KIND, build, mesh, rules)
+    return params_io.load_module(path, KIND, build, mesh, rules)

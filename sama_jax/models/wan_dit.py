@@ -418,23 +418,9 @@ def load_dit(path: str, *, mesh=None, rules=None, precision: Mapping[str, Any] |
     (param_dtype, compute_dtype, residual_dtype, attention, remat, semantic_rope). With `mesh`,
     parameters are restored straight into their shardings from the logical annotations.
     """
-    _, stored = params_io.read_metadata(path)
-    cfg = WanDiTConfig.from_sections(stored, precision, **overrides)
-    model = abstract_dit(cfg)
-    state = nnx.state(model)
-    if mesh is not None:
-        shardings = sharding.state_shardings(state, mesh, sharding.axis_rules(rules))
-        sharding.check_divisible(state, shardings)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, state)
-    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                            state, shardings)
-    params, _ = params_io.load_params(path, expected_kind=KIND,
-                                      abstract=nnx.to_pure_dict(abstract))
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    return model
+    return params_io.load_module(
+        path, KIND, lambda stored: WanDiT(WanDiTConfig.from_sections(stored, precision, **overrides),
+                                          rngs=nnx.Rngs(0)), mesh, sharding.axis_rules(rules))
 
 
 def save_dit(path: str, model: WanDiT, overwrite: bool = False) -> None:
