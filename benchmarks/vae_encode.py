@@ -1,6 +1,7 @@
 """Wan2.1 VAE encode: time per frame and memory at 480x832, full-size config (base_dim 96).
 
     .venv/bin/python benchmarks/vae_encode.py --frames 1 5 9 --plan 9 33 81 [--dtype float32]
+        [--height 480 --width 832] [--diffusers]
 
 Random weights (the released VAE's shapes; numbers do not depend on the values). For each
 --frames T (ascending) it jits the chunked encode (first frame, then 4-frame chunks in a
@@ -58,6 +59,23 @@ def device_peak_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
+def time_diffusers(args) -> None:
+    """The same encodes with diffusers (PyTorch eager, its chunk loop, no tiling)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    dtype = getattr(torch, args.dtype)
+    model = AutoencoderKLWan().eval().to(dtype)
+    for frames in sorted(args.frames):
+        video = torch.rand(1, 3, frames, args.height, args.width, dtype=dtype) * 2 - 1
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.encode(video)
+            elapsed = time.perf_counter() - start
+        print(f"diffusers T={frames:3d}: {elapsed:7.2f} s ({elapsed / frames:.2f} s/frame), "
+              f"torch threads {torch.get_num_threads()}, peak RSS {peak_rss_gib():.2f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +84,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--diffusers", action="store_true",
+                        help="also time diffusers' AutoencoderKLWan (PyTorch, same shapes, dtype)")
     args = parser.parse_args()
 
     cfg = wan_vae.WanVAEConfig(dtype=args.dtype, param_dtype=args.dtype)
@@ -102,6 +122,8 @@ def main() -> None:
               f"XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB, "
               f"peak RSS {peak_rss_gib():.2f} GiB"
               + (f", device peak {device_peak:.2f} GiB" if device_peak is not None else ""))
+    if args.diffusers:
+        time_diffusers(args)
     measured = sorted(times)
     if len(measured) >= 2 and measured[-1] > measured[-2]:
         t1, t2 = measured[-2], measured[-1]

@@ -96,7 +96,8 @@ def checkpoints(tmp_path_factory):
 def test_both_layouts_convert_to_the_same_params(checkpoints, tmp_path):
     model, diffusers_dir, official = checkpoints
     for name, src in (("d", diffusers_dir), ("o", official)):
-        assert cli.main([src, str(tmp_path / name), "--kind", "vae", "--dtype", "float32"]) == 0
+        assert cli.detect_kind(TensorSource(src)) == "vae"
+        assert cli.main([src, str(tmp_path / name), "--dtype", "float32"]) == 0  # --kind auto
     from_diffusers, config = params_io.load_params(str(tmp_path / "d"), expected_kind="wan_vae")
     from_official, _ = params_io.load_params(str(tmp_path / "o"), expected_kind="wan_vae")
     assert config["base_dim"] == 8 and list(config["dim_mult"]) == [1, 2, 4, 4]
