@@ -106,8 +106,8 @@ class FeatureCache:
             old = self.previous[len(self.updated)]
             joined = jnp.concatenate([old.astype(x.dtype), x], axis=1)
             # Slicing the new tail from the joined array (not from x, which XLA would otherwise
-            # simplify it to) orders the carry's write after its read, so the scan updates the
-            # cache in place instead of holding two copies (2 GiB at 480x832 in fp32).
+            # simplify it to) orders the carry's write after its read, so XLA can update the
+            # cache in place (measured: 0.3 GiB less temporary memory at 480x832 in fp32).
             joined = jax.lax.optimization_barrier(joined)
         self.updated.append(joined[:, -keep:])
         return joined
@@ -265,10 +265,9 @@ class Resample(nnx.Module):
         return sharding.constrain(x, ACTIVATION)
 
     def _upsample_time(self, x, cache):
-        b, t, h, w, c = x.shape
         if cache is None:
             # Whole video: the first frame is not doubled; the rest see zeros before frame 1.
-            if t == 1:
+            if x.shape[1] == 1:
                 return x
             rest = self.time_conv(x[:, 1:])
             return jnp.concatenate([x[:, :1].astype(self.dtype), _interleave_time(rest)], axis=1)
