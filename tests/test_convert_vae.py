@@ -184,5 +184,5 @@ def test_load_vae_reports_shape_mismatches(checkpoints, tmp_path):
     params_io.save_params(str(tmp_path / "bad"), params, "wan_vae", config)
     with pytest.raises(params_io.ParamsCheckpointError) as err:
         wan_vae.load_vae(str(tmp_path / "bad"))
-    assert "decoder/conv_in/bias: stored (5,), model (32,)" in str(err.value)
+    assert "decoder/conv_in/bias: checkpoint (5,), model (32,)" in str(err.value)
     assert "missing quant_conv/kernel" in str(err.value)

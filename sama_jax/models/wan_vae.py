@@ -595,56 +595,8 @@ def load_vae(path: str, dtype: str | None = None, mesh=None, rules=None) -> WanV
     dtype: compute dtype (default: the checkpoint's config); parameters keep their stored dtype.
     With `mesh`, parameters are restored straight onto it by their logical axis names under
     `rules` (default sharding.DEFAULT_RULES)."""
-    import orbax.checkpoint.experimental.v1 as ocp
+    def build(stored: dict) -> WanVAE:
+        cfg = config_from_dict(stored)
+        return WanVAE(cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype), rngs=nnx.Rngs(0))
 
-    _, stored = params_io.read_metadata(path)
-    cfg = config_from_dict(stored)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype)
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    expected = _flatten(nnx.to_pure_dict(state))
-    stored_meta = ocp.metadata(path).metadata
-    found = _flatten(stored_meta)
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
-    problems += [f"{k}: stored {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
-                 for k in sorted(set(found) & set(expected))
-                 if tuple(found[k].shape) != tuple(expected[k].shape)]
-    if problems:
-        raise params_io.ParamsCheckpointError(
-            f"{path} does not fit the {KIND} model built from its config:\n  "
-            + "\n  ".join(problems))
-    abstract_params = None
-    if mesh is not None:
-        shardings = _flatten(nnx.to_pure_dict(
-            sharding.state_shardings(state, mesh, rules or sharding.DEFAULT_RULES)))
-        abstract_params = _unflatten({
-            k: jax.ShapeDtypeStruct(tuple(found[k].shape), found[k].dtype, sharding=shardings[k])
-            for k in found})
-    params, _ = params_io.load_params(path, expected_kind=KIND, abstract=abstract_params)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    """Nested dicts -> {'a/0/b': leaf}; list indices (int keys) and their stored str form agree."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return params_io.load_module(path, KIND, build, mesh, rules)
