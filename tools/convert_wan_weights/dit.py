@@ -26,8 +26,6 @@ without its defensive copy. Peak host memory is about one stacked parameter (the
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 import re
 from typing import Iterator
 
@@ -35,7 +33,8 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
 from sama_jax import params_io
-from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys, strip_prefix
+from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
+                                             config_json, nest, strip_prefix)
 
 KIND = "wan_dit"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.")
@@ -180,18 +179,6 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 # -- config from shapes ----------------------------------------------------------------------------
-def _config_json(source: TensorSource) -> dict:
-    folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: cannot read config.json next to the weights: {e}") from e
-
-
 def derive_config(source: TensorSource, official_keys, shape_of, options) -> dict:
     """Model config from tensor shapes (official names via `shape_of`), config.json and options."""
     from sama_jax import presets
@@ -214,7 +201,7 @@ def derive_config(source: TensorSource, official_keys, shape_of, options) -> dic
             layer_ids.add(int(match.group(1)))
     if not layer_ids:
         raise ConversionError(f"{source.path}: no transformer blocks (blocks.N.*) found")
-    extra = _config_json(source)
+    extra = config_json(source)
     num_heads = getattr(options, "num_heads", None) or extra.get("num_attention_heads") or extra.get("num_heads")
     if not num_heads:
         if dim % 128:
@@ -265,13 +252,6 @@ def _sama_init(key: str, shape: tuple[int, ...], cfg: dict, rng: np.random.Gener
 
 
 # -- conversion ------------------------------------------------------------------------------------
-def _nested(path: str, value) -> dict:
-    out = value
-    for part in reversed(path.split(".")):
-        out = {part: out}
-    return out
-
-
 def _merge(into: dict, tree: dict) -> None:
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -358,7 +338,7 @@ def convert(source: TensorSource, output: str, options) -> dict:
     with ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False)):
         for path, array in _output_arrays(open_reader, cfg, dtype):
             total += array.size
-            _merge(group, _nested(path, array))
+            _merge(group, nest(path.split("."), array))
             group_bytes += array.nbytes
             if group_bytes >= GROUP_BYTES:
                 writer.add(group)

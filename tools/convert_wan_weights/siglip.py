@@ -15,15 +15,14 @@ checkpoint (its vision_config for a full SiglipModel). Without a config.json onl
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 
 import numpy as np
 
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
+                                             config_json, nest)
 
 KIND = "siglip"
 PREFIX = "vision_model."
@@ -55,19 +54,6 @@ def matches(source: TensorSource) -> bool:
     return prefix_of(source) is not None
 
 
-def _vision_config_json(source: TensorSource) -> dict:
-    base = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
-    path = os.path.join(base, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from e
-    return config.get("vision_config", config)
-
-
 def infer_config(source: TensorSource, prefix: str) -> dict:
     hidden, channels, patch, _ = source.shape(f"{prefix}embeddings.patch_embedding.weight")
     if channels != 3:
@@ -82,7 +68,8 @@ def infer_config(source: TensorSource, prefix: str) -> dict:
     config = dict(hidden_size=hidden, num_layers=max(layers) + 1, patch_size=patch,
                   image_size=grid * patch, eps=full["eps"],
                   intermediate_size=source.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0])
-    hf = _vision_config_json(source)
+    hf = config_json(source)
+    hf = hf.get("vision_config", hf)
     so400m = (hidden, patch, grid) == (full["hidden_size"], full["patch_size"],
                                        full["image_size"] // full["patch_size"])
     # The input size need not be a multiple of the patch: so400m takes 384 px and its VALID patch
@@ -126,12 +113,6 @@ def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _nest(path: tuple[str, ...], value) -> dict:
-    for name in reversed(path):
-        value = {name: value}
-    return value
-
-
 def convert(source: TensorSource, output: str, args) -> dict:
     prefix = prefix_of(source)
     if prefix is None:
@@ -158,7 +139,7 @@ def convert(source: TensorSource, output: str, args) -> dict:
     for path, (key, transpose) in PER_LAYER.items():
         stacked = np.stack([cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)),
                                  args.dtype) for i in range(config["num_layers"])])
-        writer.add({"layers": _nest(path, stacked)})
+        writer.add({"layers": nest(path, stacked)})
     writer.finalize()
     num_params = sum(int(np.prod(s)) for s in expected_shapes(config, prefix).values())
     return dict(layout="prefixed" if prefix else "flat", num_layers=config["num_layers"],

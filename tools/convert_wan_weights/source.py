@@ -164,3 +164,26 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
 
         return np.asarray(array, ml_dtypes.bfloat16)
     raise ConversionError(f"unsupported --dtype {dtype!r}; use float32 or bfloat16")
+
+
+def config_json(source: TensorSource) -> dict:
+    """The config.json next to the checkpoint (diffusers / transformers write one), {} if none."""
+    folder = source.path if os.path.isdir(source.path) else os.path.dirname(os.path.abspath(source.path))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read config.json next to the weights: {e}") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: config.json holds a {type(config).__name__}, not an object")
+    return config
+
+
+def nest(path: Iterable[str], value) -> dict:
+    """('a', 'b'), v -> {'a': {'b': v}}: one parameter as a tree for ParamsWriter.add."""
+    for name in reversed(tuple(path)):
+        value = {name: value}
+    return value

@@ -16,14 +16,13 @@ transformers config.json next to the checkpoint when there is one, else umT5-XXL
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import numpy as np
 
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
+                                             config_json, nest)
 
 KIND = "umt5"
 
@@ -64,18 +63,6 @@ def matches(source: TensorSource) -> bool:
     return layout_of(source) is not None
 
 
-def _read_hf_config(source: TensorSource) -> dict:
-    base = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
-    path = os.path.join(base, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from e
-
-
 def infer_config(source: TensorSource, layout: str) -> dict:
     col = 0 if layout == "official" else 1
     key = lambda path: (PER_LAYER[path][col].format(i=0) if path in PER_LAYER else GLOBAL[path][col])
@@ -94,7 +81,7 @@ def infer_config(source: TensorSource, layout: str) -> dict:
     config = dict(vocab_size=vocab_size, dim=dim, ffn_dim=ffn_dim,
                   num_heads=num_heads, num_layers=max(layers) + 1, num_buckets=num_buckets,
                   max_distance=full["max_distance"], eps=full["eps"], text_len=full["text_len"])
-    hf = _read_hf_config(source) if layout == "transformers" else {}
+    hf = config_json(source) if layout == "transformers" else {}
     if hf:
         where = "config.json next to " + source.path
         if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
@@ -123,12 +110,6 @@ def expected_shapes(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
         for path, names in PER_LAYER.items():
             out[names[col].format(i=i)] = torch_shapes[path]
     return out
-
-
-def _nest(path: tuple[str, ...], value) -> dict:
-    for name in reversed(path):
-        value = {name: value}
-    return value
 
 
 def convert(source: TensorSource, output: str, args) -> dict:
@@ -164,7 +145,7 @@ def convert(source: TensorSource, output: str, args) -> dict:
             if stacked is None:
                 stacked = np.empty((config["num_layers"],) + tensor.shape, tensor.dtype)
             stacked[i] = tensor
-        writer.add({"blocks": _nest(path, stacked)})
+        writer.add({"blocks": nest(path, stacked)})
         del stacked
     writer.finalize()
     num_params = sum(int(np.prod(s)) for s in expected.values())

@@ -21,15 +21,13 @@ from a diffusers config.json next to the checkpoint when there is one, else Wan2
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from sama_jax import params_io
 from sama_jax.models.wan_vae import KIND, WanVAEConfig
-from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys, config_json
 
 
 class Entry(NamedTuple):
@@ -199,18 +197,10 @@ def infer_config(source: TensorSource, layout: str) -> WanVAEConfig:
 
 
 def _read_diffusers_config(source: TensorSource) -> dict:
-    base = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
-    path = os.path.join(base, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    config = config_json(source)
     # Wan2.2's VAE shares the class but not the architecture.
     if config.get("is_residual") or config.get("patch_size"):
-        raise ConversionError(f"{path}: is_residual/patch_size are set: this is a Wan2.2 VAE, "
+        raise ConversionError(f"config.json next to {source.path}: is_residual/patch_size are set: this is a Wan2.2 VAE, "
                               "only the Wan2.1 VAE is supported")
     return config
 
