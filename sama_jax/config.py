@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -122,3 +123,21 @@ def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[st
         apply_override(config, key, value)
     config.lock()
     return config, rest
+
+
+def simulate_cpu_devices(argv: Sequence[str]) -> list[str]:
+    """Handles `--cpu_devices=N` (N simulated CPU devices, to try a mesh on a laptop) and returns the
+    other arguments. Must run before jax is imported: XLA reads the flag once, at start-up."""
+    rest, count = [], None
+    for arg in argv:
+        if arg.startswith("--cpu_devices="):
+            count = int(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if count:
+        if "jax" in sys.modules:
+            raise ConfigError("--cpu_devices must be handled before jax is imported")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={count}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return rest

@@ -7,25 +7,19 @@ two-layer MLP on a batch and the same computation on one device.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cpu_devices = next((a.split("=", 1)[1] for a in argv if a.startswith("--cpu_devices=")), None)
-    argv = [a for a in argv if not a.startswith("--cpu_devices=")]
-    if cpu_devices:  # must happen before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={cpu_devices}")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from sama_jax.config import load_config, simulate_cpu_devices
+
+    argv = simulate_cpu_devices(sys.argv[1:] if argv is None else argv)
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from sama_jax import sharding
-    from sama_jax.config import load_config
 
     config, rest = load_config(argv)
     if rest:

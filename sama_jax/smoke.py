@@ -44,23 +44,18 @@ def prepare_data(data_dir: str, text_vocab_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cpu_devices, argv = _take_flag(argv, "cpu_devices", None)
+    from sama_jax.config import load_config, simulate_cpu_devices
+
+    argv = simulate_cpu_devices(sys.argv[1:] if argv is None else argv)
     steps, argv = _take_flag(argv, "steps", "3")
     data_dir, argv = _take_flag(argv, "data_dir", "data/synthetic")
-    if cpu_devices:  # before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={cpu_devices}")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
 
     from sama_jax import flow_matching, semantic, sharding, text
-    from sama_jax.config import load_config
     from sama_jax.data import pipeline, transforms
     from sama_jax.models import siglip, umt5, wan_dit, wan_vae
 
