@@ -62,3 +62,11 @@ def test_loaded_config_is_locked():
     config, _ = load_config([f"--config={CONFIGS}/stage1_sft.py:tiny"])
     with pytest.raises(AttributeError):
         config.train.new_field = 1
+
+
+def test_cpu_devices_flag_is_taken_out_and_refused_after_jax_import():
+    from sama_jax.config import simulate_cpu_devices
+
+    assert simulate_cpu_devices(["--config=x.py", "--steps=2"]) == ["--config=x.py", "--steps=2"]
+    with pytest.raises(ConfigError, match="before jax is imported"):
+        simulate_cpu_devices(["--cpu_devices=8", "--config=x.py"])
