@@ -91,12 +91,12 @@ def create_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | 
     ici = resolve_mesh_shape(dict(mesh_config.get("ici", {}) or {}), len(devices) // math.prod(dcn))
     if math.prod(dcn) > 1:
         device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    elif devices[0].platform == "cpu":
+        # No physical topology to follow: plain order.
+        device_array = np.asarray(devices).reshape(ici)
     else:
-        try:
-            device_array = mesh_utils.create_device_mesh(ici, devices=devices)
-        except (ValueError, NotImplementedError, AssertionError):
-            # Device kinds without a known physical topology (CPU, some GPU hosts): plain order.
-            device_array = np.asarray(devices).reshape(ici)
+        # TPU/GPU: place mesh axes along the interconnect's rings.
+        device_array = mesh_utils.create_device_mesh(ici, devices=devices)
     return Mesh(device_array, MESH_AXES)
 
 
