@@ -44,28 +44,34 @@ def stride_for(record_fps: float | None, target_fps: float | None, default_strid
     return int(default_stride)
 
 
-def frames_needed(num_frames: int, stride: int) -> int:
-    """How many leading frames to decode to take `num_frames` at `stride` from frame 0."""
-    return (num_frames - 1) * stride + 1
+def frames_needed(num_frames: int, stride: int, start: int = 0) -> int:
+    """How many leading frames to decode to take `num_frames` at `stride` from frame `start`."""
+    return start + (num_frames - 1) * stride + 1
 
 
-def frame_indices(total: int, num_frames: int, stride: int = 1, min_frames: int = 5) -> np.ndarray:
-    """Indices of the frames to keep: 0, stride, 2*stride, ... , as many as fit, cut to 4k+1.
+def frame_indices(total: int, num_frames: int, stride: int = 1, min_frames: int = 5,
+                  start: int = 0) -> np.ndarray:
+    """Indices of the frames to keep: start, start + stride, ... , as many as fit, cut to 4k+1.
 
-    Starts at frame 0 as the released code does. A clip with fewer than num_frames frames at this
-    stride gives the largest 4k+1 that fits; fewer than `min_frames` raises SkipSample. An image
-    (total == 1) gives [0] when min_frames <= 1.
+    Starts at frame 0 as the released code does, or at `start` for clips whose first frames are
+    unusable (OpenVE-3M records carry start_frame 4: SAMA's loader drops them). A clip with fewer
+    than num_frames frames after `start` at this stride gives the largest 4k+1 that fits; fewer than
+    `min_frames` raises SkipSample. An image (total == 1) gives [0] when min_frames <= 1.
     """
     if num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 4k+1, got {num_frames}")
     if stride < 1:
         raise ValueError(f"frame stride must be >= 1, got {stride}")
-    available = (total - 1) // stride + 1 if total > 0 else 0
+    if start < 0:
+        raise ValueError(f"start frame must be >= 0, got {start}")
+    usable = total - start
+    available = (usable - 1) // stride + 1 if usable > 0 else 0
     count = min(num_frames, largest_4k1(available))
     if count < max(1, min_frames):
-        raise SkipSample(f"too short: {total} frames give {count} at stride {stride}, "
+        after = f" after dropping the first {start}" if start else ""
+        raise SkipSample(f"too short: {total} frames give {count} at stride {stride}{after}, "
                          f"need at least {min_frames}")
-    return np.arange(count) * stride
+    return start + np.arange(count) * stride
 
 
 def make_buckets(pixels: int, aspect_ratios: Sequence[float], size_multiple: int) -> list[tuple[int, int]]:
