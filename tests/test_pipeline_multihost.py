@@ -164,6 +164,13 @@ def test_metadata_comes_from_size_keys_when_present(multi_dir, tmp_path):
         pipeline.plan_shape(dict(record, frames=None), spec)
     with pytest.raises(pipeline._FieldError, match="does not exist"):
         pipeline.plan_shape(dict(record, target=str(tmp_path / "gone.mp4")), spec)
+    # A shard record: its own size keys are the target's; its manifest line (meta) describes the source.
+    shard_like = dict(id="s", kind="video_edit", text="x", target=b"t" * 9, target_ext=".mp4",
+                      source=b"s" * 9, source_ext=".mp4", frames=17, height=48, width=96,
+                      meta=dict(frames=17, height=96, width=48))
+    assert pipeline.plan_shape(shard_like, spec) == (9, 96, 48)      # the source's bucket, no probe
+    with pytest.raises(pipeline._FieldError, match="<source bytes of s>: cannot read video header"):
+        pipeline.plan_shape(dict(shard_like, meta={}), spec)
 
 
 def test_decode_failure_pads_only_its_own_slot(tmp_path):

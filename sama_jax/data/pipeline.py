@@ -13,7 +13,8 @@ The graph:
   -> MapDataset.mix(weights)        the global stream of records (grain.MapDataset, random access),
                                      the same on every process
   -> map_with_index(ShapeProbe)     metadata pass: the (T, H, W) each record will become, from cheap
-                                     metadata (plan_shape), or a skip marker; threads, in order
+                                     metadata (plan_shape), or a skip marker; in order, in the calling
+                                     thread (data.metadata_threads > 0: read-ahead threads)
   -> GlobalPlanner                  groups stream positions of one (T, H, W) into GLOBAL batches of
                                      batch_size * process_count positions. Every process runs it over
                                      the whole stream, so every process holds the same plan
@@ -31,13 +32,16 @@ pipeline, while the positions a process decodes come from the sequential plan, w
 process computes (workers would each redo the metadata pass of the whole global stream).
 
 Metadata (plan_shape): a record's frames/height/width describe its target (ShardSource records carry
-the target's header values) and source_frames/source_height/source_width its source; a manifest line's
-frames/height/width describe all its media (sama-make-synthetic writes them), and ManifestSource
-copies them to the source_* keys. Whatever is absent is probed: video_io.video_info for a video
-(reads the container, counts packets, decodes nothing), the image header for an image. A media path is
-always checked to exist and be non-empty. Cost: ~0 ms a sample with metadata; a probe costs about as
-much as reading the file once (see the report of issue 6 for figures). With ShardSource every process
-reads every record of the global stream in this pass (the record holds the media bytes).
+the target's header values) and source_frames/source_height/source_width its source. A manifest line's
+frames/height/width describe all its media (sama-make-synthetic writes them): ManifestSource copies
+them to the source_* keys, and for a shard record they are read from `meta` (its manifest line).
+Whatever is absent is probed: video_io.video_info for a video (opens the container and counts its
+packets, which also finds truncated files), the image header for an image. A media path is always
+checked to exist and be non-empty. Every process pays this per sample of the GLOBAL batch
+(benchmarks/data_metadata_pass.py, one core, 81-frame 480x832 clip): 0.012 ms with size keys; 12 ms
+for a video probe (opening the container probes the stream by decoding its first frame), i.e. 6 s a
+step at a global batch of 512; a shard record read 0.4 ms from the page cache plus the probe of its
+source (shards store the target's size only). So give large runs size keys for all media.
 
 Bad items, decided identically everywhere: a missing, empty, corrupt or truncated file
 (video_io.MediaError), a clip too short for min_frames (transforms.SkipSample), a malformed record or
@@ -154,7 +158,7 @@ def open_sources(mixture: Sequence[Mapping[str, Any]], root: str = "") -> list[t
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-sample transform
+# What a sample becomes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,13 +297,25 @@ def _image_size(value, name: str) -> tuple[int, int]:
     return height, width
 
 
+def _stated_size(record: Mapping, field: str) -> list:
+    """The (frames, height, width) a record states for a media field, None where it states nothing."""
+    keys = SIZE_KEYS[field]
+    values = [record.get(key) for key in keys]
+    if field == "source":
+        # A shard record keeps its manifest line in `meta`, whose frames/height/width describe all the
+        # sample's media (the record's own are the target's, read at shard build).
+        meta = record.get("meta") or {}
+        values = [value or meta.get(key) or meta.get(shared)
+                  for value, key, shared in zip(values, keys, SIZE_KEYS["target"])]
+    return values
+
+
 def media_size(record: Mapping, field: str) -> tuple[int, int, int]:
     """(frames, height, width) of one media field: from the record's size keys, else a header probe."""
     value = record[field]
     ext = video_io.normalize_ext(_ext(record, field))
     name = _where(record, field)
-    frames_key, height_key, width_key = SIZE_KEYS[field]
-    height, width = record.get(height_key), record.get(width_key)
+    frames, height, width = _stated_size(record, field)
     try:
         _check_present(value, name)
         if ext in video_io.IMAGE_EXTS:
@@ -308,13 +324,12 @@ def media_size(record: Mapping, field: str) -> tuple[int, int, int]:
             return 1, int(height), int(width)
         if ext not in video_io.VIDEO_EXTS:
             raise MediaError(f"{name}: unsupported extension {ext!r}", "unsupported")
-        frames = record.get(frames_key)
         if not (frames and height and width):
             info = video_io.video_info(value)
             frames, height, width = info["frames"], info["height"], info["width"]
         return int(frames), int(height), int(width)
-    except MediaError as e:
-        raise _FieldError(field, e) from e
+    except MediaError as e:  # probes of bytes say "<bytes>"; name the record's field instead
+        raise _FieldError(field, MediaError(str(e).replace("<bytes>", name), e.reason)) from e
 
 
 def plan_shape(record: Mapping, spec: SampleSpec) -> tuple[int, int, int]:
