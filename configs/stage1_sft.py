@@ -58,6 +58,9 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         motion_alignment=False,
         worker_count=0 if tiny else 8,
         read_threads=1,            # decode threads per worker (PyAV and Pillow release the GIL)
+        # Every process plans the global batches from per-sample metadata (size keys, else header
+        # probes); > 0 reads ahead with threads, for probes on remote storage while workers decode.
+        metadata_threads=0,
         prefetch=2,
     ))
 
