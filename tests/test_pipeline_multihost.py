@@ -188,14 +188,21 @@ def test_decode_failure_pads_only_its_own_slot(tmp_path):
                 dict(id="gone", kind="t2v", target=str(tmp_path / "gone.mp4"), text="x", **size)]
     sources = [(dict(weight=1.0), records)]
 
-    def run(index, count):
+    def run(index, count, workers=0):
         ds = pipeline.build_pipeline(data_config(motion_alignment=False), sources, batch_size=4 // count,
-                                     seed=0, num_epochs=1, process_index=index, process_count=count)
+                                     seed=0, num_epochs=1, process_index=index, process_count=count,
+                                     worker_count=workers)
         it = iter(ds)
-        return list(it), it.skip_summary()
+        batches, summary = list(it), it.skip_summary()
+        it.close()
+        return batches, summary
 
     single, single_summary = run(0, 1)
     per = [run(index, 2) for index in range(2)]
+    # Worker processes (frames back through shared memory) give the same batches, pads included.
+    in_workers, summary = run(1, 2, workers=2)
+    assert_same(in_workers, per[1][0])
+    assert summary == per[1][1]
     assert len(single) == 2 and all(len(batches) == 2 for batches, _ in per)
     valid = {}
     for step in range(2):
