@@ -20,7 +20,8 @@ The graph:
                                      the whole stream, so every process holds the same plan
   -> positions [i*B, (i+1)*B) of each global batch: process i decodes only these (PlannedDecoder:
      prepare_sample at the position) in this process (data.read_threads threads) or in
-     data.worker_count spawned worker processes, and stacks them (collate).
+     data.worker_count spawned worker processes (frames come back through shared memory), and
+     stacks them (collate).
 Per-sample RNG = default_rng([seed, position]), so a sample is reproducible from (seed, position)
 whatever the host, process count or worker count; the batches are the same for any worker count.
 At every step all processes yield the same (B, T, H, W): what jax.make_array_from_process_local_data
@@ -39,8 +40,8 @@ Whatever is absent is probed: video_io.video_info for a video (opens the contain
 packets, which also finds truncated files), the image header for an image. A media path is always
 checked to exist and be non-empty. Every process pays this per sample of the GLOBAL batch
 (benchmarks/data_metadata_pass.py, one core, 81-frame 480x832 clip): 0.012 ms with size keys; 12 ms
-for a video probe (opening the container probes the stream by decoding its first frame), i.e. 6 s a
-step at a global batch of 512; a shard record read 0.4 ms from the page cache plus the probe of its
+for a video probe (av.open alone takes 12 of them: FFmpeg probes the stream), i.e. 6 s a step at a
+global batch of 512; a shard record read 0.4 ms from the page cache plus the probe of its
 source (shards store the target's size only). So give large runs size keys for all media.
 
 Bad items, decided identically everywhere: a missing, empty, corrupt or truncated file
