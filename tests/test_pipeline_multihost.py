@@ -268,3 +268,13 @@ def test_start_frame_drops_leading_frames_of_source_and_target(tmp_path):
     assert [b["id"][0] for b in batches] == ["o0"]
     np.testing.assert_allclose(batches[0]["source"][0].astype(float).mean(axis=(1, 2, 3)), expected, atol=2.5)
     assert it.skip_summary()["counts"] == {"too_short": 1, "bad_record": 1}
+
+
+def test_metadata_and_decode_threads_give_the_same_batches(multi_dir):
+    plain = list(make(multi_dir, 4, 1, 2, num_epochs=1))
+    sources = pipeline.open_sources(MIXTURE, root=str(multi_dir))
+    threaded = pipeline.build_pipeline(data_config(metadata_threads=2, read_threads=2), sources, batch_size=4,
+                                       seed=7, num_epochs=1, process_index=1, process_count=2)
+    it = iter(threaded)
+    assert_same(list(it), plain)
+    it.close()

@@ -808,7 +808,7 @@ def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: 
     """The training pipeline for config.data over opened sources; batch_size is per process.
 
     process_index/count default to jax.process_index()/process_count(); every process must be given
-    the same config, sources and seed (it computes the same global plan). worker_count defaults to
+    the same config, sources, seed and batch_size (it computes the same global plan). worker_count defaults to
     data.worker_count (0: decode in this process with data.read_threads threads).
     """
     if process_index is None or process_count is None:
