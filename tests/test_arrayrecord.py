@@ -80,10 +80,12 @@ def test_build_read_back_and_skip_counts(dataset, tmp_path):
         assert record["features"] == {} and record["meta"]["origin"] == "synthetic"
     video = records[0]
     assert (video["target_ext"], video["frames"], video["height"], video["width"], video["fps"]) == (".mp4", T, H, W, 8.0)
+    assert (video["source_frames"], video["source_height"], video["source_width"]) == (T, H, W)
     assert video["meta"]["edit"] == json.loads(open(path).readline())["edit"]
     assert video_io.decode_media(video["target"], video["target_ext"]).shape == (T, H, W, 3)
     image = records[3]
     assert image["kind"] == "image_edit" and image["target_ext"] == ".png" and image["frames"] == 1
+    assert (image["source_frames"], image["source_height"], image["source_width"]) == (1, H, W)
     np.testing.assert_array_equal(video_io.decode_media(image["source"], image["source_ext"])[0],
                                   synthetic.make_image_edit(3, 0, H, W)[0])
 

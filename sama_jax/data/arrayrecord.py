@@ -14,6 +14,7 @@ Record: one msgpack map per sample (array_record group_size:1, so a read touches
     target, target_ext      encoded media bytes (mp4/png/... as in the dataset) and ".mp4"-style ext
     source, source_ext      the same for the source; b"" and "" for t2v
     fps, frames, height, width   of the target from its header (fps 0.0 for images)
+    source_frames, source_height, source_width   of the source (edit kinds only)
     meta                    dict of the manifest's other keys (e.g. edit, origin)
     features                {name: np.ndarray} precomputed features found for the sample (may be {})
 ShardSource returns exactly this dict (features as read-only numpy arrays over the record), which is what
@@ -156,15 +157,20 @@ def make_record(sample: dict, manifest_path: str, min_frames: int = 1, check: st
     kind = sample["kind"]
     target_path = manifest_lib.resolve(manifest_path, sample["target"])
     target, target_ext, info = _read_media(target_path, min_frames, check)
-    source, source_ext = b"", ""
+    source, source_ext, source_size = b"", "", {}
     if kind != "t2v":
         source_path = manifest_lib.resolve(manifest_path, sample["source"])
-        source, source_ext, _ = _read_media(source_path, min_frames, check)
+        source, source_ext, source_info = _read_media(source_path, min_frames, check)
+        # The pipeline plans batch shapes from these without opening the media again.
+        source_size = dict(source_frames=int(source_info["frames"]),
+                           source_height=int(source_info["height"]),
+                           source_width=int(source_info["width"]))
     meta = {k: v for k, v in sample.items() if k not in ("id", "kind", "text", "source", "target")}
     return dict(id=str(sample["id"]), kind=kind, text=str(sample["text"]), target=target,
                 target_ext=target_ext, source=source, source_ext=source_ext, fps=float(info["fps"]),
                 frames=int(info["frames"]), height=int(info["height"]), width=int(info["width"]),
-                meta=meta, features=_load_features(manifest_path, str(sample["id"]), features))
+                **source_size, meta=meta,
+                features=_load_features(manifest_path, str(sample["id"]), features))
 
 
 # ---------------------------------------------------------------------------------------------------

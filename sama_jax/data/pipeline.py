@@ -33,7 +33,7 @@ pipeline, while the positions a process decodes come from the sequential plan, w
 process computes (workers would each redo the metadata pass of the whole global stream).
 
 Metadata (plan_shape): a record's frames/height/width describe its target (ShardSource records carry
-the target's header values) and source_frames/source_height/source_width its source. A manifest line's
+the header values of both) and source_frames/source_height/source_width its source. A manifest line's
 frames/height/width describe all its media (sama-make-synthetic writes them): ManifestSource copies
 them to the source_* keys, and for a shard record they are read from `meta` (its manifest line).
 Whatever is absent is probed: video_io.video_info for a video (opens the container and counts its
