@@ -29,16 +29,28 @@ def add_noise(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
     return ((1.0 - s) * x0.astype(jnp.float32) + s * noise.astype(jnp.float32)).astype(x0.dtype)
 
 
+def _masked_mean(per_element: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Mean over everything, counting only samples with valid=True (the data pipeline marks slots it
+    had to pad); all-invalid batches give 0, not NaN."""
+    per_sample = jnp.mean(per_element.reshape(per_element.shape[0], -1), axis=1)
+    if valid is None:
+        return jnp.mean(per_sample)
+    weight = valid.astype(jnp.float32)
+    return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 def sama_loss(velocity, noise, x0, semantic_velocity=None, semantic_noise=None, semantic_x0=None,
-              semantic_weight: float = 0.1) -> tuple[jax.Array, dict]:
-    """L_FM + semantic_weight * L1 on the semantic tokens' velocity, computed in fp32."""
+              semantic_weight: float = 0.1, valid=None) -> tuple[jax.Array, dict]:
+    """L_FM + semantic_weight * L1 on the semantic tokens' velocity, computed in fp32.
+
+    valid: optional (B,) bool; samples with False contribute nothing."""
     target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
-    loss_fm = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target))
+    loss_fm = _masked_mean(jnp.square(velocity.astype(jnp.float32) - target), valid)
     metrics = {"loss_fm": loss_fm}
     loss = loss_fm
     if semantic_velocity is not None:
         semantic_target = semantic_noise.astype(jnp.float32) - semantic_x0.astype(jnp.float32)
-        loss_sem = jnp.mean(jnp.abs(semantic_velocity.astype(jnp.float32) - semantic_target))
+        loss_sem = _masked_mean(jnp.abs(semantic_velocity.astype(jnp.float32) - semantic_target), valid)
         metrics["loss_semantic"] = loss_sem
         loss = loss + semantic_weight * loss_sem
     metrics["loss"] = loss

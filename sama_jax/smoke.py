@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             velocity, semantic_velocity = dit(x_t, flow_matching.NUM_TRAIN_TIMESTEPS * sigma, context,
                                               source_latents=source, semantic_tokens=semantic_t)
             return flow_matching.sama_loss(velocity, noise, x0, semantic_velocity, semantic_noise,
-                                           semantic_x0, semantic_weight)
+                                           semantic_x0, semantic_weight, valid=batch["valid"])
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(dit)
         return dict(metrics, grad_norm=optax.global_norm(grads))
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = next(iterator)
         ids, mask = text.tokenize(tokenizer, list(batch["text"]), model_cfg.dit.text_len)
         arrays = {"source": batch["source"], "target": batch["target"], "anchors": batch["anchors"],
-                  "ids": ids, "mask": mask}
+                  "ids": ids, "mask": mask, "valid": batch["valid"]}
         start = time.time()
         with sharding.use_mesh(mesh, rules):
             metrics = loss_and_grad_norm(dit, vae, text_encoder, vision,

@@ -37,3 +37,15 @@ def test_loss_values():
     np.testing.assert_allclose(loss, 1.1)
     loss, metrics = fm.sama_loss(velocity, noise, x0)
     assert set(metrics) == {"loss_fm", "loss"} and float(loss) == 1.0
+
+
+def test_invalid_samples_contribute_nothing():
+    x0, noise = jnp.zeros((3, 2)), jnp.ones((3, 2))
+    velocity = jnp.array([[1.0, 1.0], [9.0, 9.0], [1.0, 3.0]])   # per-sample MSE 0, 64, 2
+    valid = jnp.array([True, False, True])
+    loss, metrics = fm.sama_loss(velocity, noise, x0, valid=valid)
+    np.testing.assert_allclose(loss, 1.0)
+    loss, _ = fm.sama_loss(velocity, noise, x0, valid=jnp.zeros(3, bool))
+    assert float(loss) == 0.0
+    grad = jax.grad(lambda v: fm.sama_loss(v, noise, x0, valid=valid)[0])(velocity)
+    np.testing.assert_array_equal(grad[1], 0.0)
