@@ -11,17 +11,10 @@ import pytest
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, transforms, video_io
+from test_pipeline import flat_video, level
 
 SIZES = [(32, 64), (48, 48), (64, 32)]        # -> buckets (48, 96), (64, 64), (96, 48)
 ARRAYS = ("source", "target", "anchors", "valid")
-
-
-def level(t):
-    return 10 + 12 * t
-
-
-def flat_video(values, h, w):
-    return np.stack([np.full((h, w, 3), v, np.uint8) for v in values])
 
 
 @pytest.fixture(scope="module")
