@@ -11,7 +11,7 @@ import pytest
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, transforms, video_io
-from test_pipeline import flat_video, level
+from test_pipeline import assert_same, flat_video, level, take
 
 SIZES = [(32, 64), (48, 48), (64, 32)]        # -> buckets (48, 96), (64, 64), (96, 48)
 ARRAYS = ("source", "target", "anchors", "valid")
@@ -68,21 +68,6 @@ def make(root, batch_size, index=0, count=1, mixture=MIXTURE, **kwargs):
     sources = pipeline.open_sources(mixture, root=str(root))
     return pipeline.build_pipeline(data_config(), sources, batch_size=batch_size, seed=7,
                                    process_index=index, process_count=count, **kwargs)
-
-
-def take(ds, n, state=None):
-    it = iter(ds)
-    if state is not None:
-        it.set_state(state)
-    return [next(it) for _ in range(n)], it
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.mark.parametrize("count", [2, 4])
