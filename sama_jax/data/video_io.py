@@ -77,6 +77,12 @@ def is_image_ext(ext: str) -> bool:
     return normalize_ext(ext) in IMAGE_EXTS
 
 
+def _video_stream(container, name: str):
+    if not container.streams.video:
+        raise MediaError(f"{name}: no video stream")
+    return container.streams.video[0]
+
+
 def decode_video(source: MediaInput, max_frames: int | None = None, threads: int = 1) -> np.ndarray:
     """The first `max_frames` (default all) frames as (T, H, W, 3) uint8 RGB.
 
@@ -91,9 +97,7 @@ def decode_video(source: MediaInput, max_frames: int | None = None, threads: int
     target = _open_input(source)
     try:
         with av.open(target, mode="r") as container:
-            if not container.streams.video:
-                raise MediaError(f"{name}: no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, name)
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             declared = stream.frames
@@ -152,9 +156,7 @@ def video_info(source: MediaInput) -> dict:
     target = _open_input(source)
     try:
         with av.open(target, mode="r") as container:
-            if not container.streams.video:
-                raise MediaError(f"{name}: no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, name)
             declared = stream.frames
             # Count the packets actually present: a file cut short keeps its header (with the full
             # frame count) but loses packets, and demuxing finds that without decoding.
