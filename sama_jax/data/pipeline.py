@@ -338,14 +338,22 @@ def plan_shape(record: Mapping, spec: SampleSpec) -> tuple[int, int, int]:
     """The (T, H, W) prepare_sample makes of this record, from metadata; raises what it would raise."""
     kind = _check_kind(record)
     _check_features(record, spec)
-    is_image = kind == "image_edit"
-    num_frames, stride, min_frames, start = _frame_sampling(record, spec, is_image)
+    sampling = _frame_sampling(record, spec, kind == "image_edit")
     target = media_size(record, "target")
     source = media_size(record, "source") if kind != "t2v" else None
+    idx, size = _frames_and_bucket(target, source, sampling, spec)
+    return (len(idx),) + tuple(size)
+
+
+def _frames_and_bucket(target: Sequence[int], source: Sequence[int] | None, sampling, spec: SampleSpec):
+    """(frame indices, bucket (h, w)) for media of (frames, height, width) `target` and `source`
+    (None for t2v). Shared by the metadata pass and decoding, so planned and decoded shapes agree."""
+    num_frames, stride, min_frames, start = sampling
     total = target[0] if source is None else min(target[0], source[0])
-    count = len(transforms.frame_indices(total, num_frames, stride, min_frames, start))
+    idx = transforms.frame_indices(total, num_frames, stride, min_frames, start)
+    # Source and target share the bucket of the source's aspect ratio (released loader).
     ref = target if source is None else source
-    return (count,) + tuple(transforms.nearest_bucket(ref[1], ref[2], spec.buckets))
+    return idx, transforms.nearest_bucket(ref[1], ref[2], spec.buckets)
 
 
 def _skip_marker(record, index: int, error: Exception) -> dict:
@@ -390,17 +398,14 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
     text = record["text"]
     rng = np.random.default_rng([spec.seed, index])
     # An image where a clip belongs decodes as 1 frame and is skipped as too short below.
-    is_image = kind == "image_edit"
-    num_frames, stride, min_frames, start = _frame_sampling(record, spec, is_image)
+    sampling = _frame_sampling(record, spec, kind == "image_edit")
+    num_frames, stride, _, start = sampling
     max_frames = transforms.frames_needed(num_frames, stride, start)
 
     target = _decode(record, "target", max_frames)
     source = _decode(record, "source", max_frames) if kind != "t2v" else None
-    total = target.shape[0] if source is None else min(target.shape[0], source.shape[0])
-    idx = transforms.frame_indices(total, num_frames, stride, min_frames, start)
-    # Source and target share the bucket of the source's aspect ratio (released loader).
-    ref = target if source is None else source
-    size = transforms.nearest_bucket(ref.shape[1], ref.shape[2], spec.buckets)
+    idx, size = _frames_and_bucket(target.shape[:3], None if source is None else source.shape[:3],
+                                   sampling, spec)
     target = transforms.resize_and_crop(target[idx], size)
     task = EDIT_TASK
     if source is not None:
