@@ -1,29 +1,23 @@
 """SAMA stage 0: factorized pre-training (image edits + raw clips with motion-alignment pretext tasks).
 
-Run (after `pip install -r requirements.txt -e .`):
-  sama-train --config=configs/stage0_pretrain.py:wan_14b   # TPU v5p-64 class or larger
-  sama-train --config=configs/stage0_pretrain.py:tiny      # CPU smoke run on the embedded synthetic data
+Run (after `pip install -r requirements.txt -e .`); the train loop is not built yet, so today:
+  sama-smoke --config=configs/stage0_pretrain.py:tiny --cpu_devices=8   # the objective end to end, CPU
+  sama-mesh-info --config=configs/stage0_pretrain.py:wan_14b            # the mesh it asks for
 
 Same sections as configs/stage1_sft.py; this file changes the stage, the data mixture and the
 motion-alignment transforms applied to the source of raw clips.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _stage1(arg):
-    # Reuse the stage-1 file as the base so the two stages cannot drift apart.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage1_sft.py")
-    spec = importlib.util.spec_from_file_location("_stage1_sft", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from sama_jax.config import load_config_file
 
 
 def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
-    c = _stage1(arg)
+    # The stage-1 file is the base, so the two stages cannot drift apart.
+    stage1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage1_sft.py")
+    c = load_config_file(f"{stage1}:{arg or 'wan_14b'}")
     c.stage = 0
     c.workdir = c.workdir.replace("stage1_", "stage0_")
     c.data.mixture = [
