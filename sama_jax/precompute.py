@@ -36,37 +36,19 @@ import logging
 import os
 import sys
 import time
-import urllib.parse
 from typing import Sequence
 
 import numpy as np
 
+from sama_jax import features
+
 log = logging.getLogger(__name__)
 
-FEATURES = ("text", "semantic", "target_latents", "source_latents")
-MEDIA_FEATURES = FEATURES[1:]   # need the sample's decoded frames
-
-
-def feature_path(manifest_path: str, sample_id: str, name: str) -> str:
-    """Where feature `name` of sample `sample_id` of the manifest at `manifest_path` is stored."""
-    base = os.path.dirname(os.path.abspath(manifest_path))
-    stem = os.path.splitext(os.path.basename(manifest_path))[0]
-    # Ids are free-form strings: quote them so '/' or '..' cannot escape the directory.
-    filename = urllib.parse.quote(str(sample_id), safe="") + ".npy"
-    if filename.startswith("."):
-        filename = "%2E" + filename[1:]
-    return os.path.join(base, "features", stem, name, filename)
-
-
-def settings_path(manifest_path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(feature_path(manifest_path, "x", name)), "settings.json")
-
-
-def pad_text(embedding: np.ndarray, text_len: int) -> np.ndarray:
-    """A stored (L, dim) text feature -> (text_len, dim), zeros past L (what the DiT consumes)."""
-    if embedding.shape[0] > text_len:
-        raise ValueError(f"text feature has {embedding.shape[0]} tokens, more than text_len {text_len}")
-    return np.pad(embedding, ((0, text_len - embedding.shape[0]), (0, 0)))
+FEATURES = features.NAMES
+MEDIA_FEATURES = features.MEDIA_NAMES
+feature_path = features.feature_path
+settings_path = features.settings_path
+pad_text = features.pad_text
 
 
 def save_atomic(path: str, array: np.ndarray) -> None:

@@ -35,7 +35,7 @@ complete and renamed into place; a rerun keeps done shards and builds the rest. 
 the manifest's hash and the shard size, so a changed manifest is refused rather than mixed in.
 
 Precomputed features: --features text,semantic stores, for each name, the array that
-sama_jax.precompute.feature_path(manifest, id, name) points at (the .npy files sama-precompute
+sama_jax.features.feature_path(manifest, id, name) points at (the .npy files sama-precompute
 writes under <manifest dir>/features/); a sample without that file gets no entry for the name.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ from typing import Iterable, Sequence
 import msgpack
 import numpy as np
 
+from sama_jax import features as features_lib
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import video_io
 from sama_jax.data.video_io import MediaError
@@ -136,13 +137,9 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _load_features(manifest_path: str, sample_id: str, names: Sequence[str]) -> dict:
-    if not names:
-        return {}
-    from sama_jax import precompute  # imported only when features are asked for
-
     features = {}
     for name in names:
-        path = precompute.feature_path(manifest_path, sample_id, name)
+        path = features_lib.feature_path(manifest_path, sample_id, name)
         if os.path.exists(path):
             try:
                 features[name] = np.load(path, allow_pickle=False)
@@ -233,12 +230,9 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
     samples = manifest_lib.read_manifest(manifest_path)
     if not samples:
         raise ValueError(f"{manifest_path}: manifest has no samples")
-    if features:
-        try:
-            from sama_jax.precompute import feature_path  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"features {list(features)} asked for, but sama_jax.precompute.feature_path "
-                             f"is not available ({e})") from e
+    unknown = sorted(set(features) - set(features_lib.NAMES))
+    if unknown:
+        raise ValueError(f"unknown features {unknown}; known: {list(features_lib.NAMES)}")
     name = name or os.path.splitext(os.path.basename(manifest_path))[0]
     num_shards = -(-len(samples) // samples_per_shard)
     settings = dict(schema=SCHEMA_VERSION, manifest=os.path.abspath(manifest_path),

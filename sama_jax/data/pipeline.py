@@ -89,6 +89,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from sama_jax import features as features_lib
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pretext as pretext_lib
 from sama_jax.data import transforms
@@ -99,7 +100,7 @@ log = logging.getLogger(__name__)
 
 EDIT_TASK = "edit"          # the task name of real editing pairs (no pretext)
 SKIP_KEY = "skipped"        # present (with the reason) only in skip markers
-FEATURE_PREFIX = "features/"  # batch keys of precomputed features
+FEATURE_PREFIX = features_lib.BATCH_PREFIX
 MAX_SKIP_EXAMPLES = 100     # examples kept in the summary; every skip is logged and counted
 SIZE_KEYS = {"target": ("frames", "height", "width"),
              "source": ("source_frames", "source_height", "source_width")}
