@@ -30,9 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# Model code constructs parameters before a mesh exists; shardings are applied afterwards from the
-# logical annotations, so flax must not try to place variables eagerly.
-nnx.use_eager_sharding(False)
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -117,6 +114,13 @@ def axis_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
                 raise ShardingError(f"rule ({name!r}, {target!r}) names unknown mesh axis {axis!r}")
         out.append((name, target))
     return tuple(out)
+
+
+def annotated(initializer, names: Sequence[str | None]):
+    """An initializer whose parameters carry logical axis names. Models build their parameters before
+    a mesh exists and are placed afterwards from these names (shard_module, params_io.load_module),
+    so flax is told not to shard them eagerly at creation."""
+    return nnx.with_partitioning(initializer, tuple(names), eager_sharding=False)
 
 
 def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules) -> PartitionSpec:

@@ -22,11 +22,11 @@ class TinyBlock(nnx.Module):
     def __init__(self, dim, hidden, rngs):
         init = nnx.initializers.normal(0.1)
         self.up = nnx.Linear(dim, hidden, rngs=rngs,
-                             kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
-                             bias_init=nnx.with_partitioning(nnx.initializers.normal(0.1), ("mlp",)))
+                             kernel_init=sharding.annotated(init, ("embed", "mlp")),
+                             bias_init=sharding.annotated(nnx.initializers.normal(0.1), ("mlp",)))
         self.down = nnx.Linear(hidden, dim, rngs=rngs,
-                               kernel_init=nnx.with_partitioning(init, ("mlp", "embed")))
-        self.table = nnx.Param(init(rngs.params(), (32, dim)), out_sharding=("vocab", "embed"))
+                               kernel_init=sharding.annotated(init, ("mlp", "embed")))
+        self.table = nnx.Param(init(rngs.params(), (32, dim)), eager_sharding=False, out_sharding=("vocab", "embed"))
 
     def __call__(self, x):
         x = sharding.constrain(x, ("batch", "length", "act_embed"))

@@ -126,7 +126,7 @@ def test_bf16_checkpoint_runs_in_bf16(tmp_path):
     ref.save_pretrained(tmp_path / "hf")
     assert cli.main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--kind", "umt5"]) == 0  # bf16
     model = load_text_encoder(str(tmp_path / "ours"))
-    assert model.cfg.dtype == "bfloat16"
+    assert model.cfg.compute_dtype == "bfloat16"
     assert model.blocks.attn.q.kernel[...].dtype == jax.numpy.bfloat16
     ids, mask = inputs(16, [16, 7])
     out = model(ids.numpy(), mask.numpy())
