@@ -67,6 +67,7 @@ def _main(config, args) -> int:
 
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.axis_rules(config.sharding_rules)
+    sharding.check_batch_size(config.train.batch_size, mesh, rules)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     rngs = nnx.Rngs(config.seed)
