@@ -42,7 +42,7 @@ import numpy as np
 
 from flax import nnx
 
-from sama_jax import conditioning, features
+from sama_jax import cli, conditioning, features
 from sama_jax import text as text_lib
 from sama_jax.data import pipeline
 
@@ -238,26 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sama_jax import config as config_lib
+    return cli.run("sama-precompute", lambda: _main(*cli.parse(build_parser(), argv)))
 
+
+def _main(config, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config, rest = config_lib.load_config(argv)
-    except config_lib.ConfigError as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(rest)
     manifests = args.manifest or [entry["manifest"] for entry in config.data.mixture]
     start = time.time()
-    try:
-        worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
-                             batch_size=args.batch_size, dtype=args.dtype,
-                             prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
-        summaries = [worker.run(path) for path in manifests]
-    except (ValueError, OSError) as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
+    worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
+                         batch_size=args.batch_size, dtype=args.dtype,
+                         prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
+    summaries = [worker.run(path) for path in manifests]
     failed = sum(len(s.failed) for s in summaries)
     for s in summaries:
         print(s.report())
