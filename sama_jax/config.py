@@ -159,3 +159,18 @@ def simulate_cpu_devices(argv: Sequence[str]) -> list[str]:
         if "jax" in sys.modules:   # imported already: its platform setting was read from the env
             sys.modules["jax"].config.update("jax_platforms", "cpu")
     return rest
+
+
+def dataclass_from_section(cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None,
+                           where: str = ""):
+    """A model config dataclass from a config section, rejecting keys the class does not have.
+
+    `precision` (a config's precision section) sets those of its fields the class has (param_dtype,
+    compute_dtype, ...), so one precision section reaches every model."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(section)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown keys {unknown}; known: {sorted(known)}")
+    values.update({k: v for k, v in dict(precision or {}).items() if k in known})
+    return cls(**values)
