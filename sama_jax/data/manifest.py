@@ -33,15 +33,43 @@ class ManifestError(ValueError):
     """A manifest line that is not a valid sample; the message names the file and line."""
 
 
+# The type each known key must have: (accepted types, how the message names it). A wrong type would
+# otherwise surface as a bare TypeError deep inside a build, with no file or line.
+_STRING = ((str,), "a string")
+_PATH = ((str,), "a string path")
+_COUNT = ((int,), "a non-negative integer")
+FIELD_TYPES = {
+    "id": ((str, int), "a string or an integer"), "kind": _STRING, "text": _STRING,
+    "source": _PATH, "target": _PATH, "origin": _STRING, "task": _STRING, "edit_type": _STRING,
+    "source_caption": _STRING, "edit": ((dict,), "a JSON object"),
+    "fps": ((int, float), "a non-negative number"),
+    "frames": _COUNT, "height": _COUNT, "width": _COUNT, "start_frame": _COUNT,
+}
+
+
+def _check_type(sample: dict, key: str, where: str) -> None:
+    types, described = FIELD_TYPES[key]
+    value = sample[key]
+    # bool is an int subclass, but `"frames": true` is a mistake, not a count.
+    if not isinstance(value, types) or isinstance(value, bool):
+        got = "null" if value is None else type(value).__name__
+        raise ManifestError(f"{where}: field {key!r} must be {described}, got {got}")
+    if described.startswith("a non-negative") and value < 0:
+        raise ManifestError(f"{where}: field {key!r} must be {described}, got {value!r}")
+
+
 def validate(sample: dict, where: str) -> dict:
     if not isinstance(sample, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(sample).__name__}")
     kind = sample.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ManifestError(f"{where}: kind {kind!r} is not one of {KINDS}")
-    missing = [k for k in ("id",) + REQUIRED[kind] if not sample.get(k) and sample.get(k) != 0]
+    missing = [k for k in ("id",) + REQUIRED[kind] if k not in sample or sample[k] in ("", None)]
     if missing:
         raise ManifestError(f"{where}: {kind} sample lacks {missing}")
+    for key in FIELD_TYPES:
+        if key in sample:
+            _check_type(sample, key, where)
     return sample
 
 
