@@ -112,6 +112,8 @@ class ShardSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):   # IndexError (not ArrayRecord's ValueError) ends iteration
+            raise IndexError(f"record {index} out of range for {self!r}")
         return shard_format.decode_record(self._source[index])
 
     def __repr__(self) -> str:
@@ -160,10 +162,20 @@ def _run(argv: Sequence[str]) -> int:
     args, settings = _parse(argv)
     if args.min_frames is not None:
         settings["min_frames"] = args.min_frames
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
-                         check=args.check, features=[f for f in args.features.split(",") if f],
-                         overwrite=args.overwrite, workers=args.workers, **settings)
+    # Progress and skips go to stderr whatever logging the caller set up (a handler of our own).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("sama_jax")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
+                             check=args.check, features=[f for f in args.features.split(",") if f],
+                             overwrite=args.overwrite, workers=args.workers, **settings)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     print(f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
           f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)")
     if index["skipped_total"]:
