@@ -102,6 +102,16 @@ def test_refused_rerun_changes_nothing(data, tmp_path, capsys):
     assert _snapshot(out) == before   # index.json included: the finished build still opens
     assert len(arrayrecord.ShardSource(str(out))) == 10
 
+    # A directory of the msgpack format (schema 1) is named as such, by the reader and the builder.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / arrayrecord.INDEX).write_text(json.dumps(dict(schema=1, shards=["all-00000-of-00001.array_record"],
+                                                         records=[10])))
+    with pytest.raises(ValueError, match="older sama-build-shards .schema 1"):
+        arrayrecord.ShardSource(str(old))
+    status, _, err = _cli(capsys, "--manifest", path, "--out", old)
+    assert status == 2 and "holds a build of an older format (schema 1)" in err and "--overwrite" in err
+
 
 def test_appended_sample_builds_only_the_last_shard(data, tmp_path, capsys):
     root, _, samples = data
@@ -120,12 +130,16 @@ def test_appended_sample_builds_only_the_last_shard(data, tmp_path, capsys):
     fresh = arrayrecord.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=3)
     for shard in fresh["shards"]:
         assert open(out / shard, "rb").read() == open(tmp_path / "fresh" / shard, "rb").read()
+    shards_before = {f: v for f, v in _snapshot(out).items() if "array_record" in f}
+    status, _, err = _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 3)
+    assert status == 0 and "shards 0-3 unchanged, nothing to build" in err
+    assert {f: v for f, v in _snapshot(out).items() if "array_record" in f} == shards_before
 
     # Samples changed inside done shards: refused, naming the shard and --overwrite; nothing changes.
     before = _snapshot(out)
     manifest.write_manifest(path, samples[:4] + [dict(samples[4], text="other")] + samples[5:10])
     status, _, err = _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 3)
-    assert status == 2 and "shard 1 hold other samples now (first difference: sample 4" in err
+    assert status == 2 and "samples of shard 1 changed (first difference: sample 4" in err
     assert "--overwrite" in err and _snapshot(out) == before
     status, _, err = _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 3, "--overwrite")
     assert status == 0 and "rebuilding all 4 shards" in err

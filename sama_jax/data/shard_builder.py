@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -241,8 +242,19 @@ def _read_index(out_dir: str) -> dict | None:
     path = os.path.join(out_dir, INDEX)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:   # cut short: the build is unfinished, and the index is rewritten at its end
+        return None
+
+
+def _read_report(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:   # unreadable: the shard counts as unfinished and is rebuilt
+        return None
 
 
 def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool) -> Plan:
@@ -266,9 +278,9 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
     found = {}   # shard index -> [(file name, report)]: finished shards of this name, any shard count
     for f in sorted(files):
         parsed = shard_format.parse_shard_name(name, f)
-        if parsed and report_path(f) in files:
-            with open(os.path.join(out_dir, report_path(f))) as fh:
-                found.setdefault(parsed[0], []).append((f, json.load(fh)))
+        report = _read_report(os.path.join(out_dir, report_path(f))) if parsed and report_path(f) in files else None
+        if report is not None:
+            found.setdefault(parsed[0], []).append((f, report))
     if not overwrite:
         for entries in found.values():
             for f, report in entries:
@@ -278,7 +290,7 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
                     raise ValueError(f"{os.path.join(out_dir, f)}: built with different settings "
                                      f"({', '.join(changed)}); build into a new directory or pass --overwrite")
 
-    work, changed, grown = Plan(), [], []
+    work, changed = Plan(), []
     for i in range(num_shards):
         hashes = [_sample_hash(s) for s in samples[i * size:(i + 1) * size]]
         entries = [] if overwrite else found.get(i, [])
@@ -287,9 +299,9 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
             work.keep[i] = match
             continue
         work.build.append(i)
-        if entries:
-            old = entries[0][1]["sample_hashes"]
-            (grown if len(old) < len(hashes) and hashes[:len(old)] == old else changed).append((i, old, hashes))
+        old = entries[0][1]["sample_hashes"] if entries else None
+        if old is not None and not (len(old) < len(hashes) and hashes[:len(old)] == old):
+            changed.append((i, old, hashes))   # not just samples appended to the last shard
     extra = sorted(i for i in found if i >= num_shards)
     kept_files = {g for f, _ in work.keep.values() for g in (f, report_path(f))}
     work.remove = sorted(ours - kept_files)
@@ -304,7 +316,7 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
             j = next((j for j, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
             first = (f"first difference: sample {i * size + j}, id {samples[i * size + j]['id']!r}"
                      if j < len(new) else f"shard {i} lost samples")
-            detail.append(f"{_shards('shard', [c[0] for c in changed])} hold other samples now ({first})")
+            detail.append(f"samples of {_shards('shard', [c[0] for c in changed])} changed ({first})")
         if extra:
             detail.append(f"{_shards('shard', extra)} lie past the manifest's end ({len(samples)} samples)")
         raise ValueError(f"{out_dir}: the manifest changed since the build: {'; '.join(detail)}. A rerun "
@@ -415,12 +427,15 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
         _mark_owner(lock)
         log.info("%s: %d samples in %d shards of %d; %s", out_dir, len(samples), num_shards, samples_per_shard,
                  work.summary or f"building {_shards('shard', work.build)}")
+        renames = {i: f for i, (f, _) in work.keep.items() if f != names[i]}
         index_path = os.path.join(out_dir, INDEX)
-        if os.path.exists(index_path):
+        if (work.build or work.remove or renames) and os.path.exists(index_path):
             os.remove(index_path)   # rewritten at the end; its absence marks an unfinished build
         # Under the lock, any .tmp file is a dead builder's leftover.
         for f in sorted(os.listdir(out_dir)):
-            if f.endswith(".tmp") or f in work.remove:
+            if os.path.isdir(os.path.join(out_dir, f)) and f.endswith(".tmp"):
+                shutil.rmtree(os.path.join(out_dir, f))
+            elif f.endswith(".tmp") or f in work.remove:
                 os.remove(os.path.join(out_dir, f))
         reports = {}
         for i, (current, report) in work.keep.items():
@@ -456,10 +471,15 @@ def _build(todo: Sequence[int], samples, manifest_path: str, out_dir: str, names
                                                     initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_build_shard, chunks[i], manifest_path, os.path.join(out_dir, names[i]),
                                    settings): i for i in todo}
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
-                done(i, future.result())
-                progress.advance(len(chunks[i]), f"{len(reports)}/{len(todo)} shards, ")
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    done(i, future.result())
+                    progress.advance(len(chunks[i]), f"{len(reports)}/{len(todo)} shards, ")
+            except BaseException:   # stop at the first failure instead of building every other shard first
+                for future in futures:
+                    future.cancel()
+                raise
     else:
         for i in todo:
             done(i, _build_shard(chunks[i], manifest_path, os.path.join(out_dir, names[i]), settings,

@@ -15,6 +15,8 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -148,4 +150,11 @@ def write_tfds_metadata(out_dir: str, name: str, shard_lengths: Sequence[int], n
     info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
         name=SPLIT, shard_lengths=[int(n) for n in shard_lengths], num_bytes=int(num_bytes),
         filename_template=template)]))
-    info.write_to_directory(out_dir)
+    # Written beside and then renamed into place, so a build killed here keeps the old metadata whole.
+    staging = tempfile.mkdtemp(dir=out_dir, prefix=".tfds-", suffix=".tmp")
+    try:
+        info.write_to_directory(staging)
+        for f in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, f), os.path.join(out_dir, f))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
