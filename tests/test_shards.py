@@ -154,7 +154,7 @@ def test_wrong_field_type_names_file_and_line(data, tmp_path, capsys):
     with pytest.raises(manifest.ManifestError, match=r"typed.jsonl:2: field 'source' must be a string path, got int"):
         manifest.read_manifest(str(path))
     status, _, err = _cli(capsys, "--manifest", path, "--out", tmp_path / "s")
-    assert status == 2 and err == f"sama-build-shards: {path}:2: field 'source' must be a string path, got int\n"
+    assert status == 2 and err == f"sama-build-shards: error: {path}:2: field 'source' must be a string path, got int\n"
     assert not (tmp_path / "s").exists()   # refused before anything was written
     for bad, message in [(dict(samples[0], frames=-1), "field 'frames' must be a non-negative integer, got -1"),
                          (dict(samples[0], text=["a"]), "field 'text' must be a string, got list"),
@@ -183,6 +183,10 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
     status, out, _ = _cli(capsys, f"--config={config}", "--config.data.fps=4", "--min-frames", 3,
                           "--manifest", path, "--out", tmp_path / "c")
     assert "3 of 3 samples" in out   # an explicit --min-frames wins over the config
+    assert json.load(open(tmp_path / "c" / arrayrecord.INDEX))["features"] == []
+    status, _, _ = _cli(capsys, f"--config={config}", "--config.data.features=('text',)", "--manifest", path,
+                        "--out", tmp_path / "d")
+    assert status == 0 and json.load(open(tmp_path / "d" / arrayrecord.INDEX))["features"] == ["text"]
 
 
 def test_clear_errors_are_one_line(data, tmp_path, capsys):
@@ -196,7 +200,7 @@ def test_clear_errors_are_one_line(data, tmp_path, capsys):
     ]
     for argv, message in cases:
         status, _, err = _cli(capsys, *argv, "--out", tmp_path / "s")
-        assert status == 2 and err.startswith("sama-build-shards: ") and message in err and err.count("\n") == 1
+        assert status == 2 and err.startswith("sama-build-shards: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
     # A live builder holds the lock: a second one names its pid and leaves the directory alone.
     lock = arrayrecord.lock_out_dir(str(tmp_path / "s"))

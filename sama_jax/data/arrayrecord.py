@@ -131,20 +131,16 @@ def iter_records(location: str | Sequence[str]) -> Iterable[dict]:
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
-    """Arguments, and the settings a --config gives (data.min_frames, data.fps, data.frame_stride)."""
-    from_config = {}
-    if any(a == "--config" or a.startswith("--config=") or a.startswith("--config.") for a in argv):
-        from sama_jax import config as config_lib
+    """Arguments, and the build settings that follow from them and the --config if one is given."""
+    from sama_jax import config as config_lib
 
-        config, argv = config_lib.load_config(argv)
-        from_config = dict(min_frames=int(config.data.min_frames), fps=float(config.data.fps),
-                           frame_stride=int(config.data.frame_stride))
     parser = argparse.ArgumentParser(prog="sama-build-shards",
                                      description="Build a TFDS shard dataset from a manifest (resumable).")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (sama_jax.data.manifest format)")
     parser.add_argument("--out", required=True, help="output directory (a TFDS dataset directory)")
-    parser.add_argument("--config", help="config file[:arg]; its data.min_frames, data.fps and "
-                                         "data.frame_stride set the length check (the training's skip rule)")
+    parser.add_argument("--config", metavar="FILE.py[:ARG]",
+                        help="the training config: its data.min_frames, data.fps and data.frame_stride set "
+                             "the length check (training's skip rule), data.features the default --features")
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--name", default="", help="dataset name (default: the manifest's file stem)")
     parser.add_argument("--min-frames", type=int, default=None,
@@ -152,16 +148,28 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
                              f"else {MIN_FRAMES})")
     parser.add_argument("--check", choices=CHECKS, default="header",
                         help="header: read headers and count packets; decode: also decode every frame")
-    parser.add_argument("--features", default="", help="comma-separated precomputed feature names")
+    parser.add_argument("--features", default=None,
+                        help="comma-separated precomputed feature names (default: the config's data.features)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild every shard, whatever is in --out")
     parser.add_argument("--workers", type=int, default=1, help="shards built at once (processes)")
-    return parser.parse_args(argv), from_config
+    spec, overrides, rest = config_lib.split_config_args(argv)
+    args = parser.parse_args(rest)
+    settings = dict(min_frames=MIN_FRAMES, features=[])
+    if spec:
+        config = config_lib.build_config(spec, overrides)
+        settings = dict(min_frames=int(config.data.min_frames), fps=float(config.data.fps),
+                        frame_stride=int(config.data.frame_stride), features=list(config.data.features))
+    elif overrides:
+        parser.error(f"--config.{overrides[0][0]} needs a --config=FILE.py to override")
+    if args.min_frames is not None:
+        settings["min_frames"] = args.min_frames
+    if args.features is not None:
+        settings["features"] = [f for f in args.features.split(",") if f]
+    return args, settings
 
 
 def _run(argv: Sequence[str]) -> int:
     args, settings = _parse(argv)
-    if args.min_frames is not None:
-        settings["min_frames"] = args.min_frames
     # Progress and skips go to stderr whatever logging the caller set up (a handler of our own).
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -171,8 +179,7 @@ def _run(argv: Sequence[str]) -> int:
     logger.setLevel(logging.INFO)
     try:
         index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
-                             check=args.check, features=[f for f in args.features.split(",") if f],
-                             overwrite=args.overwrite, workers=args.workers, **settings)
+                             check=args.check, overwrite=args.overwrite, workers=args.workers, **settings)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -186,15 +193,16 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """sama-build-shards; a clear error is one line on stderr and exit status 2."""
+    """sama-build-shards; an error the user can act on is one line on stderr and exit status 2
+    (sama_jax.cli's convention)."""
+    from sama_jax import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _run(list(sys.argv[1:] if argv is None else argv))
+        return cli.run("sama-build-shards", lambda: _run(argv))
     except KeyboardInterrupt:
         print("sama-build-shards: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:   # ConfigError, ManifestError and MediaError are ValueErrors
-        print(f"sama-build-shards: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
