@@ -75,6 +75,14 @@ def test_tfds_and_grain_read_the_records(data, tmp_path):
            [s["id"] for s in samples]
     assert grain.MapDataset.source(ours)[4]["id"] == samples[4]["id"]
 
+    # A shard whose samples were all skipped is an empty ArrayRecord file with length 0 in the split.
+    root = data[0]
+    gap = _manifest(root, "gap", samples[:1] + [dict(samples[9], id="gone", target="clips/nowhere.mp4")] + samples[1:2])
+    index = arrayrecord.build_shards(gap, str(tmp_path / "gap"), samples_per_shard=1)
+    assert index["records"] == [1, 0, 1] and index["skipped_counts"] == {"missing": 1}
+    gap_source = tfds.builder_from_directory(str(tmp_path / "gap")).as_data_source(split="train")
+    assert [r["id"] for r in gap_source] == [samples[0]["id"].encode(), samples[1]["id"].encode()]
+
 
 def test_features_travel_as_npy_bytes(data, tmp_path):
     from sama_jax import features as features_lib
@@ -192,7 +200,7 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
 def test_clear_errors_are_one_line(data, tmp_path, capsys):
     _, path, _ = data
     cases = [
-        (["--manifest", tmp_path / "none.jsonl"], "none.jsonl"),
+        (["--manifest", tmp_path / "none.jsonl"], "none.jsonl: manifest file does not exist"),
         (["--manifest", path, "--samples-per-shard", 0], "samples_per_shard must be >= 1, got 0"),
         (["--manifest", path, "--name", "My-Set"], "--name 'My-Set' is not a dataset name"),
         (["--manifest", path, "--features", "txt"], "unknown features ['txt']"),

@@ -15,6 +15,9 @@ Optional keys written by our tools:
     task, edit_type         the source dataset's edit category (ReCo task, OpenVE category)
     start_frame             leading frames to drop from source and target (OpenVE-3M: 4, as SAMA's loader)
     source_caption          Ditto-1M's caption of the source video
+read_manifest checks every line before anything uses it: JSON, kind, required keys, unique ids, and
+the types of the keys above (FIELD_TYPES), naming the line: "m.jsonl:7: field 'source' must be a
+string path, got int".
 Manifests are made by sama-make-synthetic (sama_jax.data.synthetic) and sama-import-manifest
 (sama_jax.data.importers), and turned into ArrayRecord shards by sama-build-shards.
 """
@@ -75,6 +78,8 @@ def validate(sample: dict, where: str) -> dict:
 
 def read_manifest(path: str) -> list[dict]:
     """All samples of a JSONL manifest, validated; ids must be unique."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: manifest file does not exist")
     samples, seen = [], {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
