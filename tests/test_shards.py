@@ -164,9 +164,9 @@ def test_wrong_field_type_names_file_and_line(data, tmp_path, capsys):
     status, _, err = _cli(capsys, "--manifest", path, "--out", tmp_path / "s")
     assert status == 2 and err == f"sama-build-shards: error: {path}:2: field 'source' must be a string path, got int\n"
     assert not (tmp_path / "s").exists()   # refused before anything was written
-    for bad, message in [(dict(samples[0], frames=-1), "field 'frames' must be a non-negative integer, got -1"),
+    for bad, message in [(dict(samples[0], frames="5"), "field 'frames' must be an integer, got str"),
                          (dict(samples[0], text=["a"]), "field 'text' must be a string, got list"),
-                         (dict(samples[0], fps=True), "field 'fps' must be a non-negative number, got bool")]:
+                         (dict(samples[0], fps=True), "field 'fps' must be a number, got bool")]:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(manifest.ManifestError, match=message):
             manifest.read_manifest(str(path))
@@ -192,6 +192,13 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
                           "--manifest", path, "--out", tmp_path / "c")
     assert "3 of 3 samples" in out   # an explicit --min-frames wins over the config
     assert json.load(open(tmp_path / "c" / arrayrecord.INDEX))["features"] == []
+    # start_frame counts too (OpenVE's 4 dropped frames); a negative one is the pipeline's bad_record.
+    clips = [s for s in samples if s["kind"] == "t2v"]
+    path = _manifest(root, "starts", [dict(clips[0], start_frame=0), dict(clips[1], start_frame=3),
+                                      dict(clips[2], start_frame=-2)])
+    status, out, _ = _cli(capsys, "--manifest", path, "--out", tmp_path / "e", "--min-frames", 3)
+    assert status == 0 and "1 of 3 samples" in out and "{'too_short': 1, 'bad_record': 1}" in out
+    assert "5 frames give 2 at stride 1 from frame 3, fewer than min_frames=3" in out
     status, _, _ = _cli(capsys, f"--config={config}", "--config.data.features=('text',)", "--manifest", path,
                         "--out", tmp_path / "d")
     assert status == 0 and json.load(open(tmp_path / "d" / arrayrecord.INDEX))["features"] == ["text"]

@@ -37,8 +37,8 @@ Checked per sample while building: every media file must exist, be non-empty and
 images decoded, videos' headers read and their packets counted (--check decode: every frame
 decoded) - and a video must give at least min_frames frames as training takes them (from
 start_frame, at the stride data.fps / data.frame_stride give). A failing sample is skipped, logged
-and counted by reason (missing | empty | truncated | corrupt | unsupported | too_short) with its id
-and path; nothing replaces it.
+and counted by reason (missing | empty | truncated | corrupt | unsupported | too_short | bad_record:
+a negative start_frame) with its id and path; nothing replaces it.
 
 A rerun resumes: a shard counts as done when its report exists (written after the shard file is
 complete and renamed into place), and done shards whose samples and settings are unchanged are

@@ -37,16 +37,17 @@ class ManifestError(ValueError):
 
 
 # The type each known key must have: (accepted types, how the message names it). A wrong type would
-# otherwise surface as a bare TypeError deep inside a build, with no file or line.
+# otherwise surface as a bare TypeError deep inside a build, with no file or line. Values are the
+# users' business (a negative start_frame is the pipeline's and the builder's "bad_record").
 _STRING = ((str,), "a string")
 _PATH = ((str,), "a string path")
-_COUNT = ((int,), "a non-negative integer")
+_INT = ((int,), "an integer")
 FIELD_TYPES = {
     "id": ((str, int), "a string or an integer"), "kind": _STRING, "text": _STRING,
     "source": _PATH, "target": _PATH, "origin": _STRING, "task": _STRING, "edit_type": _STRING,
     "source_caption": _STRING, "edit": ((dict,), "a JSON object"),
-    "fps": ((int, float), "a non-negative number"),
-    "frames": _COUNT, "height": _COUNT, "width": _COUNT, "start_frame": _COUNT,
+    "fps": ((int, float), "a number"),
+    "frames": _INT, "height": _INT, "width": _INT, "start_frame": _INT,
 }
 
 
@@ -57,8 +58,6 @@ def _check_type(sample: dict, key: str, where: str) -> None:
     if not isinstance(value, types) or isinstance(value, bool):
         got = "null" if value is None else type(value).__name__
         raise ManifestError(f"{where}: field {key!r} must be {described}, got {got}")
-    if described.startswith("a non-negative") and value < 0:
-        raise ManifestError(f"{where}: field {key!r} must be {described}, got {value!r}")
 
 
 def validate(sample: dict, where: str) -> dict:

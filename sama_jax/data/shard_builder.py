@@ -118,9 +118,12 @@ def make_record(sample: dict, manifest_path: str, min_frames: int = MIN_FRAMES, 
     """
     kind = sample["kind"]
     target_path = manifest_lib.resolve(manifest_path, sample["target"])
+    start = sample.get("start_frame", 0)
+    if start < 0:   # as the pipeline does (its "bad_record"): nothing sensible to take
+        raise BadItem("bad_record", target_path, f"{target_path}: start_frame must be a non-negative "
+                                                 f"integer, got {start!r}")
     target, target_ext, info = _read_media(target_path, check)
     stride = transforms.stride_for(info["fps"], fps, frame_stride)
-    start = int(sample.get("start_frame", 0))
     _check_length(target_path, info, min_frames, stride, start)
     source, source_ext, source_size = b"", "", {}
     if kind != "t2v":
