@@ -66,8 +66,6 @@ from sama_jax.data.shard_builder import (CHECKS, INDEX, MIN_FRAMES, BadItem, bui
                                          make_record, report_path)
 from sama_jax.data.shard_format import SCHEMA_VERSION, decode_record, encode_record, shard_names  # noqa: F401
 
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
@@ -85,8 +83,8 @@ def shard_paths(location: str | Sequence[str]) -> list[str]:
         with open(index_path) as f:
             index = json.load(f)
         if index.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"{index_path}: built by an older sama-build-shards (schema {index.get('schema')}, "
-                             f"msgpack records); rebuild it with sama-build-shards --overwrite")
+            raise ValueError(f"{index_path}: records of schema {index.get('schema')} (1: msgpack), this reader "
+                             f"reads schema {SCHEMA_VERSION}; rebuild with sama-build-shards --overwrite")
         # A shard whose samples were all skipped holds no records; leave it out of the source.
         return [os.path.join(location, shard) for shard, n in zip(index["shards"], index["records"]) if n]
     return [location]
