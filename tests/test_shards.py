@@ -1,4 +1,5 @@
 """sama-build-shards as users run it: TFDS readers, reruns, a killed build, bad input, --config."""
+
 import json
 import os
 import signal
@@ -19,9 +20,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data(tmp_path_factory):
     """10 samples of all kinds (clips at 8 fps) and the manifest that lists them."""
     root = tmp_path_factory.mktemp("shards_data")
-    paths = synthetic.generate(str(root), seed=5, video_edits=4, image_edits=3, clips=3, frames=T,
-                               height=H, width=W, fps=8)
-    samples = [s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])]
+    paths = synthetic.generate(
+        str(root), seed=5, video_edits=4, image_edits=3, clips=3, frames=T, height=H, width=W, fps=8
+    )
+    samples = [
+        s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])
+    ]
     path = str(root / "all.jsonl")
     manifest.write_manifest(path, samples)
     return root, path, samples
@@ -41,8 +45,10 @@ def _cli(capsys, *argv):
 
 
 def _snapshot(directory):
-    return {f: (os.stat(os.path.join(directory, f)).st_mtime_ns, open(os.path.join(directory, f), "rb").read())
-            for f in sorted(os.listdir(directory))}
+    return {
+        f: (os.stat(os.path.join(directory, f)).st_mtime_ns, open(os.path.join(directory, f), "rb").read())
+        for f in sorted(os.listdir(directory))
+    }
 
 
 def test_tfds_and_grain_read_the_records(data, tmp_path):
@@ -65,19 +71,26 @@ def test_tfds_and_grain_read_the_records(data, tmp_path):
     for i in range(10):
         mine, theirs = ours[i], by_builder[i]
         assert mine["id"] == samples[i]["id"] and theirs["id"] == mine["id"].encode()
-        assert theirs["target"] == mine["target"] == open(manifest.resolve(path, samples[i]["target"]), "rb").read()
+        assert (
+            theirs["target"]
+            == mine["target"]
+            == open(manifest.resolve(path, samples[i]["target"]), "rb").read()
+        )
         assert theirs["source"] == mine["source"] and theirs["frames"] == mine["frames"]
         assert json.loads(theirs["meta"]) == mine["meta"]
         assert shard_format.record_from_example(by_name[i]) == mine
     assert ours[0]["kind"] == "video_edit" and (ours[0]["source_frames"], ours[0]["fps"]) == (T, 8.0)
     assert ours[9]["kind"] == "t2v" and "source_frames" not in ours[9] and by_builder[9]["source_frames"] == 0
-    assert [r["id"] for r in grain.MapDataset.source(by_builder).map(shard_format.record_from_example)] == \
-           [s["id"] for s in samples]
+    assert [r["id"] for r in grain.MapDataset.source(by_builder).map(shard_format.record_from_example)] == [
+        s["id"] for s in samples
+    ]
     assert grain.MapDataset.source(ours)[4]["id"] == samples[4]["id"]
 
     # A shard whose samples were all skipped is an empty ArrayRecord file with length 0 in the split.
     root = data[0]
-    gap = _manifest(root, "gap", samples[:1] + [dict(samples[9], id="gone", target="clips/nowhere.mp4")] + samples[1:2])
+    gap = _manifest(
+        root, "gap", samples[:1] + [dict(samples[9], id="gone", target="clips/nowhere.mp4")] + samples[1:2]
+    )
     index = arrayrecord.build_shards(gap, str(tmp_path / "gap"), samples_per_shard=1)
     assert index["records"] == [1, 0, 1] and index["skipped_counts"] == {"missing": 1}
     gap_source = tfds.builder_from_directory(str(tmp_path / "gap")).as_data_source(split="train")
@@ -102,19 +115,22 @@ def test_features_travel_as_npy_bytes(data, tmp_path):
 def test_refused_rerun_changes_nothing(data, tmp_path, capsys):
     _, path, _ = data
     out = tmp_path / "s"
-    assert _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 4, "--check", "decode")[0] == 0
+    assert (
+        _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 4, "--check", "decode")[0] == 0
+    )
     before = _snapshot(out)
     status, _, err = _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 4)
     assert status == 2 and "built with different settings (check: 'decode' -> 'header')" in err
     assert "--overwrite" in err and err.count("\n") == 1 and "Traceback" not in err
-    assert _snapshot(out) == before   # index.json included: the finished build still opens
+    assert _snapshot(out) == before  # index.json included: the finished build still opens
     assert len(arrayrecord.ShardSource(str(out))) == 10
 
     # A directory of the msgpack format (schema 1) is named as such, by the reader and the builder.
     old = tmp_path / "old"
     old.mkdir()
-    (old / arrayrecord.INDEX).write_text(json.dumps(dict(schema=1, shards=["all-00000-of-00001.array_record"],
-                                                         records=[10])))
+    (old / arrayrecord.INDEX).write_text(
+        json.dumps(dict(schema=1, shards=["all-00000-of-00001.array_record"], records=[10]))
+    )
     with pytest.raises(ValueError, match="records of schema 1 .1: msgpack., this reader reads schema 2"):
         arrayrecord.ShardSource(str(old))
     status, _, err = _cli(capsys, "--manifest", path, "--out", old)
@@ -132,8 +148,11 @@ def test_appended_sample_builds_only_the_last_shard(data, tmp_path, capsys):
     assert status == 0 and "manifest gained 1 sample: shards 0-2 unchanged, building shard 3" in err
     index = json.load(open(out / arrayrecord.INDEX))
     assert index["resumed_shards"] == 3 and index["records"] == [3, 3, 3, 1]
-    assert sorted(f for f in os.listdir(out) if "array_record" in f and not f.endswith(".json")) == index["shards"]
-    for i in range(3):   # renamed to -of-00004, bytes untouched
+    assert (
+        sorted(f for f in os.listdir(out) if "array_record" in f and not f.endswith(".json"))
+        == index["shards"]
+    )
+    for i in range(3):  # renamed to -of-00004, bytes untouched
         assert open(out / index["shards"][i], "rb").read() == kept[i]
     fresh = arrayrecord.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=3)
     for shard in fresh["shards"]:
@@ -159,14 +178,21 @@ def test_wrong_field_type_names_file_and_line(data, tmp_path, capsys):
     path = root / "typed.jsonl"
     lines = [json.dumps(samples[0]), json.dumps(dict(samples[1], source=5))]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(manifest.ManifestError, match=r"typed.jsonl:2: field 'source' must be a string path, got int"):
+    with pytest.raises(
+        manifest.ManifestError, match=r"typed.jsonl:2: field 'source' must be a string path, got int"
+    ):
         manifest.read_manifest(str(path))
     status, _, err = _cli(capsys, "--manifest", path, "--out", tmp_path / "s")
-    assert status == 2 and err == f"sama-build-shards: error: {path}:2: field 'source' must be a string path, got int\n"
-    assert not (tmp_path / "s").exists()   # refused before anything was written
-    for bad, message in [(dict(samples[0], frames="5"), "field 'frames' must be an integer, got str"),
-                         (dict(samples[0], text=["a"]), "field 'text' must be a string, got list"),
-                         (dict(samples[0], fps=True), "field 'fps' must be a number, got bool")]:
+    assert (
+        status == 2
+        and err == f"sama-build-shards: error: {path}:2: field 'source' must be a string path, got int\n"
+    )
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    for bad, message in [
+        (dict(samples[0], frames="5"), "field 'frames' must be an integer, got str"),
+        (dict(samples[0], text=["a"]), "field 'text' must be a string, got list"),
+        (dict(samples[0], fps=True), "field 'fps' must be a number, got bool"),
+    ]:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(manifest.ManifestError, match=message):
             manifest.read_manifest(str(path))
@@ -179,28 +205,48 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
     root, _, samples = data
     for name in ("stage1_sft", "stage0_pretrain"):
         config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
-        assert config.data.min_frames == arrayrecord.MIN_FRAMES   # the command's default is the configs'
+        assert config.data.min_frames == arrayrecord.MIN_FRAMES  # the command's default is the configs'
     path = _manifest(root, "clips", [s for s in samples if s["kind"] == "t2v"])
     config = os.path.join(REPO, "configs", "stage1_sft.py") + ":tiny"
     status, out, _ = _cli(capsys, f"--config={config}", "--manifest", path, "--out", tmp_path / "a")
-    assert status == 0 and "3 of 3 samples" in out   # 5 frames, min_frames 5, stride 1
+    assert status == 0 and "3 of 3 samples" in out  # 5 frames, min_frames 5, stride 1
     # 8 fps clips for a 4 fps model: stride 2 gives 3 of the 5 frames, too few.
-    status, out, _ = _cli(capsys, f"--config={config}", "--config.data.fps=4", "--manifest", path,
-                          "--out", tmp_path / "b")
+    status, out, _ = _cli(
+        capsys, f"--config={config}", "--config.data.fps=4", "--manifest", path, "--out", tmp_path / "b"
+    )
     assert status == 0 and "0 of 3 samples" in out and "5 frames give 3 at stride 2 from frame 0" in out
-    status, out, _ = _cli(capsys, f"--config={config}", "--config.data.fps=4", "--min-frames", 3,
-                          "--manifest", path, "--out", tmp_path / "c")
-    assert "3 of 3 samples" in out   # an explicit --min-frames wins over the config
+    status, out, _ = _cli(
+        capsys,
+        f"--config={config}",
+        "--config.data.fps=4",
+        "--min-frames",
+        3,
+        "--manifest",
+        path,
+        "--out",
+        tmp_path / "c",
+    )
+    assert "3 of 3 samples" in out  # an explicit --min-frames wins over the config
     assert json.load(open(tmp_path / "c" / arrayrecord.INDEX))["features"] == []
     # start_frame counts too (OpenVE's 4 dropped frames); a negative one is the pipeline's bad_record.
     clips = [s for s in samples if s["kind"] == "t2v"]
-    path = _manifest(root, "starts", [dict(clips[0], start_frame=0), dict(clips[1], start_frame=3),
-                                      dict(clips[2], start_frame=-2)])
+    path = _manifest(
+        root,
+        "starts",
+        [dict(clips[0], start_frame=0), dict(clips[1], start_frame=3), dict(clips[2], start_frame=-2)],
+    )
     status, out, _ = _cli(capsys, "--manifest", path, "--out", tmp_path / "e", "--min-frames", 3)
     assert status == 0 and "1 of 3 samples" in out and "{'too_short': 1, 'bad_record': 1}" in out
     assert "5 frames give 2 at stride 1 from frame 3, fewer than min_frames=3" in out
-    status, _, _ = _cli(capsys, f"--config={config}", "--config.data.features=('text',)", "--manifest", path,
-                        "--out", tmp_path / "d")
+    status, _, _ = _cli(
+        capsys,
+        f"--config={config}",
+        "--config.data.features=('text',)",
+        "--manifest",
+        path,
+        "--out",
+        tmp_path / "d",
+    )
     assert status == 0 and json.load(open(tmp_path / "d" / arrayrecord.INDEX))["features"] == ["text"]
 
 
@@ -215,7 +261,12 @@ def test_clear_errors_are_one_line(data, tmp_path, capsys):
     ]
     for argv, message in cases:
         status, _, err = _cli(capsys, *argv, "--out", tmp_path / "s")
-        assert status == 2 and err.startswith("sama-build-shards: error: ") and message in err and err.count("\n") == 1
+        assert (
+            status == 2
+            and err.startswith("sama-build-shards: error: ")
+            and message in err
+            and err.count("\n") == 1
+        )
     assert not (tmp_path / "s").exists()
     # A live builder holds the lock: a second one names its pid and leaves the directory alone.
     lock = arrayrecord.lock_out_dir(str(tmp_path / "s"))
@@ -244,29 +295,41 @@ def test_kill_9_takes_the_workers_along(data, tmp_path):
     import psutil
 
     root, _, samples = data
-    many = [dict(s, id=f"{s['id']}_{k}") for k in range(6) for s in samples]   # 60 samples, 30 shards
+    many = [dict(s, id=f"{s['id']}_{k}") for k in range(6) for s in samples]  # 60 samples, 30 shards
     path = _manifest(root, "many", many)
     out = tmp_path / "s"
-    command = [sys.executable, "-m", "sama_jax.data.arrayrecord", "--manifest", path, "--out", str(out),
-               "--samples-per-shard", "2", "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "sama_jax.data.arrayrecord",
+        "--manifest",
+        path,
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        "2",
+        "--workers",
+        "2",
+    ]
     env = dict(os.environ, PYTHONPATH=REPO)
-    builder = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    builder = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     workers = []
     try:
         deadline = time.monotonic() + 120
         while not any(f.endswith("-of-00030.json") for f in (os.listdir(out) if out.exists() else [])):
             assert builder.poll() is None and time.monotonic() < deadline, "the build never started a shard"
             time.sleep(0.01)
-        os.killpg(builder.pid, signal.SIGSTOP)   # freeze it mid-build, so the kill lands mid-build
+        os.killpg(builder.pid, signal.SIGSTOP)  # freeze it mid-build, so the kill lands mid-build
         workers = _children(builder.pid)
         assert len(workers) >= 2 and not (out / arrayrecord.INDEX).exists()
         os.kill(builder.pid, signal.SIGKILL)
         builder.wait()
-        os.killpg(builder.pid, signal.SIGCONT)   # whatever is left runs on, as after a plain kill -9
+        os.killpg(builder.pid, signal.SIGCONT)  # whatever is left runs on, as after a plain kill -9
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert alive == [], f"workers outlived the builder: {alive}"
-    finally:   # a failing run must not leave its processes behind either
+    finally:  # a failing run must not leave its processes behind either
         if builder.poll() is None:
             builder.kill()
         builder.wait()

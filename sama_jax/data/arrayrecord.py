@@ -52,6 +52,7 @@ Precomputed features: --features text,semantic stores, for each name, the array 
 sama_jax.features.feature_path(manifest, id, name) points at (the .npy files sama-precompute
 writes under <manifest dir>/features/); a sample without that file gets no entry for the name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,37 @@ import sys
 from typing import Iterable, Sequence
 
 from sama_jax.data import shard_format
-from sama_jax.data.shard_builder import (CHECKS, INDEX, MIN_FRAMES, BadItem, build_shards, lock_out_dir,  # noqa: F401
-                                         make_record, report_path)
-from sama_jax.data.shard_format import SCHEMA_VERSION, decode_record, encode_record, shard_names  # noqa: F401
+from sama_jax.data.shard_builder import (
+    CHECKS,
+    INDEX,
+    MIN_FRAMES,
+    BadItem,
+    build_shards,
+    lock_out_dir,
+    make_record,
+    report_path,
+)
+from sama_jax.data.shard_format import SCHEMA_VERSION, decode_record, encode_record, shard_names
 
+# The builder's names stay importable from here, where the pipeline, tests and users find them.
+__all__ = [
+    "CHECKS",
+    "INDEX",
+    "MIN_FRAMES",
+    "SCHEMA_VERSION",
+    "BadItem",
+    "ShardSource",
+    "build_shards",
+    "decode_record",
+    "encode_record",
+    "iter_records",
+    "lock_out_dir",
+    "main",
+    "make_record",
+    "report_path",
+    "shard_names",
+    "shard_paths",
+]
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
@@ -79,12 +107,16 @@ def shard_paths(location: str | Sequence[str]) -> list[str]:
     if os.path.isdir(location):
         index_path = os.path.join(location, INDEX)
         if not os.path.exists(index_path):
-            raise FileNotFoundError(f"{index_path}: no index; the build is unfinished (rerun sama-build-shards)")
+            raise FileNotFoundError(
+                f"{index_path}: no index; the build is unfinished (rerun sama-build-shards)"
+            )
         with open(index_path) as f:
             index = json.load(f)
         if index.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"{index_path}: records of schema {index.get('schema')} (1: msgpack), this reader "
-                             f"reads schema {SCHEMA_VERSION}; rebuild with sama-build-shards --overwrite")
+            raise ValueError(
+                f"{index_path}: records of schema {index.get('schema')} (1: msgpack), this reader "
+                f"reads schema {SCHEMA_VERSION}; rebuild with sama-build-shards --overwrite"
+            )
         # A shard whose samples were all skipped holds no records; leave it out of the source.
         return [os.path.join(location, shard) for shard, n in zip(index["shards"], index["records"]) if n]
     return [location]
@@ -110,7 +142,7 @@ class ShardSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):   # IndexError (not ArrayRecord's ValueError) ends iteration
+        if not 0 <= index < len(self):  # IndexError (not ArrayRecord's ValueError) ends iteration
             raise IndexError(f"record {index} out of range for {self!r}")
         return shard_format.decode_record(self._source[index])
 
@@ -132,22 +164,36 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
     """Arguments, and the build settings that follow from them and the --config if one is given."""
     from sama_jax import config as config_lib
 
-    parser = argparse.ArgumentParser(prog="sama-build-shards",
-                                     description="Build a TFDS shard dataset from a manifest (resumable).")
+    parser = argparse.ArgumentParser(
+        prog="sama-build-shards", description="Build a TFDS shard dataset from a manifest (resumable)."
+    )
     parser.add_argument("--manifest", required=True, help="JSONL manifest (sama_jax.data.manifest format)")
     parser.add_argument("--out", required=True, help="output directory (a TFDS dataset directory)")
-    parser.add_argument("--config", metavar="FILE.py[:ARG]",
-                        help="the training config: its data.min_frames, data.fps and data.frame_stride set "
-                             "the length check (training's skip rule), data.features the default --features")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.py[:ARG]",
+        help="the training config: its data.min_frames, data.fps and data.frame_stride set "
+        "the length check (training's skip rule), data.features the default --features",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--name", default="", help="dataset name (default: the manifest's file stem)")
-    parser.add_argument("--min-frames", type=int, default=None,
-                        help=f"skip videos giving fewer frames (default: the config's data.min_frames, "
-                             f"else {MIN_FRAMES})")
-    parser.add_argument("--check", choices=CHECKS, default="header",
-                        help="header: read headers and count packets; decode: also decode every frame")
-    parser.add_argument("--features", default=None,
-                        help="comma-separated precomputed feature names (default: the config's data.features)")
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help=f"skip videos giving fewer frames (default: the config's data.min_frames, else {MIN_FRAMES})",
+    )
+    parser.add_argument(
+        "--check",
+        choices=CHECKS,
+        default="header",
+        help="header: read headers and count packets; decode: also decode every frame",
+    )
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="comma-separated precomputed feature names (default: the config's data.features)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="rebuild every shard, whatever is in --out")
     parser.add_argument("--workers", type=int, default=1, help="shards built at once (processes)")
     spec, overrides, rest = config_lib.split_config_args(argv)
@@ -155,8 +201,12 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
     settings = dict(min_frames=MIN_FRAMES, features=[])
     if spec:
         config = config_lib.build_config(spec, overrides)
-        settings = dict(min_frames=int(config.data.min_frames), fps=float(config.data.fps),
-                        frame_stride=int(config.data.frame_stride), features=list(config.data.features))
+        settings = dict(
+            min_frames=int(config.data.min_frames),
+            fps=float(config.data.fps),
+            frame_stride=int(config.data.frame_stride),
+            features=list(config.data.features),
+        )
     elif overrides:
         parser.error(f"--config.{overrides[0][0]} needs a --config=FILE.py to override")
     if args.min_frames is not None:
@@ -176,13 +226,23 @@ def _run(argv: Sequence[str]) -> int:
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
-                             check=args.check, overwrite=args.overwrite, workers=args.workers, **settings)
+        index = build_shards(
+            args.manifest,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            name=args.name,
+            check=args.check,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            **settings,
+        )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    print(f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
-          f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)")
+    print(
+        f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
+        f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)"
+    )
     if index["skipped_total"]:
         print(f"skipped {index['skipped_total']}: {index['skipped_counts']}")
         for item in index["skipped"]:

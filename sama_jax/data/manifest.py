@@ -21,6 +21,7 @@ string path, got int".
 Manifests are made by sama-make-synthetic (sama_jax.data.synthetic) and sama-import-manifest
 (sama_jax.data.importers), and turned into ArrayRecord shards by sama-build-shards.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ import os
 from typing import Iterable
 
 KINDS = ("video_edit", "image_edit", "t2v")
-REQUIRED = {"video_edit": ("source", "target", "text"), "image_edit": ("source", "target", "text"),
-            "t2v": ("target", "text")}
+REQUIRED = {
+    "video_edit": ("source", "target", "text"),
+    "image_edit": ("source", "target", "text"),
+    "t2v": ("target", "text"),
+}
 
 
 class ManifestError(ValueError):
@@ -43,11 +47,21 @@ _STRING = ((str,), "a string")
 _PATH = ((str,), "a string path")
 _INT = ((int,), "an integer")
 FIELD_TYPES = {
-    "id": ((str, int), "a string or an integer"), "kind": _STRING, "text": _STRING,
-    "source": _PATH, "target": _PATH, "origin": _STRING, "task": _STRING, "edit_type": _STRING,
-    "source_caption": _STRING, "edit": ((dict,), "a JSON object"),
+    "id": ((str, int), "a string or an integer"),
+    "kind": _STRING,
+    "text": _STRING,
+    "source": _PATH,
+    "target": _PATH,
+    "origin": _STRING,
+    "task": _STRING,
+    "edit_type": _STRING,
+    "source_caption": _STRING,
+    "edit": ((dict,), "a JSON object"),
     "fps": ((int, float), "a number"),
-    "frames": _INT, "height": _INT, "width": _INT, "start_frame": _INT,
+    "frames": _INT,
+    "height": _INT,
+    "width": _INT,
+    "start_frame": _INT,
 }
 
 

@@ -5,6 +5,7 @@ the file format in sama_jax.data.shard_format. This module decides, before anyth
 which shards of an output directory are still right for the manifest and settings (plan), and then
 builds the others under an exclusive lock on the directory (build_shards).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,21 +28,28 @@ import numpy as np
 
 from sama_jax import features as features_lib
 from sama_jax.data import manifest as manifest_lib
-from sama_jax.data import shard_format
-from sama_jax.data import transforms
-from sama_jax.data import video_io
+from sama_jax.data import shard_format, transforms, video_io
 from sama_jax.data.video_io import MediaError
 
 log = logging.getLogger("sama_jax.data.arrayrecord")
 
-MIN_FRAMES = 5      # = data.min_frames of configs/stage*.py (tests/test_shards.py keeps them equal)
+MIN_FRAMES = 5  # = data.min_frames of configs/stage*.py (tests/test_shards.py keeps them equal)
 CHECKS = ("header", "decode")
 INDEX = "index.json"
 LOCK = ".lock"
-WRITER_OPTIONS = "group_size:1,uncompressed"   # random access to one record; media is compressed already
+WRITER_OPTIONS = "group_size:1,uncompressed"  # random access to one record; media is compressed already
 # Keys whose change makes every done shard wrong. The manifest's path may move; its contents are
 # compared per shard (sample_hashes) so that appended samples do not invalidate the rest.
-SETTING_KEYS = ("schema", "name", "samples_per_shard", "min_frames", "fps", "frame_stride", "check", "features")
+SETTING_KEYS = (
+    "schema",
+    "name",
+    "samples_per_shard",
+    "min_frames",
+    "fps",
+    "frame_stride",
+    "check",
+    "features",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,8 +101,9 @@ def _check_length(path: str, info: dict, min_frames: int, stride: int, start: in
     used = len(range(start, info["frames"], stride))
     if used < min_frames:
         how = "" if (stride, start) == (1, 0) else f" give {used} at stride {stride} from frame {start}"
-        raise BadItem("too_short", path,
-                      f"{path}: {info['frames']} frames{how}, fewer than min_frames={min_frames}")
+        raise BadItem(
+            "too_short", path, f"{path}: {info['frames']} frames{how}, fewer than min_frames={min_frames}"
+        )
 
 
 def _load_features(manifest_path: str, sample_id: str, names: Sequence[str]) -> dict:
@@ -109,8 +118,15 @@ def _load_features(manifest_path: str, sample_id: str, names: Sequence[str]) -> 
     return features
 
 
-def make_record(sample: dict, manifest_path: str, min_frames: int = MIN_FRAMES, check: str = "header",
-                features: Sequence[str] = (), fps: float = 0.0, frame_stride: int = 1) -> dict:
+def make_record(
+    sample: dict,
+    manifest_path: str,
+    min_frames: int = MIN_FRAMES,
+    check: str = "header",
+    features: Sequence[str] = (),
+    fps: float = 0.0,
+    frame_stride: int = 1,
+) -> dict:
     """The record of one manifest sample (schema: sama_jax.data.arrayrecord); raises BadItem.
 
     fps and frame_stride are data.fps and data.frame_stride: with them the length check counts the
@@ -119,9 +135,12 @@ def make_record(sample: dict, manifest_path: str, min_frames: int = MIN_FRAMES, 
     kind = sample["kind"]
     target_path = manifest_lib.resolve(manifest_path, sample["target"])
     start = sample.get("start_frame", 0)
-    if start < 0:   # as the pipeline does (its "bad_record"): nothing sensible to take
-        raise BadItem("bad_record", target_path, f"{target_path}: start_frame must be a non-negative "
-                                                 f"integer, got {start!r}")
+    if start < 0:  # as the pipeline does (its "bad_record"): nothing sensible to take
+        raise BadItem(
+            "bad_record",
+            target_path,
+            f"{target_path}: start_frame must be a non-negative integer, got {start!r}",
+        )
     target, target_ext, info = _read_media(target_path, check)
     stride = transforms.stride_for(info["fps"], fps, frame_stride)
     _check_length(target_path, info, min_frames, stride, start)
@@ -131,15 +150,28 @@ def make_record(sample: dict, manifest_path: str, min_frames: int = MIN_FRAMES, 
         source, source_ext, source_info = _read_media(source_path, check)
         _check_length(source_path, source_info, min_frames, stride, start)
         # The pipeline plans batch shapes from these without opening the media again.
-        source_size = dict(source_frames=int(source_info["frames"]),
-                           source_height=int(source_info["height"]),
-                           source_width=int(source_info["width"]))
+        source_size = dict(
+            source_frames=int(source_info["frames"]),
+            source_height=int(source_info["height"]),
+            source_width=int(source_info["width"]),
+        )
     meta = {k: v for k, v in sample.items() if k not in ("id", "kind", "text", "source", "target")}
-    return dict(id=str(sample["id"]), kind=kind, text=str(sample["text"]), target=target,
-                target_ext=target_ext, source=source, source_ext=source_ext, fps=float(info["fps"]),
-                frames=int(info["frames"]), height=int(info["height"]), width=int(info["width"]),
-                **source_size, meta=meta,
-                features=_load_features(manifest_path, str(sample["id"]), features))
+    return dict(
+        id=str(sample["id"]),
+        kind=kind,
+        text=str(sample["text"]),
+        target=target,
+        target_ext=target_ext,
+        source=source,
+        source_ext=source_ext,
+        fps=float(info["fps"]),
+        frames=int(info["frames"]),
+        height=int(info["height"]),
+        width=int(info["width"]),
+        **source_size,
+        meta=meta,
+        features=_load_features(manifest_path, str(sample["id"]), features),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,8 +194,13 @@ def _sample_hash(sample: dict) -> str:
     return hashlib.sha256(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _build_shard(samples: Sequence[dict], manifest_path: str, path: str, settings: dict,
-                 on_sample: Callable[[], None] | None = None) -> dict:
+def _build_shard(
+    samples: Sequence[dict],
+    manifest_path: str,
+    path: str,
+    settings: dict,
+    on_sample: Callable[[], None] | None = None,
+) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tmp = path + ".tmp"
@@ -172,8 +209,15 @@ def _build_shard(samples: Sequence[dict], manifest_path: str, path: str, setting
     try:
         for sample in samples:
             try:
-                record = make_record(sample, manifest_path, settings["min_frames"], settings["check"],
-                                     settings["features"], settings["fps"], settings["frame_stride"])
+                record = make_record(
+                    sample,
+                    manifest_path,
+                    settings["min_frames"],
+                    settings["check"],
+                    settings["features"],
+                    settings["fps"],
+                    settings["frame_stride"],
+                )
             except BadItem as e:
                 log.warning("skipping %s (%s): %s", sample["id"], e.reason, e)
                 skipped.append(dict(id=sample["id"], reason=e.reason, path=e.path, message=str(e)))
@@ -185,8 +229,15 @@ def _build_shard(samples: Sequence[dict], manifest_path: str, path: str, setting
     finally:
         writer.close()
     os.replace(tmp, path)
-    report = dict(settings, shard=os.path.basename(path), records=len(written), ids=written, skipped=skipped,
-                  sample_hashes=[_sample_hash(s) for s in samples], num_bytes=os.path.getsize(path))
+    report = dict(
+        settings,
+        shard=os.path.basename(path),
+        records=len(written),
+        ids=written,
+        skipped=skipped,
+        sample_hashes=[_sample_hash(s) for s in samples],
+        num_bytes=os.path.getsize(path),
+    )
     _write_json(report_path(path), report)
     return report
 
@@ -198,15 +249,17 @@ def _set_parent_death_signal(parent: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         ok = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):   # not Linux
+    except (OSError, AttributeError):  # not Linux
         ok = False
     if not ok:
+
         def watch():
             while os.getppid() == parent:
                 time.sleep(1.0)
             os._exit(1)
+
         threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:   # the builder died before prctl took effect
+    if os.getppid() != parent:  # the builder died before prctl took effect
         os._exit(1)
 
 
@@ -216,10 +269,10 @@ def _set_parent_death_signal(parent: int) -> None:
 
 class Plan:
     def __init__(self):
-        self.keep = {}      # shard index -> (current file name, report) of a finished shard still right
-        self.build = []     # shard indices to build
-        self.remove = []    # shard and report files that are not kept (replaced, stale or unfinished)
-        self.summary = ""   # what a rerun keeps and builds, for the log
+        self.keep = {}  # shard index -> (current file name, report) of a finished shard still right
+        self.build = []  # shard indices to build
+        self.remove = []  # shard and report files that are not kept (replaced, stale or unfinished)
+        self.summary = ""  # what a rerun keeps and builds, for the log
 
 
 def _ranges(indices) -> str:
@@ -237,8 +290,9 @@ def _shards(word: str, indices) -> str:
 
 
 # A shard file or its report, of any dataset name and shard count.
-_SHARD_FILE = re.compile(r"^(.+)-" + shard_format.SPLIT + r"\." + shard_format.FILE_FORMAT +
-                         r"-\d{5}-of-\d{5}(\.json)?$")
+_SHARD_FILE = re.compile(
+    r"^(.+)-" + shard_format.SPLIT + r"\." + shard_format.FILE_FORMAT + r"-\d{5}-of-\d{5}(\.json)?$"
+)
 
 
 def _read_index(out_dir: str) -> dict | None:
@@ -248,7 +302,7 @@ def _read_index(out_dir: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)
-    except ValueError:   # cut short: the build is unfinished, and the index is rewritten at its end
+    except ValueError:  # cut short: the build is unfinished, and the index is rewritten at its end
         return None
 
 
@@ -256,7 +310,7 @@ def _read_report(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)
-    except ValueError:   # unreadable: the shard counts as unfinished and is rebuilt
+    except ValueError:  # unreadable: the shard counts as unfinished and is rebuilt
         return None
 
 
@@ -271,31 +325,47 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
     old_layout = index is not None and index.get("schema") != shard_format.SCHEMA_VERSION
     others = sorted({_SHARD_FILE.match(f).group(1) for f in ours} - {name})
     if (old_layout or others) and not overwrite:
-        what = (f"a build of an older format (schema {index.get('schema')})" if old_layout
-                else f"shards of another dataset name ({', '.join(others)})")
+        what = (
+            f"a build of an older format (schema {index.get('schema')})"
+            if old_layout
+            else f"shards of another dataset name ({', '.join(others)})"
+        )
         raise ValueError(f"{out_dir} holds {what}; build into a new directory or pass --overwrite")
-    if old_layout:   # schema 1 listed its files in the index: <name>-0000i-of-0000n.array_record + .json
-        ours |= {f for shard in index.get("shards", []) for f in (shard, shard.rsplit(".", 1)[0] + ".json")
-                 if f in files}
+    if old_layout:  # schema 1 listed its files in the index: <name>-0000i-of-0000n.array_record + .json
+        ours |= {
+            f
+            for shard in index.get("shards", [])
+            for f in (shard, shard.rsplit(".", 1)[0] + ".json")
+            if f in files
+        }
 
-    found = {}   # shard index -> [(file name, report)]: finished shards of this name, any shard count
+    found = {}  # shard index -> [(file name, report)]: finished shards of this name, any shard count
     for f in sorted(files):
         parsed = shard_format.parse_shard_name(name, f)
-        report = _read_report(os.path.join(out_dir, report_path(f))) if parsed and report_path(f) in files else None
+        report = (
+            _read_report(os.path.join(out_dir, report_path(f)))
+            if parsed and report_path(f) in files
+            else None
+        )
         if report is not None:
             found.setdefault(parsed[0], []).append((f, report))
     if not overwrite:
         for entries in found.values():
             for f, report in entries:
-                changed = [f"{k}: {report.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS
-                           if report.get(k) != settings[k]]
+                changed = [
+                    f"{k}: {report.get(k)!r} -> {settings[k]!r}"
+                    for k in SETTING_KEYS
+                    if report.get(k) != settings[k]
+                ]
                 if changed:
-                    raise ValueError(f"{os.path.join(out_dir, f)}: built with different settings "
-                                     f"({', '.join(changed)}); build into a new directory or pass --overwrite")
+                    raise ValueError(
+                        f"{os.path.join(out_dir, f)}: built with different settings "
+                        f"({', '.join(changed)}); build into a new directory or pass --overwrite"
+                    )
 
     work, changed = Plan(), []
     for i in range(num_shards):
-        hashes = [_sample_hash(s) for s in samples[i * size:(i + 1) * size]]
+        hashes = [_sample_hash(s) for s in samples[i * size : (i + 1) * size]]
         entries = [] if overwrite else found.get(i, [])
         match = next(((f, r) for f, r in entries if r["sample_hashes"] == hashes), None)
         if match:
@@ -303,8 +373,8 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
             continue
         work.build.append(i)
         old = entries[0][1]["sample_hashes"] if entries else None
-        if old is not None and not (len(old) < len(hashes) and hashes[:len(old)] == old):
-            changed.append((i, old, hashes))   # not just samples appended to the last shard
+        if old is not None and not (len(old) < len(hashes) and hashes[: len(old)] == old):
+            changed.append((i, old, hashes))  # not just samples appended to the last shard
     extra = sorted(i for i in found if i >= num_shards)
     kept_files = {g for f, _ in work.keep.values() for g in (f, report_path(f))}
     work.remove = sorted(ours - kept_files)
@@ -317,14 +387,19 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
         if changed:
             i, old, new = changed[0]
             j = next((j for j, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-            first = (f"first difference: sample {i * size + j}, id {samples[i * size + j]['id']!r}"
-                     if j < len(new) else f"shard {i} lost samples")
+            first = (
+                f"first difference: sample {i * size + j}, id {samples[i * size + j]['id']!r}"
+                if j < len(new)
+                else f"shard {i} lost samples"
+            )
             detail.append(f"samples of {_shards('shard', [c[0] for c in changed])} changed ({first})")
         if extra:
             detail.append(f"{_shards('shard', extra)} lie past the manifest's end ({len(samples)} samples)")
-        raise ValueError(f"{out_dir}: the manifest changed since the build: {'; '.join(detail)}. A rerun "
-                         f"only picks up samples appended to the manifest; pass --overwrite to rebuild, "
-                         f"or build into a new directory")
+        raise ValueError(
+            f"{out_dir}: the manifest changed since the build: {'; '.join(detail)}. A rerun "
+            f"only picks up samples appended to the manifest; pass --overwrite to rebuild, "
+            f"or build into a new directory"
+        )
     if work.keep:
         old_total = index.get("total_samples") if index else None
         head = ""
@@ -333,8 +408,9 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
             head = f"manifest gained {gained} sample{'s' * (gained != 1)}: "
         elif old_total is None:
             head = "resuming an unfinished build: "
-        work.summary = (f"{head}{_shards('shard', work.keep)} unchanged, "
-                        + (f"building {_shards('shard', work.build)}" if work.build else "nothing to build"))
+        work.summary = f"{head}{_shards('shard', work.keep)} unchanged, " + (
+            f"building {_shards('shard', work.build)}" if work.build else "nothing to build"
+        )
     return work
 
 
@@ -355,7 +431,9 @@ def lock_out_dir(out_dir: str):
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
-        raise ValueError(f"{out_dir} is being built by pid {owner}; wait for it to finish or stop it") from None
+        raise ValueError(
+            f"{out_dir} is being built by pid {owner}; wait for it to finish or stop it"
+        ) from None
     return handle
 
 
@@ -385,17 +463,33 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        log.info("%s%d/%d samples, %.1f samples/s, ETA %s", what, self.done, self.total, rate,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+        log.info(
+            "%s%d/%d samples, %.1f samples/s, ETA %s",
+            what,
+            self.done,
+            self.total,
+            rate,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Building
 
 
-def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256, name: str = "",
-                 min_frames: int = MIN_FRAMES, check: str = "header", features: Sequence[str] = (),
-                 overwrite: bool = False, workers: int = 1, fps: float = 0.0, frame_stride: int = 1) -> dict:
+def build_shards(
+    manifest_path: str,
+    out_dir: str,
+    samples_per_shard: int = 256,
+    name: str = "",
+    min_frames: int = MIN_FRAMES,
+    check: str = "header",
+    features: Sequence[str] = (),
+    overwrite: bool = False,
+    workers: int = 1,
+    fps: float = 0.0,
+    frame_stride: int = 1,
+) -> dict:
     """Builds (or finishes building) the shard dataset of a manifest; returns the index.
 
     Every check on the arguments, the manifest and a previous build in out_dir runs before anything
@@ -418,22 +512,35 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
     samples = manifest_lib.read_manifest(manifest_path)
     if not samples:
         raise ValueError(f"{manifest_path}: manifest has no samples")
-    settings = dict(schema=shard_format.SCHEMA_VERSION, name=name, samples_per_shard=samples_per_shard,
-                    min_frames=min_frames, fps=float(fps), frame_stride=int(frame_stride), check=check,
-                    features=list(features))
+    settings = dict(
+        schema=shard_format.SCHEMA_VERSION,
+        name=name,
+        samples_per_shard=samples_per_shard,
+        min_frames=min_frames,
+        fps=float(fps),
+        frame_stride=int(frame_stride),
+        check=check,
+        features=list(features),
+    )
     num_shards = -(-len(samples) // samples_per_shard)
     names = shard_format.shard_names(name, num_shards)
 
     lock = lock_out_dir(out_dir)
     try:
-        work = plan(out_dir, samples, settings, overwrite)   # a refusal leaves out_dir as it was
+        work = plan(out_dir, samples, settings, overwrite)  # a refusal leaves out_dir as it was
         _mark_owner(lock)
-        log.info("%s: %d samples in %d shards of %d; %s", out_dir, len(samples), num_shards, samples_per_shard,
-                 work.summary or f"building {_shards('shard', work.build)}")
+        log.info(
+            "%s: %d samples in %d shards of %d; %s",
+            out_dir,
+            len(samples),
+            num_shards,
+            samples_per_shard,
+            work.summary or f"building {_shards('shard', work.build)}",
+        )
         renames = {i: f for i, (f, _) in work.keep.items() if f != names[i]}
         index_path = os.path.join(out_dir, INDEX)
         if (work.build or work.remove or renames) and os.path.exists(index_path):
-            os.remove(index_path)   # rewritten at the end; its absence marks an unfinished build
+            os.remove(index_path)  # rewritten at the end; its absence marks an unfinished build
         # Under the lock, any .tmp file is a dead builder's leftover.
         for f in sorted(os.listdir(out_dir)):
             if os.path.isdir(os.path.join(out_dir, f)) and f.endswith(".tmp"):
@@ -442,7 +549,7 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
                 os.remove(os.path.join(out_dir, f))
         reports = {}
         for i, (current, report) in work.keep.items():
-            if current != names[i]:   # the manifest grew into more shards: TFDS names carry the count
+            if current != names[i]:  # the manifest grew into more shards: TFDS names carry the count
                 os.replace(os.path.join(out_dir, current), os.path.join(out_dir, names[i]))
                 report = dict(report, shard=names[i])
                 _write_json(os.path.join(out_dir, report_path(names[i])), report)
@@ -455,42 +562,66 @@ def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256,
         lock.close()
 
 
-def _build(todo: Sequence[int], samples, manifest_path: str, out_dir: str, names, settings: dict,
-           workers: int) -> dict:
+def _build(
+    todo: Sequence[int], samples, manifest_path: str, out_dir: str, names, settings: dict, workers: int
+) -> dict:
     size = settings["samples_per_shard"]
-    chunks = {i: samples[i * size:(i + 1) * size] for i in todo}
+    chunks = {i: samples[i * size : (i + 1) * size] for i in todo}
     progress = Progress(sum(len(c) for c in chunks.values()))
     reports = {}
 
     def done(i, report):
         reports[i] = report
-        log.info("shard %d/%d: %d records, %d skipped", i + 1, len(names), report["records"], len(report["skipped"]))
+        log.info(
+            "shard %d/%d: %d records, %d skipped",
+            i + 1,
+            len(names),
+            report["records"],
+            len(report["skipped"]),
+        )
 
     if workers > 1 and len(todo) > 1:
         # Shards are independent; spawned processes (not forked) so a caller's threads cannot deadlock them.
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
-                                                    initializer=_set_parent_death_signal,
-                                                    initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_build_shard, chunks[i], manifest_path, os.path.join(out_dir, names[i]),
-                                   settings): i for i in todo}
+        with concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(todo)),
+            mp_context=context,
+            initializer=_set_parent_death_signal,
+            initargs=(os.getpid(),),
+        ) as pool:
+            futures = {
+                pool.submit(
+                    _build_shard, chunks[i], manifest_path, os.path.join(out_dir, names[i]), settings
+                ): i
+                for i in todo
+            }
             try:
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
                     done(i, future.result())
                     progress.advance(len(chunks[i]), f"{len(reports)}/{len(todo)} shards, ")
-            except BaseException:   # stop at the first failure instead of building every other shard first
+            except BaseException:  # stop at the first failure instead of building every other shard first
                 for future in futures:
                     future.cancel()
                 raise
     else:
         for i in todo:
-            done(i, _build_shard(chunks[i], manifest_path, os.path.join(out_dir, names[i]), settings,
-                                 on_sample=progress.advance))
+            done(
+                i,
+                _build_shard(
+                    chunks[i],
+                    manifest_path,
+                    os.path.join(out_dir, names[i]),
+                    settings,
+                    on_sample=progress.advance,
+                ),
+            )
     return reports
 
 
-def _finish(out_dir: str, manifest_path: str, samples, settings: dict, reports: Sequence[dict], resumed: int) -> dict:
+def _finish(
+    out_dir: str, manifest_path: str, samples, settings: dict, reports: Sequence[dict], resumed: int
+) -> dict:
     """TFDS metadata, then index.json (last: its presence marks a finished build)."""
     skipped = [item for report in reports for item in report["skipped"]]
     counts = {}
@@ -498,15 +629,29 @@ def _finish(out_dir: str, manifest_path: str, samples, settings: dict, reports: 
         counts[item["reason"]] = counts.get(item["reason"], 0) + 1
     records = [r["records"] for r in reports]
     shard_format.write_tfds_metadata(
-        out_dir, settings["name"], records, sum(r["num_bytes"] for r in reports),
+        out_dir,
+        settings["name"],
+        records,
+        sum(r["num_bytes"] for r in reports),
         description=f"Built by sama-build-shards from {os.path.abspath(manifest_path)}: "
-                    f"{sum(records)} of {len(samples)} samples ({len(skipped)} skipped, see index.json).")
+        f"{sum(records)} of {len(samples)} samples ({len(skipped)} skipped, see index.json).",
+    )
     with open(manifest_path, "rb") as f:
         manifest_sha256 = hashlib.sha256(f.read()).hexdigest()
-    index = dict(settings, manifest=os.path.abspath(manifest_path), manifest_sha256=manifest_sha256,
-                 tfds_version=shard_format.VERSION, split=shard_format.SPLIT,
-                 shards=[r["shard"] for r in reports], records=records, total_records=sum(records),
-                 total_samples=len(samples), skipped_total=len(skipped), skipped_counts=counts,
-                 skipped=skipped, resumed_shards=resumed)
+    index = dict(
+        settings,
+        manifest=os.path.abspath(manifest_path),
+        manifest_sha256=manifest_sha256,
+        tfds_version=shard_format.VERSION,
+        split=shard_format.SPLIT,
+        shards=[r["shard"] for r in reports],
+        records=records,
+        total_records=sum(records),
+        total_samples=len(samples),
+        skipped_total=len(skipped),
+        skipped_counts=counts,
+        skipped=skipped,
+        resumed_shards=resumed,
+    )
     _write_json(os.path.join(out_dir, INDEX), index)
     return index

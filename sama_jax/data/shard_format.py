@@ -9,6 +9,7 @@ and grain.sources.ArrayRecordDataSource all read them; decode_record turns one b
 dict the pipeline consumes (sama_jax.data.arrayrecord documents it). Reading needs no TensorFlow:
 TFDS parses the protos with NumPy.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,12 +24,12 @@ import numpy as np
 
 from sama_jax import features as features_lib
 
-SCHEMA_VERSION = 2   # 1: msgpack records and our own index only; 2: TFDS features and metadata
-VERSION = f"{SCHEMA_VERSION}.0.0"   # the TFDS dataset version; build into <data_dir>/<name>/VERSION
+SCHEMA_VERSION = 2  # 1: msgpack records and our own index only; 2: TFDS features and metadata
+VERSION = f"{SCHEMA_VERSION}.0.0"  # the TFDS dataset version; build into <data_dir>/<name>/VERSION
 SPLIT = "train"
 FILE_FORMAT = "array_record"
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")   # a TFDS dataset name that tfds.data_source finds
-SIZE_KEYS = ("source_frames", "source_height", "source_width")   # edit kinds only; 0 in t2v records
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")  # a TFDS dataset name that tfds.data_source finds
+SIZE_KEYS = ("source_frames", "source_height", "source_width")  # edit kinds only; 0 in t2v records
 
 _TEXT = ("id", "kind", "text", "target_ext", "source_ext")
 _BYTES = ("target", "source")
@@ -41,11 +42,12 @@ def _features():
     spec = {key: tfds.features.Text() for key in _TEXT}
     spec.update({key: tfds.features.Scalar(dtype=np.object_) for key in _BYTES})
     spec.update({key: tfds.features.Scalar(dtype=np.int64) for key in _INTS})
-    spec["fps"] = tfds.features.Scalar(dtype=np.float32)   # tf.train.Example floats are float32
+    spec["fps"] = tfds.features.Scalar(dtype=np.float32)  # tf.train.Example floats are float32
     spec["meta"] = tfds.features.Text(doc="JSON object: the manifest sample's other keys")
     # One .npy file's bytes per precomputed feature; b"" where the sample has none.
     spec["features"] = tfds.features.FeaturesDict(
-        {name: tfds.features.Scalar(dtype=np.object_) for name in features_lib.NAMES})
+        {name: tfds.features.Scalar(dtype=np.object_) for name in features_lib.NAMES}
+    )
     return tfds.features.FeaturesDict(spec)
 
 
@@ -74,8 +76,10 @@ def encode_record(record: dict) -> bytes:
     example = {key: record[key] for key in _TEXT + _BYTES + ("frames", "height", "width", "fps")}
     example.update({key: record.get(key, 0) for key in SIZE_KEYS})
     example["meta"] = json.dumps(record["meta"], ensure_ascii=False, sort_keys=True)
-    example["features"] = {name: _npy_bytes(record["features"][name]) if name in record["features"] else b""
-                           for name in features_lib.NAMES}
+    example["features"] = {
+        name: _npy_bytes(record["features"][name]) if name in record["features"] else b""
+        for name in features_lib.NAMES
+    }
     serialized = features().serialize_example(example)
     # Protobuf writes map entries in hash order, which differs between processes; sorted keys make
     # a shard's bytes the same whichever worker built it.
@@ -90,7 +94,7 @@ def record_from_example(example: dict) -> dict:
     record.update({key: bytes(example[key]) for key in _BYTES})
     record.update({key: int(example[key]) for key in ("frames", "height", "width")})
     record["fps"] = float(example["fps"])
-    if record["kind"] != "t2v":   # a t2v record has no source, so no source size
+    if record["kind"] != "t2v":  # a t2v record has no source, so no source size
         record.update({key: int(example[key]) for key in SIZE_KEYS})
     record["meta"] = json.loads(bytes(example["meta"]).decode("utf-8"))
     record["features"] = {}
@@ -113,8 +117,10 @@ def decode_record(data: bytes) -> dict:
 
 def check_name(name: str, what: str) -> str:
     if not NAME_PATTERN.match(name):
-        raise ValueError(f"{what} {name!r} is not a dataset name: use lowercase letters, digits and _ "
-                         f"starting with a letter (TFDS names its files after it)")
+        raise ValueError(
+            f"{what} {name!r} is not a dataset name: use lowercase letters, digits and _ "
+            f"starting with a letter (TFDS names its files after it)"
+        )
     return name
 
 
@@ -136,20 +142,32 @@ def parse_shard_name(name: str, filename: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def write_tfds_metadata(out_dir: str, name: str, shard_lengths: Sequence[int], num_bytes: int,
-                        description: str) -> None:
+def write_tfds_metadata(
+    out_dir: str, name: str, shard_lengths: Sequence[int], num_bytes: int, description: str
+) -> None:
     """dataset_info.json and features.json, written by TFDS itself, for the shards in out_dir."""
     import tensorflow_datasets as tfds
 
-    identity = tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(VERSION),
-                                         data_dir=os.path.abspath(out_dir), module_name="")
+    identity = tfds.core.DatasetIdentity(
+        name=name, version=tfds.core.Version(VERSION), data_dir=os.path.abspath(out_dir), module_name=""
+    )
     info = tfds.core.DatasetInfo(builder=identity, description=description, features=features())
     info.set_file_format(FILE_FORMAT)
-    template = tfds.core.ShardedFileTemplate(data_dir=os.path.abspath(out_dir), dataset_name=name,
-                                             split=SPLIT, filetype_suffix=FILE_FORMAT)
-    info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-        name=SPLIT, shard_lengths=[int(n) for n in shard_lengths], num_bytes=int(num_bytes),
-        filename_template=template)]))
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=os.path.abspath(out_dir), dataset_name=name, split=SPLIT, filetype_suffix=FILE_FORMAT
+    )
+    info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=SPLIT,
+                    shard_lengths=[int(n) for n in shard_lengths],
+                    num_bytes=int(num_bytes),
+                    filename_template=template,
+                )
+            ]
+        )
+    )
     # Written beside and then renamed into place, so a build killed here keeps the old metadata whole.
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".tfds-", suffix=".tmp")
     try:
