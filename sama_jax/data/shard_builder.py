@@ -30,6 +30,7 @@ from sama_jax import features as features_lib
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import shard_format, transforms, video_io
 from sama_jax.data.video_io import MediaError
+from sama_jax.progress import Progress
 
 log = logging.getLogger("sama_jax.data.arrayrecord")
 
@@ -445,35 +446,6 @@ def _mark_owner(handle) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """'N/M samples, r samples/s, ETA h:mm:ss' to the log at most every `every` seconds, and at the end."""
-
-    def __init__(self, total: int, every: float = 5.0):
-        self.total, self.every, self.done = total, every, 0
-        self.start = self.last = time.monotonic()
-
-    def advance(self, count: int = 1, what: str = "") -> None:
-        self.done += count
-        now = time.monotonic()
-        if now - self.last < self.every and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        log.info(
-            "%s%d/%d samples, %.1f samples/s, ETA %s",
-            what,
-            self.done,
-            self.total,
-            rate,
-            time.strftime("%H:%M:%S", time.gmtime(eta)),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
 # Building
 
 
@@ -567,7 +539,7 @@ def _build(
 ) -> dict:
     size = settings["samples_per_shard"]
     chunks = {i: samples[i * size : (i + 1) * size] for i in todo}
-    progress = Progress(sum(len(c) for c in chunks.values()))
+    progress = Progress(sum(len(c) for c in chunks.values()), logger=log)
     reports = {}
 
     def done(i, report):
