@@ -140,11 +140,11 @@ class GlobalPlanner:
                                f"is broken, not a few items: {self._skips.counts} {self._skips.examples}")
 
     def _check_skip_rate(self, item: dict):
-        entry = int(item.get("entry", 0))
-        stats = self._entry_stats(item)
-        seen, skipped = stats["seen"], sum(stats["skips"].values())
-        guard = self.guard
-        if seen < guard.min_records or skipped <= guard.max_fraction * seen or entry in self._warned:
+        stats, guard = self._entry_stats(item), self.guard
+        if stats["seen"] < guard.min_records:
+            return
+        entry, seen, skipped = int(item.get("entry", 0)), stats["seen"], sum(stats["skips"].values())
+        if skipped <= guard.max_fraction * seen or entry in self._warned:
             return
         top = sorted(stats["skips"].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
         message = (f"{guard.name(entry)}: {skipped} of the first {seen} records were skipped "

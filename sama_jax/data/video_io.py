@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import subprocess
 from fractions import Fraction
 from typing import Union
@@ -58,14 +59,19 @@ def check_media_file(path: str | os.PathLike) -> int:
     builder all start with it, so a missing or empty file gets the same message and reason everywhere.
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise MediaError(f"{name}: file does not exist", "missing")
-    if os.path.isdir(name):
+    # One stat call: every process runs this for every sample of the global batch, and on network
+    # file systems each call is a round trip.
+    try:
+        info = os.stat(name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MediaError(f"{name}: file does not exist", "missing") from None
+    except OSError as e:  # permission denied, broken mount...
+        raise MediaError(f"{name}: cannot be read ({e.strerror or e})", "missing") from e
+    if stat.S_ISDIR(info.st_mode):
         raise MediaError(f"{name}: is a directory, not a media file", "missing")
-    size = os.path.getsize(name)
-    if size == 0:
+    if info.st_size == 0:
         raise MediaError(f"{name}: empty file (0 bytes)", "empty")
-    return size
+    return info.st_size
 
 
 def _open_input(source: MediaInput):
