@@ -55,8 +55,8 @@ def _name(source: MediaInput) -> str:
 def check_media_file(path: str | os.PathLike) -> int:
     """The size in bytes of a media file; MediaError (reason missing | empty) when there is nothing to read.
 
-    The one existence check of the data path: decoders, the pipeline's metadata pass and the shard
-    builder all start with it, so a missing or empty file gets the same message and reason everywhere.
+    The one existence check of the data path: the decoders and the pipeline's metadata pass start
+    with it, so a missing or empty file gets the same message and reason wherever it is found.
     """
     name = os.fspath(path)
     # One stat call: every process runs this for every sample of the global batch, and on network
