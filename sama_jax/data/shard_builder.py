@@ -86,13 +86,9 @@ def _read_media(path: str, check: str) -> tuple[bytes, str, dict]:
 
 
 def _read_bytes(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise MediaError(f"{path}: file does not exist", "missing")
+    video_io.check_media_file(path)
     with open(path, "rb") as f:
-        blob = f.read()
-    if not blob:
-        raise MediaError(f"{path}: empty file (0 bytes)", "empty")
-    return blob
+        return f.read()
 
 
 def _check_length(path: str, info: dict, min_frames: int, stride: int, start: int) -> None:
