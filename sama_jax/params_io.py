@@ -102,8 +102,12 @@ def recover(path: str) -> list[str]:
             os.rename(new, path)
             done.append(f"finished replacing {path}")
         if os.path.lexists(old):
-            shutil.rmtree(old)
-            done.append(f"deleted the replaced checkpoint {old}")
+            if os.path.isdir(path):
+                shutil.rmtree(old)
+                done.append(f"deleted the replaced checkpoint {old}")
+            else:   # the new checkpoint was deleted by hand: keep the old one
+                os.rename(old, path)
+                done.append(f"restored {path} from {old}")
         os.remove(_journal(path))
     # Leftovers of the previous scheme (OUT.replacement swapped in through OUT.old).
     legacy_old, legacy_new = path + ".old", path + ".replacement"

@@ -19,8 +19,8 @@ semantic head with a xavier-uniform weight, N(0, 1e-3^2) bias and LayerNorm (1, 
 
 Streaming: each output parameter is built and written on its own, converted straight to the stored
 dtype (torch: one copy per tensor, transposed on the way). Small parameters are written in groups;
-a per-layer parameter larger than GROUP_BYTES (every weight matrix of the 14B blocks) goes through
-ParamsWriter.add_by_rows, one layer at a time, each read through a fresh memory map of its shard
+a parameter larger than GROUP_BYTES (every weight matrix of the 14B blocks, time_projection) goes
+through ParamsWriter.add_by_rows, a stacked one one layer at a time, each read through a fresh memory map of its shard
 that is dropped afterwards. Peak host memory is a few layers of the largest parameter (ffn.0 of
 14B: 13824 x 5120 x 2 bytes = 135 MiB) whatever the depth; benchmarks/convert_dit_rss.py measures it.
 """
@@ -341,7 +341,12 @@ def convert(source: TensorSource, output: str, options) -> dict:
     overwrite = bool(getattr(options, "overwrite", False))
     with no_copy, params_io.ParamsWriter(output, KIND, cfg, overwrite, on_written=progress) as writer:
         for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
-            add(writer, ours, read(official, how))
+            if nbytes[ours] > GROUP_BYTES:   # time_projection of 14B: 315 MiB, uncompressed as one block
+                writer.add_by_rows(ours.split("."), stored[ours], np_dtype,
+                                   lambda start, stop, key=official, how=how: read(key, how)[start:stop],
+                                   block_rows=stored[ours][0])
+            else:
+                add(writer, ours, read(official, how))
         for ours, template, how in BLOCK_PARAMS:
             if nbytes[ours] > GROUP_BYTES:
                 writer.add_by_rows(ours.split("."), stored[ours], np_dtype, layers(template, how))
