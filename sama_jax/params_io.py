@@ -119,10 +119,14 @@ def recover(path: str) -> list[str]:
             os.rename(legacy_old, path)
             done.append(f"restored {path} from {legacy_old}")
     # Without a journal, partial writes were never complete: nothing refers to them.
-    stale = glob.glob(glob.escape(path) + ".partial-*") + glob.glob(glob.escape(path) + ".partial_save")
+    stale = [p for pattern in (".partial-*", ".partial_save", JOURNAL_SUFFIX + ".partial-*")
+             for p in glob.glob(glob.escape(path) + pattern)]
     stale += [p for p in (legacy_old, legacy_new, legacy_new + ".partial_save") if os.path.lexists(p)]
     for leftover in stale:
-        shutil.rmtree(leftover)
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+        else:
+            os.remove(leftover)
         done.append(f"deleted {leftover}, left by an interrupted conversion")
     return done
 
