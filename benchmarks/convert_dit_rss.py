@@ -136,8 +136,11 @@ def convert(source: str, output: str, kind: str, dtype: str) -> None:
     seconds = time.time() - start
     stop.set()
     sampler.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 2**20   # KiB -> GiB
+    # CPU seconds do not depend on what else the machine runs, unlike the wall time.
     print(json.dumps(dict(exit=code, seconds=round(seconds, 1), peak_rss_gib=round(peak, 3),
+                          cpu_user_s=round(usage.ru_utime, 1), cpu_system_s=round(usage.ru_stime, 1),
                           peak_anon_gib=round(peaks.get("RssAnon", 0), 3),
                           peak_file_gib=round(peaks.get("RssFile", 0), 3))))
 
@@ -181,7 +184,9 @@ def main() -> None:
                                 stdout=subprocess.PIPE, text=True)
         figures = json.loads(result.stdout.strip().splitlines()[-1])
         written = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs) / 2**30
-        print(f"convert --dtype {args.dtype} ({os.path.abspath(args.code)}): {figures['seconds']}s, "
+        print(f"convert --dtype {args.dtype} ({os.path.abspath(args.code)}): {figures['seconds']}s "
+              f"(CPU {figures['cpu_user_s']}s user + {figures['cpu_system_s']}s system, load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores), "
               f"peak RSS (ru_maxrss) {figures['peak_rss_gib']} GiB; sampled peaks: anonymous "
               f"{figures['peak_anon_gib']} GiB, file-backed (mapped checkpoint) {figures['peak_file_gib']} GiB; "
               f"{written:.2f} GiB written (exit {figures['exit']})")

@@ -227,6 +227,11 @@ class ParamsWriter:
                                    "configuration": {"chunk_shape": [block_rows, *shape[1:]]}},
                     "chunk_key_encoding": {"name": "default"},
                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}
+        try:   # the placeholder must be where Orbax will look for the array
+            ts.open(spec, open=True).result()
+        except ValueError as e:
+            raise ParamsCheckpointError(f"{self._target}: Orbax did not store {'.'.join(keys)} under "
+                                        f"{PYTREE_DIR}/ as params_io expects (Orbax layout changed?): {e}") from e
         store = ts.open(dict(spec, metadata=metadata), create=True, delete_existing=True).result()
         pending = collections.deque()
         for start in range(0, shape[0], block_rows):
