@@ -205,9 +205,9 @@ class TensorSource:
             tensor = tensor[rows[0]:rows[1]]
         if permute is not None:
             tensor = tensor.permute(*permute)
-        out = torch.empty(tensor.shape, dtype=getattr(torch, dtype))
         if not tensor.is_floating_point():
-            self._checked(key, tensor)
+            self._checked(key, tensor)   # raises: integers would be silently made floats
+        out = torch.empty(tensor.shape, dtype=getattr(torch, dtype))
         out.copy_(tensor)
         del tensor
         self._checked(key, out, f" rows [{rows[0]}, {rows[1]})" if rows else "")
