@@ -125,7 +125,7 @@ def convert(source: TensorSource, output: str, args) -> dict:
                expected_shapes(config, prefix))
     source.check_float(k for k in shapes if k not in ignored)
 
-    config.update(dtype=args.dtype, param_dtype=args.dtype)
+    config.update(compute_dtype=args.dtype, param_dtype=args.dtype)
     get = lambda key: source.get(prefix + key)
     with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite) as writer:
         _write(writer, get, config, args.dtype)

@@ -141,7 +141,7 @@ def convert(source: TensorSource, output: str, args) -> dict:
 
     source.check_float(k for k in shapes if k not in ignored)
 
-    config.update(dtype=args.dtype, param_dtype=args.dtype)
+    config.update(compute_dtype=args.dtype, param_dtype=args.dtype)
     dtype, itemsize = args.dtype, 2 if args.dtype == "bfloat16" else 4
     num_layers = config["num_layers"]
     vocab, dim = source.shape(embedding_key)

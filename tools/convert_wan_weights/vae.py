@@ -236,7 +236,7 @@ def convert(source: TensorSource, output: str, args) -> dict:
 
     source.check_float(key(e) for e in table)
 
-    config = dict(dataclasses.asdict(cfg), dtype=args.dtype, param_dtype=args.dtype)
+    config = dict(dataclasses.asdict(cfg), compute_dtype=args.dtype, param_dtype=args.dtype)
     with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite) as writer:
         # One partial save per block keeps at most one block's tensors in memory.
         group, group_id = {}, None
