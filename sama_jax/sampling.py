@@ -254,14 +254,14 @@ class Denoiser:
                start, stop):
         self.traces += 1  # runs only while tracing
 
-        def euler(i, carry):
+        def euler(params, i, carry):
             x = carry["x"]
             v = self.velocity(params, x, timesteps[i], cond, uncond, guidance)
             dt = coefficients[i, 0]
             step = lambda a, u: (a.astype(jnp.float32) + u * dt).astype(a.dtype)
             return {"x": _tmap(step, x, v)}
 
-        def unipc(i, carry):
+        def unipc(params, i, carry):
             x = carry["x"]
             v = self.velocity(params, x, timesteps[i], cond, uncond, guidance)
             e, a, b, c, d, p, q, r = (coefficients[i, k] for k in range(8))
@@ -271,8 +271,15 @@ class Denoiser:
             nxt = _tmap(lambda xci, mi, m1: p * xci + q * mi + r * m1, xc, m, carry["m1"])
             return {"x": nxt, "xc": xc, "m1": m, "m2": carry["m1"]}
 
-        body = euler if self.sampler == "euler" else unipc
-        return jax.lax.fori_loop(start, stop, body, carry)
+        step = euler if self.sampler == "euler" else unipc
+
+        # The parameters travel in the loop carry, unchanged: NNX refuses to use variables whose
+        # values are tracers of the enclosing jit inside the loop body.
+        def body(i, loop):
+            params, carry = loop
+            return params, step(params, i, carry)
+
+        return jax.lax.fori_loop(start, stop, body, (params, carry))[1]
 
     def run(self, params, carry: dict, cond, uncond, schedule: Schedule, guidance: float = 5.0,
             start: int = 0, stop: int | None = None) -> dict:
