@@ -83,7 +83,7 @@ def main() -> None:
                         help="time transformers' UMT5EncoderModel (PyTorch) instead, same sizes")
     args = parser.parse_args()
 
-    full = UMT5Config(**presets.TEXT_ENCODER["wan_14b"], dtype=args.dtype, param_dtype=args.dtype)
+    full = UMT5Config(**presets.TEXT_ENCODER["wan_14b"], compute_dtype=args.dtype, param_dtype=args.dtype)
     cfg = dataclasses.replace(full, num_layers=args.layers, vocab_size=args.vocab)
     ids = np.random.default_rng(1).integers(1, args.vocab, (args.batch, args.length)).astype(np.int32)
     # The encoder runs all 512 positions whatever the prompt length: a full mask costs the same.

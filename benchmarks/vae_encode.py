@@ -88,7 +88,7 @@ def main() -> None:
                         help="also time diffusers' AutoencoderKLWan (PyTorch, same shapes, dtype)")
     args = parser.parse_args()
 
-    cfg = wan_vae.WanVAEConfig(dtype=args.dtype, param_dtype=args.dtype)
+    cfg = wan_vae.WanVAEConfig(compute_dtype=args.dtype, param_dtype=args.dtype)
     print(f"device {jax.devices()[0].device_kind} x{jax.device_count()}, {args.dtype}, "
           f"{args.height}x{args.width}, base_dim {cfg.base_dim}")
     start = time.perf_counter()

@@ -24,8 +24,14 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     c.workdir = "runs/stage1_" + preset
 
     c.model = presets.model_config(preset)
+    # Prepended to every instruction before umT5, in training, precompute, evaluation and sama-edit
+    # (the released inference's --prompt-prefix; its negative prompt is the prefix alone).
+    c.prompt_prefix = "[Video edit] "
     c.precision = ml_collections.ConfigDict(dict(
-        param_dtype="float32",
+        param_dtype="float32",     # the trained DiT's parameters (fp32 masters)
+        # The frozen encoders (VAE, umT5, SigLIP) hold their parameters in this dtype: no optimizer
+        # needs fp32 copies of them.
+        frozen_param_dtype="float32" if tiny else "bfloat16",
         compute_dtype="float32" if tiny else "bfloat16",
         # The official Wan code keeps the residual stream and modulation in fp32; "bfloat16" runs
         # everything in the compute dtype (diffusers' behaviour).
@@ -63,6 +69,9 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         # probes); > 0 reads ahead with threads, for probes on remote storage while workers decode.
         metadata_threads=0,
         prefetch=2,
+        # Precomputed frozen-encoder features carried in the batch instead of running the encoder
+        # (sama-precompute; any of text, semantic, target_latents, source_latents).
+        features=(),
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -83,6 +92,6 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     ))
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=10 if tiny else 2000, num_steps=4 if tiny else 50, guidance=5.0, shift=5.0,
-        sampler="euler", prompt_prefix="[Video edit] ",
+        sampler="euler",
     ))
     return c

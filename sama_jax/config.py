@@ -8,10 +8,11 @@ names the key and the keys that do exist at that level.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -89,19 +90,19 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
         node[leaf] = _parse_value(text, old, dotted_key)
 
 
-def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """Parses `--config=...` and `--config.a.b=v` from argv; returns (config, the other args).
-
-    Both `--config.a=v` and `--config.a v` are accepted, as absl does.
-    """
+def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+    """argv -> (config spec, [(dotted key, value text)], the other args). Both `--config.a=v` and
+    `--config.a v` are accepted, as absl does."""
     spec, overrides, rest = None, [], []
     args = list(argv)
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg.startswith("--config=") or arg == "--config":
+        if arg == "--config" or arg.startswith("--config="):
             if arg == "--config":
                 i += 1
+                if i >= len(args):
+                    raise ConfigError("--config has no value")
                 spec = args[i]
             else:
                 spec = arg.split("=", 1)[1]
@@ -116,28 +117,60 @@ def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[st
         else:
             rest.append(arg)
         i += 1
-    if spec is None:
-        raise ConfigError("no --config=path/to/config.py[:arg] given")
+    return spec, overrides, rest
+
+
+def build_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """The config file's config with the overrides applied, locked."""
     config = load_config_file(spec)
     for key, value in overrides:
         apply_override(config, key, value)
     config.lock()
-    return config, rest
+    return config
+
+
+def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Parses `--config=...` and `--config.a.b=v` from argv; returns (config, the other args)."""
+    spec, overrides, rest = split_config_args(argv)
+    if spec is None:
+        raise ConfigError("no --config=path/to/config.py[:arg] given")
+    return build_config(spec, overrides), rest
 
 
 def simulate_cpu_devices(argv: Sequence[str]) -> list[str]:
-    """Handles `--cpu_devices=N` (N simulated CPU devices, to try a mesh on a laptop) and returns the
-    other arguments. Must run before jax is imported: XLA reads the flag once, at start-up."""
+    """Handles `--cpu_devices=N` / `--cpu-devices=N` (N simulated CPU devices, to try a mesh on a
+    laptop) and returns the other arguments. XLA reads the flag when jax first starts its backends
+    (the first jax.devices() or computation), so this must run before that; importing jax is fine."""
     rest, count = [], None
     for arg in argv:
-        if arg.startswith("--cpu_devices="):
+        if arg.startswith(("--cpu_devices=", "--cpu-devices=")):
             count = int(arg.split("=", 1)[1])
         else:
             rest.append(arg)
     if count:
         if "jax" in sys.modules:
-            raise ConfigError("--cpu_devices must be handled before jax is imported")
+            from jax._src import xla_bridge
+
+            if xla_bridge.backends_are_initialized():
+                raise ConfigError("--cpu-devices must be handled before jax starts its backends")
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={count}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:   # imported already: its platform setting was read from the env
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
     return rest
+
+
+def dataclass_from_section(cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None,
+                           where: str = ""):
+    """A model config dataclass from a config section, rejecting keys the class does not have.
+
+    `precision` (a config's precision section) sets those of its fields the class has (param_dtype,
+    compute_dtype, ...), so one precision section reaches every model."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(section)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown keys {unknown}; known: {sorted(known)}")
+    values.update({k: v for k, v in dict(precision or {}).items() if k in known})
+    return cls(**values)

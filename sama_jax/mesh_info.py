@@ -1,29 +1,31 @@
 """sama-mesh-info: builds the mesh a config asks for and checks a sharded step against one device.
 
-  sama-mesh-info --config=configs/stage1_sft.py:tiny [--cpu_devices=8] [--config.mesh.ici.tensor=2]
+  sama-mesh-info --config=configs/stage1_sft.py:tiny [--cpu-devices=8] [--config.mesh.ici.tensor=2]
 
 Prints the mesh, where each logical axis lands, and the largest difference between a sharded jitted
 two-layer MLP on a batch and the same computation on one device.
 """
 from __future__ import annotations
 
+import argparse
 import sys
+
+from sama_jax import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sama_jax.config import load_config, simulate_cpu_devices
+    parser = argparse.ArgumentParser(prog="sama-mesh-info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return cli.run("sama-mesh-info", lambda: _main(*cli.parse(parser, argv)))
 
-    argv = simulate_cpu_devices(sys.argv[1:] if argv is None else argv)
 
+def _main(config, args) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from sama_jax import sharding
 
-    config, rest = load_config(argv)
-    if rest:
-        raise SystemExit(f"unknown arguments: {rest}")
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.axis_rules(config.sharding_rules)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")

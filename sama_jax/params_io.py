@@ -166,3 +166,19 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+# Run-time fields a stored config may carry next to the architecture ("dtype": older converters'
+# name for the compute dtype). They describe how a run computes, not the weights.
+PRECISION_KEYS = ("param_dtype", "compute_dtype", "dtype", "residual_dtype", "attention", "remat")
+
+
+def split_precision(stored: Mapping[str, Any], precision: Mapping[str, Any] | None = None
+                    ) -> tuple[dict, dict]:
+    """A stored checkpoint config -> (architecture fields, precision fields). The checkpoint's own
+    dtypes are the defaults; `precision` (a config's precision section) overrides them."""
+    architecture = {k: v for k, v in stored.items() if k not in PRECISION_KEYS}
+    defaults = {k: v for k, v in stored.items() if k in PRECISION_KEYS and k != "dtype"}
+    if "dtype" in stored:
+        defaults.setdefault("compute_dtype", stored["dtype"])
+    return architecture, dict(defaults, **dict(precision or {}))

@@ -40,7 +40,11 @@ from typing import Sequence
 
 import numpy as np
 
-from sama_jax import features
+from flax import nnx
+
+from sama_jax import cli, conditioning, features
+from sama_jax import text as text_lib
+from sama_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -79,73 +83,56 @@ def check_settings(manifest_path: str, name: str, settings: dict, overwrite: boo
 
 
 class Precomputer:
-    """Loads the encoders once and writes the features of one manifest at a time."""
+    """Loads the encoders once (sama_jax.conditioning, the run's precision policy) and writes the
+    features of one manifest at a time."""
 
     def __init__(self, config, text_encoder: str | None, tokenizer: str | None, siglip: str | None,
                  vae: str | None, batch_size: int = 8, dtype: str = "float32",
                  prompt_prefix: str | None = None, overwrite: bool = False):
-        from sama_jax import semantic as semantic_lib
-        from sama_jax.data import pipeline
-
         self.config = config
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
         self.overwrite = overwrite
         self.text_len = int(config.model.text_encoder.text_len)
-        data = config.data
-        self.prompt_prefix = (prompt_prefix if prompt_prefix is not None
-                              else str(data.get("prompt_prefix", "")))
-        self.semantic_cfg = semantic_lib.SemanticConfig(**dict(config.model.semantic))
+        self.prompt_prefix = config.prompt_prefix if prompt_prefix is None else prompt_prefix
         # Deterministic per-sample frames: the training transform without the random pretext.
-        spec = pipeline.SampleSpec.from_config(data, seed=int(config.get("seed", 0)),
-                                               anchor_frames=self.semantic_cfg.num_anchor_frames)
+        spec = pipeline.SampleSpec.from_config(
+            config.data, seed=int(config.seed),
+            anchor_frames=int(config.model.semantic.num_anchor_frames))
         self.spec = dataclasses.replace(spec, pretext=None)
+        paths = {"text_encoder": text_encoder, "siglip": siglip, "vae": vae}
+        names = tuple(name for name, path in paths.items() if path)
+        if not names:
+            raise ValueError("nothing to compute: give --text-encoder, --siglip and/or --vae")
+        if text_encoder and not tokenizer:
+            raise ValueError("--text-encoder needs --tokenizer (the local umT5 tokenizer directory)")
+        self.tokenizer = text_lib.load_tokenizer(tokenizer) if text_encoder else None
+        self.encoders = conditioning.load_encoders(config, paths, names=names)
+        self._encode_text = nnx.jit(conditioning.encode_text)
+        self._encode_video = nnx.jit(conditioning.encode_video)
+        self._encode_semantic = nnx.jit(conditioning.encode_semantic, static_argnums=2)
         self.settings = {}
-        self.text = self.siglip = self.vae = None
         if text_encoder:
-            from sama_jax import text as text_lib
-            from sama_jax.models import load_text_encoder
-
-            if not tokenizer:
-                raise ValueError("--text-encoder needs --tokenizer (the local umT5 tokenizer directory)")
-            self.text = text_lib.TextEncoder(load_text_encoder(text_encoder),
-                                             text_lib.load_tokenizer(tokenizer), self.text_len)
             self.settings["text"] = dict(checkpoint=os.path.abspath(text_encoder),
                                          text_len=self.text_len, tokenizer=os.path.abspath(tokenizer),
                                          prompt_prefix=self.prompt_prefix, dtype=self.dtype.name)
         media = dict(num_frames=self.spec.num_frames, frame_stride=self.spec.frame_stride,
                      fps=self.spec.fps, buckets=[list(b) for b in self.spec.buckets])
         if siglip:
-            from flax import nnx
-
-            from sama_jax.models import load_siglip
-
-            self.siglip = load_siglip(siglip)
-            self._semantic = nnx.jit(semantic_lib.semantic_tokens_from_anchors, static_argnums=2)
             self.settings["semantic"] = dict(checkpoint=os.path.abspath(siglip), dtype=self.dtype.name,
                                              **dict(config.model.semantic), **media)
         if vae:
-            try:
-                from sama_jax.models import wan_vae
-            except ImportError as e:
-                raise ValueError(f"--vae given but the Wan VAE model is unavailable: {e}") from e
-            self.vae = wan_vae.load_vae(vae)
-            self._wan_vae = wan_vae
             for name in ("target_latents", "source_latents"):
                 self.settings[name] = dict(checkpoint=os.path.abspath(vae), dtype=self.dtype.name,
                                            **media)
-        if not self.settings:
-            raise ValueError("nothing to compute: give --text-encoder, --siglip and/or --vae")
 
     def run(self, manifest_path: str) -> Summary:
-        from sama_jax.data import pipeline
-
         source = pipeline.ManifestSource(manifest_path)
         for name, settings in self.settings.items():
             check_settings(manifest_path, name, settings, self.overwrite)
         summary = Summary(manifest_path, len(source))
         records = [source[i] for i in range(len(source))]
-        if self.text is not None:
+        if "text" in self.settings:
             self._run_text(manifest_path, records, summary)
         media_names = [n for n in MEDIA_FEATURES if n in self.settings]
         if media_names:
@@ -165,24 +152,21 @@ class Precomputer:
         todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", summary))]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            texts = [self.prompt_prefix + str(r["text"]) for r, _ in chunk]
+            texts = [conditioning.prompt(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
             # One compiled shape: the last chunk is padded with empty prompts.
             texts += [""] * (self.batch_size - len(texts))
             try:
-                context, lengths = self.text(texts)
-                context = np.asarray(context)
+                ids, mask = text_lib.tokenize(self.tokenizer, texts, self.text_len)
+                context = np.asarray(self._encode_text(self.encoders.text_encoder, ids, mask))
             except Exception as e:  # noqa: BLE001 - a tokenizer/encoder failure fails these items only
                 for record, _ in chunk:
                     summary.fail(record, "text", "", e)
                 continue
-            for (record, path), hidden, length in zip(chunk, context, lengths):
+            for (record, path), hidden, length in zip(chunk, context, mask.sum(axis=1)):
                 save_atomic(path, hidden[:length].astype(self.dtype))
                 summary.written["text"] += 1
 
     def _run_media(self, manifest_path: str, record: dict, names: list[str], summary: Summary) -> None:
-        from sama_jax.data import pipeline
-        from sama_jax.data import transforms
-
         paths = {}
         for name in names:
             if name == "source_latents" and record["kind"] == "t2v":
@@ -201,11 +185,11 @@ class Precomputer:
         for name, path in paths.items():
             try:
                 if name == "semantic":
-                    value = self._semantic(self.siglip, sample["anchors"][None], self.semantic_cfg)[0]
+                    value = self._encode_semantic(self.encoders.vision, sample["anchors"][None],
+                                                  self.encoders.semantic)[0]
                 else:
                     frames = sample["target" if name == "target_latents" else "source"]
-                    video = transforms.to_model_range(frames)[None]
-                    value = self._wan_vae.encode_video(self.vae, video)[0]
+                    value = self._encode_video(self.encoders.vae, frames[None])[0]
                 save_atomic(path, np.asarray(value, np.float32).astype(self.dtype))
                 summary.written[name] += 1
             except Exception as e:  # noqa: BLE001
@@ -248,32 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                         help="stored dtype of the features")
     parser.add_argument("--prompt-prefix", default=None,
-                        help="prepended to every text (default: config.data.prompt_prefix or '')")
+                        help="prepended to every text (default: config.prompt_prefix)")
     parser.add_argument("--overwrite", action="store_true", help="recompute features already on disk")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sama_jax import config as config_lib
+    return cli.run("sama-precompute", lambda: _main(*cli.parse(build_parser(), argv)))
 
+
+def _main(config, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config, rest = config_lib.load_config(argv)
-    except config_lib.ConfigError as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(rest)
     manifests = args.manifest or [entry["manifest"] for entry in config.data.mixture]
     start = time.time()
-    try:
-        worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
-                             batch_size=args.batch_size, dtype=args.dtype,
-                             prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
-        summaries = [worker.run(path) for path in manifests]
-    except (ValueError, OSError) as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
+    worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
+                         batch_size=args.batch_size, dtype=args.dtype,
+                         prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
+    summaries = [worker.run(path) for path in manifests]
     failed = sum(len(s.failed) for s in summaries)
     for s in summaries:
         print(s.report())

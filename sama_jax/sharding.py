@@ -30,9 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# Model code constructs parameters before a mesh exists; shardings are applied afterwards from the
-# logical annotations, so flax must not try to place variables eagerly.
-nnx.use_eager_sharding(False)
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -119,6 +116,13 @@ def axis_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
     return tuple(out)
 
 
+def annotated(initializer, names: Sequence[str | None]):
+    """An initializer whose parameters carry logical axis names. Models build their parameters before
+    a mesh exists and are placed afterwards from these names (shard_module, params_io.load_module),
+    so flax is told not to shard them eagerly at creation."""
+    return nnx.with_partitioning(initializer, tuple(names), eager_sharding=False)
+
+
 def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules) -> PartitionSpec:
     """('batch', 'length', 'act_embed') -> PartitionSpec of mesh axes, by the first matching rule.
 
@@ -171,6 +175,17 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
     jax.tree_util.tree_map_with_path(check, shapes, shardings)
     if problems:
         raise ShardingError("arrays the mesh cannot shard:\n  " + "\n  ".join(problems))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules, key: str = "train.batch_size") -> None:
+    """Refuses, before anything is built, a global batch that the mesh axes of 'batch' do not split."""
+    axes = logical_to_mesh_spec(("batch",), rules)[0]
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    parts = math.prod(dict(mesh.shape)[a] for a in axes)
+    if batch_size < 1 or batch_size % parts:
+        sizes = " x ".join(f"{a}={dict(mesh.shape)[a]}" for a in axes) or "none"
+        raise ShardingError(f"{key}={batch_size} must be a positive multiple of {parts}: the batch is "
+                            f"split over the mesh axes {sizes} (config.mesh.ici / sharding_rules)")
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:

@@ -1,28 +1,24 @@
 """sama-smoke: SAMA's training objective end to end on the embedded default, sharded, on a CPU.
 
-  sama-smoke --config=configs/stage1_sft.py:tiny --cpu_devices=8 [--steps=3] [--config.x=...]
+  sama-smoke --config=configs/stage1_sft.py:tiny --cpu-devices=8 [--steps=3] [--data-dir=data/synthetic]
 
-The smallest real run of the whole stack until the train loop exists: it generates the synthetic
-editing dataset and a tokenizer for it if `data/synthetic` is absent, builds the mesh, builds the
-frozen encoders (Wan VAE, umT5, SigLIP) and the SAMA DiT of the config's preset with random
-weights, shards them, reads batches through the Grain pipeline and, for each, encodes the source
-and target videos, the instruction and the target's anchor frames, noises the target latents and
-the semantic tokens with one shifted sigma per sample, runs the DiT on [source | semantic | target]
-and prints SAMA's loss and the norm of its gradient with respect to the DiT parameters.
-No update is applied: this checks that the pieces compose, shard and differentiate.
+Generates the synthetic editing dataset and a tokenizer for it if `--data-dir` is absent, builds the
+mesh, the frozen encoders (sama_jax.conditioning) and the SAMA DiT of the config's preset with random
+weights, shards them, reads batches through the Grain pipeline and, for each, makes the DiT inputs
+(conditioning.dit_inputs), noises the target latents and the semantic tokens with one shifted sigma
+per sample, runs the DiT on [source | semantic | target] and prints SAMA's loss and the norm of its
+gradient with respect to the DiT parameters. No update is applied: this checks that the pieces
+compose, shard and differentiate (sama-train trains).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
 import time
 
-
-def _take_flag(argv: list[str], name: str, default: str | None) -> tuple[str | None, list[str]]:
-    prefix = f"--{name}="
-    value = next((a[len(prefix):] for a in argv if a.startswith(prefix)), default)
-    return value, [a for a in argv if not a.startswith(prefix)]
+from sama_jax import cli
 
 
 def prepare_data(data_dir: str, text_vocab_size: int) -> str:
@@ -43,82 +39,81 @@ def prepare_data(data_dir: str, text_vocab_size: int) -> str:
     return tokenizer_dir
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sama-smoke", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="batches to run")
+    parser.add_argument("--data-dir", default="data/synthetic",
+                        help="the synthetic dataset (generated here when absent)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    from sama_jax.config import load_config, simulate_cpu_devices
+    return cli.run("sama-smoke", lambda: _main(*cli.parse(build_parser(), argv)))
 
-    argv = simulate_cpu_devices(sys.argv[1:] if argv is None else argv)
-    steps, argv = _take_flag(argv, "steps", "3")
-    data_dir, argv = _take_flag(argv, "data_dir", "data/synthetic")
 
+def _main(config, args) -> int:
     import jax
     import numpy as np
     import optax
     from flax import nnx
 
-    from sama_jax import flow_matching, semantic, sharding, text
-    from sama_jax.data import pipeline, transforms
-    from sama_jax.models import siglip, umt5, wan_dit, wan_vae
+    from sama_jax import conditioning, flow_matching, sharding, text
+    from sama_jax.data import pipeline
+    from sama_jax.models import wan_dit
 
-    config, rest = load_config(argv)
-    if rest:
-        raise SystemExit(f"unknown arguments: {rest}")
     model_cfg = config.model
-    tokenizer = text.load_tokenizer(prepare_data(data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
+    tokenizer = text.load_tokenizer(prepare_data(args.data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
 
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.axis_rules(config.sharding_rules)
+    sharding.check_batch_size(config.train.batch_size, mesh, rules)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     rngs = nnx.Rngs(config.seed)
-    dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_sections(model_cfg.dit, config.precision), rngs=rngs)
-    vae = wan_vae.WanVAE(wan_vae.config_from_dict(model_cfg.vae.to_dict()), rngs=rngs)
-    text_encoder = umt5.UMT5Encoder(umt5.config_from_dict(model_cfg.text_encoder.to_dict()), rngs=rngs)
-    vision = siglip.SiglipVisionModel(siglip.config_from_dict(model_cfg.siglip.to_dict()), rngs=rngs)
-    for model in (dit, vae, text_encoder, vision):
+    dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model_cfg.dit, config.precision), rngs=rngs)
+    encoders = conditioning.build_encoders(config, rngs)
+    for model in (dit, encoders):
         sharding.shard_module(model, mesh, rules)
-    semantic_cfg = semantic.SemanticConfig(**model_cfg.semantic)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(dit, nnx.Param)))
     print(f"SAMA DiT '{model_cfg.preset}': {num_params:,} parameters")
 
     sources = pipeline.open_sources(config.data.mixture)
     data = pipeline.build_pipeline(config.data, sources, batch_size=config.train.batch_size,
-                                   seed=config.seed, anchor_frames=semantic_cfg.num_anchor_frames,
+                                   seed=config.seed,
+                                   anchor_frames=encoders.semantic.num_anchor_frames,
                                    text_len=model_cfg.dit.text_len)
     shift, semantic_weight = config.train.timestep_shift, config.train.semantic_loss_weight
 
     @nnx.jit
-    def loss_and_grad_norm(dit, vae, text_encoder, vision, batch, key):
-        source = vae.encode(transforms.to_model_range(batch["source"]))
-        x0 = vae.encode(transforms.to_model_range(batch["target"]))
-        context = text.encode(text_encoder, batch["ids"], batch["mask"])
-        semantic_x0 = semantic.semantic_tokens_from_anchors(vision, batch["anchors"], semantic_cfg)
+    def loss_and_grad_norm(dit, encoders, batch, key):
+        inputs = conditioning.dit_inputs(encoders, batch)
         k_sigma, k_noise, k_semantic = jax.random.split(key, 3)
-        sigma = flow_matching.sample_sigma(k_sigma, x0.shape[0], shift)
-        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        semantic_noise = jax.random.normal(k_semantic, semantic_x0.shape, semantic_x0.dtype)
-        x_t = flow_matching.add_noise(x0, noise, sigma)
-        semantic_t = flow_matching.add_noise(semantic_x0, semantic_noise, sigma)
+        sigma = flow_matching.sample_sigma(k_sigma, inputs.x0.shape[0], shift)
+        noise = jax.random.normal(k_noise, inputs.x0.shape, inputs.x0.dtype)
+        semantic_noise = jax.random.normal(k_semantic, inputs.semantic_x0.shape, inputs.semantic_x0.dtype)
+        x_t = flow_matching.add_noise(inputs.x0, noise, sigma)
+        semantic_t = flow_matching.add_noise(inputs.semantic_x0, semantic_noise, sigma)
 
         def loss_fn(dit):
-            velocity, semantic_velocity = dit(x_t, flow_matching.NUM_TRAIN_TIMESTEPS * sigma, context,
-                                              source_latents=source, semantic_tokens=semantic_t)
-            return flow_matching.sama_loss(velocity, noise, x0, semantic_velocity, semantic_noise,
-                                           semantic_x0, semantic_weight, valid=batch["valid"])
+            velocity, semantic_velocity = dit(x_t, flow_matching.NUM_TRAIN_TIMESTEPS * sigma,
+                                              inputs.context, source_latents=inputs.source_latents,
+                                              semantic_tokens=semantic_t)
+            return flow_matching.sama_loss(velocity, noise, inputs.x0, semantic_velocity,
+                                           semantic_noise, inputs.semantic_x0, semantic_weight,
+                                           valid=batch["valid"])
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(dit)
         return dict(metrics, grad_norm=optax.global_norm(grads))
 
     key = jax.random.key(config.seed)
     iterator = iter(data)
-    for step in range(int(steps)):
+    for step in range(args.steps):
         batch = next(iterator)
-        ids, mask = text.tokenize(tokenizer, list(batch["text"]), model_cfg.dit.text_len)
-        arrays = {"source": batch["source"], "target": batch["target"], "anchors": batch["anchors"],
-                  "ids": ids, "mask": mask, "valid": batch["valid"]}
+        arrays = conditioning.host_arrays(batch, tokenizer, config)
         start = time.time()
         with sharding.use_mesh(mesh, rules):
-            metrics = loss_and_grad_norm(dit, vae, text_encoder, vision,
-                                         sharding.shard_batch(arrays, mesh, rules),
+            metrics = loss_and_grad_norm(dit, encoders, sharding.shard_batch(arrays, mesh, rules),
                                          jax.random.fold_in(key, step))
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(list(metrics.values()))):

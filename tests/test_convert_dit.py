@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sama_jax import params_io
-from test_wan_dit_reference import (SamaExtras, official_state_dict, options, save_diffusers_layout,
+from wan_reference import (SamaExtras, official_state_dict, options, save_diffusers_layout,
                                     save_official_sharded, tiny_diffusers_wan)
 from tools.convert_wan_weights import cli
 from tools.convert_wan_weights import dit as convert_dit

@@ -171,7 +171,7 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(checkpoints, tmp_path):
     assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
     vae = wan_vae.load_vae(str(tmp_path / "bf16"))
     assert vae.encoder.conv_in.kernel[...].dtype == jax.numpy.bfloat16
-    assert vae.config.dtype == "bfloat16"
+    assert vae.config.compute_dtype == "bfloat16"
 
 
 def test_load_vae_reports_shape_mismatches(checkpoints, tmp_path):

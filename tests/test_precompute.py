@@ -87,7 +87,7 @@ def test_writes_every_feature_and_reports_the_broken_item(setup, capsys):
                 assert not os.path.exists(feature("semantic"))
                 assert os.path.exists(feature("text"))    # text needs no media
                 continue
-            context, length = encoder([record["text"]])
+            context, length = encoder([config.prompt_prefix + record["text"]])
             stored = np.load(feature("text"))
             assert stored.shape == (length[0], 16)
             np.testing.assert_allclose(stored, np.asarray(context)[0, :length[0]], rtol=1e-6, atol=1e-6)
@@ -123,7 +123,7 @@ def test_rerun_skips_done_work_and_guards_settings(setup, capsys):
     assert os.stat(done).st_mtime_ns == before
     assert not [f for f in os.listdir(os.path.dirname(done)) if ".tmp" in f]
 
-    assert precompute.main(args + ["--prompt-prefix", "[Video edit] "]) == 2
+    assert precompute.main(args + ["--prompt-prefix", "[Image edit] "]) == 2   # not config.prompt_prefix
     assert "other settings" in capsys.readouterr().err
 
 

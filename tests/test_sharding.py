@@ -22,11 +22,11 @@ class TinyBlock(nnx.Module):
     def __init__(self, dim, hidden, rngs):
         init = nnx.initializers.normal(0.1)
         self.up = nnx.Linear(dim, hidden, rngs=rngs,
-                             kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
-                             bias_init=nnx.with_partitioning(nnx.initializers.normal(0.1), ("mlp",)))
+                             kernel_init=sharding.annotated(init, ("embed", "mlp")),
+                             bias_init=sharding.annotated(nnx.initializers.normal(0.1), ("mlp",)))
         self.down = nnx.Linear(hidden, dim, rngs=rngs,
-                               kernel_init=nnx.with_partitioning(init, ("mlp", "embed")))
-        self.table = nnx.Param(init(rngs.params(), (32, dim)), out_sharding=("vocab", "embed"))
+                               kernel_init=sharding.annotated(init, ("mlp", "embed")))
+        self.table = nnx.Param(init(rngs.params(), (32, dim)), eager_sharding=False, out_sharding=("vocab", "embed"))
 
     def __call__(self, x):
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -107,3 +107,11 @@ def test_indivisible_parameter_is_named():
 def test_constrain_is_a_noop_without_mesh():
     x = jnp.ones((2, 3))
     assert sharding.constrain(x, ("batch", "act_embed")) is x
+
+
+def test_batch_size_the_mesh_cannot_split_is_named_up_front():
+    mesh = sharding.create_mesh(dict(ici=dict(data=2, fsdp=-1)))
+    rules = sharding.DEFAULT_RULES
+    sharding.check_batch_size(8, mesh, rules)
+    with pytest.raises(sharding.ShardingError, match=r"train.batch_size=6 must be a positive multiple of 8: .*data=2 x fsdp=4"):
+        sharding.check_batch_size(6, mesh, rules)

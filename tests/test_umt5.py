@@ -126,7 +126,7 @@ def test_bf16_checkpoint_runs_in_bf16(tmp_path):
     ref.save_pretrained(tmp_path / "hf")
     assert cli.main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--kind", "umt5"]) == 0  # bf16
     model = load_text_encoder(str(tmp_path / "ours"))
-    assert model.cfg.dtype == "bfloat16"
+    assert model.cfg.compute_dtype == "bfloat16"
     assert model.blocks.attn.q.kernel[...].dtype == jax.numpy.bfloat16
     ids, mask = inputs(16, [16, 7])
     out = model(ids.numpy(), mask.numpy())
@@ -177,4 +177,4 @@ def test_loader_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     params_io.save_params(str(tmp_path / "other"), {"w": np.zeros(2)}, "siglip", {})
     with pytest.raises(params_io.ParamsCheckpointError, match="holds a 'siglip' checkpoint"):
         load_text_encoder(str(tmp_path / "other"))
-    assert OurConfig(**config).head_dim == TINY["dim"] // TINY["num_heads"]
+    assert OurConfig(**TINY).head_dim == TINY["dim"] // TINY["num_heads"]

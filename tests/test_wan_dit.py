@@ -2,6 +2,8 @@
 converting the PyTorch weights with our converter; sharding, precision, remat and attention paths.
 
 Error metric throughout: max|ours - ref| / max|ref| (rel_err)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from sama_jax import presets, sharding
 from sama_jax.models import attention as attn_lib
 from sama_jax.models import rope
 from sama_jax.models.wan_dit import WanDiT, WanDiTConfig, load_dit, save_dit
-from test_wan_dit_reference import (SamaExtras, diffusers_forward, official_state_dict, options,
+from wan_reference import (SamaExtras, diffusers_forward, official_state_dict, options,
                                     rel_err, sama_reference_forward, save_diffusers_layout,
                                     tiny_diffusers_wan)
 from tools.convert_wan_weights import dit as convert_dit
@@ -65,7 +67,10 @@ def test_sama_path_matches_pytorch_reference(tmp_path, rng, semantic_rope):
     extras = SamaExtras(dim=48, semantic_dim=20, hidden_dim=28)
     save_file(official_state_dict(torch_model, extras), str(tmp_path / "sama.safetensors"))
     model = _convert(tmp_path / "sama.safetensors", tmp_path / "ckpt", num_heads=3)
-    model = load_dit(str(tmp_path / "ckpt"), semantic_rope=semantic_rope)
+    loaded = load_dit(str(tmp_path / "ckpt"))
+    # semantic_rope is a run-time variant of the same weights: rebuild with it, keep the parameters.
+    model = WanDiT(dataclasses.replace(loaded.cfg, semantic_rope=semantic_rope), rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(loaded))
 
     target, timesteps, text = _inputs(rng, 2, 3, 4, 6, text_dim=24)
     source = rng.standard_normal(target.shape).astype(np.float32)

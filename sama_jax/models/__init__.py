@@ -1,21 +1,14 @@
-"""Flax NNX models. Loaders are imported lazily so that `import sama_jax.models` stays cheap.
+"""Flax NNX models, one modeling file each; every loader has the signature
+`load_x(path, *, mesh=None, rules=None, precision=None)` over a checkpoint from convert-wan-weights.
 
-  load_dit(path)            Wan2.1 DiT with SAMA's semantic anchoring (sama_jax.models.wan_dit)
-  load_vae(path)            Wan2.1 causal 3D VAE (sama_jax.models.wan_vae)
-  load_text_encoder(path)   umT5-XXL encoder (sama_jax.models.umt5)
-  load_siglip(path)         SigLIP vision tower (sama_jax.models.siglip)
+  load_dit            Wan2.1 DiT with SAMA's semantic anchoring (wan_dit)
+  load_vae            Wan2.1 causal 3D VAE (wan_vae)
+  load_text_encoder   umT5-XXL encoder (umt5)
+  load_siglip         SigLIP vision tower (siglip)
 """
-import importlib
+from sama_jax.models.siglip import load_siglip
+from sama_jax.models.umt5 import load_text_encoder
+from sama_jax.models.wan_dit import load_dit
+from sama_jax.models.wan_vae import load_vae
 
-_LAZY = {
-    "load_dit": "sama_jax.models.wan_dit",
-    "load_vae": "sama_jax.models.wan_vae",
-    "load_text_encoder": "sama_jax.models.umt5",
-    "load_siglip": "sama_jax.models.siglip",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sama_jax.models' has no attribute {name!r}")
+__all__ = ["load_dit", "load_siglip", "load_text_encoder", "load_vae"]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sama_jax import config as config_lib
 from sama_jax import params_io, sharding
 
 KIND = "siglip"
@@ -32,12 +33,17 @@ class SiglipConfig:
     patch_size: int = 14
     image_size: int = 384
     eps: float = 1e-6
-    dtype: str = "float32"
+    compute_dtype: str = "float32"
     param_dtype: str = "float32"
 
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    @classmethod
+    def from_config(cls, section, precision=None) -> "SiglipConfig":
+        """From a config's model.siglip section and precision section."""
+        return config_lib.dataclass_from_section(cls, section, precision, "model.siglip")
 
 
 def preprocess(images: jax.Array, image_size: int) -> jax.Array:
@@ -56,17 +62,17 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
 
 
 def _dense(d_in, d_out, names, cfg, rngs):
-    return nnx.Linear(d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]),
+    return nnx.Linear(d_in, d_out, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=sharding.annotated(nnx.initializers.lecun_normal(), names),
+                      bias_init=sharding.annotated(nnx.initializers.zeros_init(), names[-1:]),
                       rngs=rngs)
 
 
 def _layer_norm(cfg, rngs):
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.eps, dtype=jnp.float32,
                          param_dtype=cfg.param_dtype,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (None,)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)),
+                         scale_init=sharding.annotated(nnx.initializers.ones_init(), (None,)),
+                         bias_init=sharding.annotated(nnx.initializers.zeros_init(), (None,)),
                          rngs=rngs)
 
 
@@ -102,7 +108,7 @@ class MLP(nnx.Module):
 
 class EncoderLayer(nnx.Module):
     def __init__(self, cfg: SiglipConfig, rngs: nnx.Rngs):
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.compute_dtype)
         self.layer_norm1 = _layer_norm(cfg, rngs)
         self.self_attn = Attention(cfg, rngs)
         self.layer_norm2 = _layer_norm(cfg, rngs)
@@ -121,13 +127,13 @@ class SiglipVisionModel(nnx.Module):
         d = cfg.hidden_size
         self.patch_embedding = nnx.Conv(
             3, d, kernel_size=(cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-            padding="VALID", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+            padding="VALID", dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+            kernel_init=sharding.annotated(nnx.initializers.lecun_normal(),
                                               (None, None, None, "embed")),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+            bias_init=sharding.annotated(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
         self.position_embedding = nnx.Embed(
-            cfg.grid_size ** 2, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(d ** -0.5), (None, "embed")),
+            cfg.grid_size ** 2, d, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+            embedding_init=sharding.annotated(nnx.initializers.normal(d ** -0.5), (None, "embed")),
             rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -144,7 +150,7 @@ class SiglipVisionModel(nnx.Module):
         if pixels.shape[-3:] != (self.cfg.image_size, self.cfg.image_size, 3):
             raise ValueError(f"SigLIP expects (B, {self.cfg.image_size}, {self.cfg.image_size}, 3) "
                              f"pixels, got {pixels.shape}; use siglip.preprocess")
-        x = self.patch_embedding(pixels.astype(self.cfg.dtype))
+        x = self.patch_embedding(pixels.astype(self.cfg.compute_dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -157,21 +163,9 @@ class SiglipVisionModel(nnx.Module):
         return self.post_layernorm(run_layers(x, self.layers))
 
 
-def config_from_dict(config: dict) -> SiglipConfig:
-    known = {f.name for f in dataclasses.fields(SiglipConfig)}
-    unknown = set(config) - known
-    if unknown:
-        raise ValueError(f"unknown SigLIP config fields {sorted(unknown)}; known: {sorted(known)}")
-    return SiglipConfig(**config)
-
-
-def load_siglip(path: str, dtype: str | None = None, mesh=None, rules=None) -> SiglipVisionModel:
-    """SigLIP vision tower from a params checkpoint written by `convert-wan-weights --kind siglip`.
-    dtype: compute dtype (default: the checkpoint's); `mesh`/`rules` as in load_text_encoder."""
-    def build(stored: dict) -> SiglipVisionModel:
-        cfg = config_from_dict(stored)
-        if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        return SiglipVisionModel(cfg, rngs=nnx.Rngs(0))
-
-    return params_io.load_module(path, KIND, build, mesh, rules)
+def load_siglip(path: str, *, mesh=None, rules=None, precision=None) -> SiglipVisionModel:
+    """SigLIP vision tower from a params checkpoint written by `convert-wan-weights --kind siglip`;
+    `mesh`, `rules` and `precision` as in umt5.load_text_encoder."""
+    return params_io.load_module(
+        path, KIND, lambda stored: SiglipVisionModel(SiglipConfig.from_config(
+            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sama_jax import params_io, sharding  # sharding: disables eager sharding before params exist
+from sama_jax import config as config_lib
+from sama_jax import params_io, sharding
 
 KIND = "umt5"
 
@@ -36,12 +37,17 @@ class UMT5Config:
     max_distance: int = 128
     eps: float = 1e-6
     text_len: int = 512
-    dtype: str = "float32"        # compute dtype (the official pipeline runs bf16)
+    compute_dtype: str = "float32"  # the official pipeline runs bf16
     param_dtype: str = "float32"  # dtype of freshly initialised parameters
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @classmethod
+    def from_config(cls, section, precision=None) -> "UMT5Config":
+        """From a config's model.text_encoder section and precision section."""
+        return config_lib.dataclass_from_section(cls, section, precision, "model.text_encoder")
 
 
 def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
@@ -72,7 +78,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype, param_dtype):
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), eager_sharding=False, out_sharding=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -82,8 +88,8 @@ class RMSNorm(nnx.Module):
 
 def _linear(d_in, d_out, names, cfg, rngs):
     init = nnx.initializers.normal(d_in ** -0.5)
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=nnx.with_partitioning(init, names), rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=sharding.annotated(init, names), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -122,7 +128,7 @@ class FeedForward(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: UMT5Config, rngs: nnx.Rngs):
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_distance
         self.norm1 = RMSNorm(cfg.dim, cfg.eps, dtype, param_dtype)
         self.attn = Attention(cfg, rngs)
@@ -131,7 +137,7 @@ class Block(nnx.Module):
         # umT5: every layer has its own relative position bias table (num_buckets, num_heads).
         self.pos_embedding = nnx.Embed(
             cfg.num_buckets, cfg.num_heads, dtype=jnp.float32, param_dtype=param_dtype,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.dim ** -0.5),
+            embedding_init=sharding.annotated(nnx.initializers.normal(cfg.dim ** -0.5),
                                                  (None, "heads")), rngs=rngs)
 
     def __call__(self, x: jax.Array, key_mask_bias: jax.Array) -> jax.Array:
@@ -146,10 +152,10 @@ class Block(nnx.Module):
 class UMT5Encoder(nnx.Module):
     def __init__(self, cfg: UMT5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.token_embedding = nnx.Embed(
             cfg.vocab_size, cfg.dim, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0), ("vocab", "embed")),
+            embedding_init=sharding.annotated(nnx.initializers.normal(1.0), ("vocab", "embed")),
             rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -179,24 +185,12 @@ class UMT5Encoder(nnx.Module):
         return self.norm(x)
 
 
-def config_from_dict(config: dict) -> UMT5Config:
-    known = {f.name for f in dataclasses.fields(UMT5Config)}
-    unknown = set(config) - known
-    if unknown:
-        raise ValueError(f"unknown umT5 config fields {sorted(unknown)}; known: {sorted(known)}")
-    return UMT5Config(**config)
-
-
-def load_text_encoder(path: str, dtype: str | None = None, mesh=None, rules=None) -> UMT5Encoder:
+def load_text_encoder(path: str, *, mesh=None, rules=None, precision=None) -> UMT5Encoder:
     """umT5 encoder from a params checkpoint written by `convert-wan-weights --kind umt5`.
 
-    dtype: compute dtype (default: the checkpoint's, i.e. its stored dtype); parameters keep the
-    dtype they were stored in. With `mesh`, parameters are restored straight onto it by their
+    `precision` (a config's precision section) sets param_dtype / compute_dtype (default: the
+    checkpoint's stored dtype). With `mesh`, parameters are restored straight onto it by their
     logical axis names under `rules` (default sharding.DEFAULT_RULES)."""
-    def build(stored: dict) -> UMT5Encoder:
-        cfg = config_from_dict(stored)
-        if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        return UMT5Encoder(cfg, rngs=nnx.Rngs(0))
-
-    return params_io.load_module(path, KIND, build, mesh, rules)
+    return params_io.load_module(
+        path, KIND, lambda stored: UMT5Encoder(UMT5Config.from_config(
+            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)

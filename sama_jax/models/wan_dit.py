@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from sama_jax import config as config_lib
 from sama_jax import params_io, sharding
 from sama_jax.models import rope
 from sama_jax.models.attention import IMPLEMENTATIONS, attention
@@ -78,14 +79,10 @@ class WanDiTConfig:
         return self.dim // self.num_heads
 
     @classmethod
-    def from_sections(cls, dit: Mapping[str, Any], precision: Mapping[str, Any] | None = None,
-                      **overrides) -> "WanDiTConfig":
-        """From a config's model.dit section (+ the precision section's relevant fields)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(dit).items() if k in fields}
-        values.update({k: v for k, v in dict(precision or {}).items() if k in PRECISION_FIELDS})
-        values.update(overrides)
-        return cls(**values)
+    def from_config(cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None
+                    ) -> "WanDiTConfig":
+        """From a config's model.dit section and precision section."""
+        return config_lib.dataclass_from_section(cls, section, precision, "model.dit")
 
     def architecture(self) -> dict:
         """The fields that define the weights (what a checkpoint stores); precision is per run."""
@@ -93,7 +90,7 @@ class WanDiTConfig:
 
 
 def _p(init, names):
-    return nnx.with_partitioning(init, names)
+    return sharding.annotated(init, names)
 
 
 _xavier = nnx.initializers.xavier_uniform()
@@ -410,17 +407,16 @@ def abstract_dit(cfg: WanDiTConfig) -> WanDiT:
     return nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
 
 
-def load_dit(path: str, *, mesh=None, rules=None, precision: Mapping[str, Any] | None = None,
-             **overrides) -> WanDiT:
+def load_dit(path: str, *, mesh=None, rules=None, precision: Mapping[str, Any] | None = None
+             ) -> WanDiT:
     """A WanDiT from a params checkpoint written by `convert-wan-weights` (or `save_dit`).
 
-    `precision` (a config's precision section) and keyword overrides set the run-time fields
-    (param_dtype, compute_dtype, residual_dtype, attention, remat, semantic_rope). With `mesh`,
-    parameters are restored straight into their shardings from the logical annotations.
-    """
+    `precision` (a config's precision section) sets the run-time fields (param_dtype,
+    compute_dtype, residual_dtype, attention, remat). With `mesh`, parameters are restored straight
+    into their shardings from the logical annotations under `rules`."""
     return params_io.load_module(
-        path, KIND, lambda stored: WanDiT(WanDiTConfig.from_sections(stored, precision, **overrides),
-                                          rngs=nnx.Rngs(0)), mesh, sharding.axis_rules(rules))
+        path, KIND, lambda stored: WanDiT(WanDiTConfig.from_config(
+            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
 
 
 def save_dit(path: str, model: WanDiT, overwrite: bool = False) -> None:

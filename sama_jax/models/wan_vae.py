@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sama_jax import params_io, sharding  # sharding: disables eager sharding before params exist
+from sama_jax import config as config_lib
+from sama_jax import params_io, sharding
 
 KIND = "wan_vae"
 CACHE_T = 2  # frames of the previous chunk each causal conv sees (its temporal kernel size - 1)
@@ -55,7 +56,7 @@ class WanVAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = LATENTS_MEAN
     latents_std: tuple[float, ...] = LATENTS_STD
-    dtype: str = "float32"        # compute dtype (the official pipeline runs bf16)
+    compute_dtype: str = "float32"  # the official pipeline runs bf16
     param_dtype: str = "float32"  # dtype of freshly initialised parameters
 
     def __post_init__(self):
@@ -71,10 +72,12 @@ class WanVAEConfig:
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/std need {self.z_dim} entries")
 
+    @classmethod
+    def from_config(cls, section, precision=None) -> "WanVAEConfig":
+        """From a config's model.vae section and precision section."""
+        return config_lib.dataclass_from_section(cls, section, precision, "model.vae")
 
-def config_from_dict(values: dict) -> WanVAEConfig:
-    known = {f.name for f in dataclasses.fields(WanVAEConfig)}
-    return WanVAEConfig(**{k: v for k, v in values.items() if k in known})
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +140,8 @@ class CausalConv3d(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), kernel_size + (in_dim, out_dim), param_dtype),
-                                out_sharding=(None, None, None) + tuple(axes))
-        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), out_sharding=(axes[1],))
+                                eager_sharding=False, out_sharding=(None, None, None) + tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=(axes[1],))
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         x = x.astype(self.dtype)
@@ -161,8 +164,8 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_dim, out_dim),
-                                     param_dtype), out_sharding=(None, None, "conv_in", "conv_out"))
-        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), out_sharding=("conv_out",))
+                                     param_dtype), eager_sharding=False, out_sharding=(None, None, "conv_in", "conv_out"))
+        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t = x.shape[:2]
@@ -177,7 +180,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, dtype, param_dtype):
         self.dtype = dtype
-        self.gamma = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("conv_out",))
+        self.gamma = nnx.Param(jnp.ones((dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -213,12 +216,12 @@ class AttentionBlock(nnx.Module):
         self.norm = RMSNorm(dim, dtype=dtype, param_dtype=param_dtype)
         init = nnx.initializers.lecun_normal()
         self.to_qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                 kernel_init=nnx.with_partitioning(init, ("conv_in", "conv_out")),
-                                 bias_init=nnx.with_partitioning(nnx.initializers.zeros,
+                                 kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
+                                 bias_init=sharding.annotated(nnx.initializers.zeros,
                                                                  ("conv_out",)))
         self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               kernel_init=nnx.with_partitioning(init, ("conv_in", "conv_out")),
-                               bias_init=nnx.with_partitioning(nnx.initializers.zeros,
+                               kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
+                               bias_init=sharding.annotated(nnx.initializers.zeros,
                                                                ("conv_out",)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -385,7 +388,7 @@ class Decoder(nnx.Module):
 class WanVAE(nnx.Module):
     def __init__(self, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        kw = dict(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.encoder = Encoder(cfg, **kw)
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, **kw)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1, **kw)
@@ -400,7 +403,7 @@ class WanVAE(nnx.Module):
         video = check_video(video, pad_frames)
         mu = self.encode_mean(video, chunked=chunked)
         mean, std = self._latent_stats()
-        return ((mu - mean) / std).astype(self.config.dtype)
+        return ((mu - mean) / std).astype(self.config.compute_dtype)
 
     def decode(self, latents: jax.Array, *, chunked: bool = True) -> jax.Array:
         """Normalised latents (B, 1+k, h, w, z_dim) -> video (B, 1+4k, 8h, 8w, 3) in [-1, 1]."""
@@ -409,7 +412,7 @@ class WanVAE(nnx.Module):
     # -- pieces (tiling blends unclamped tiles) ---------------------------------------------------
     def encode_mean(self, video: jax.Array, *, chunked: bool = True) -> jax.Array:
         """The posterior mean mu (not normalised) of a checked (B, 4k+1, H, W, 3) video."""
-        video = sharding.constrain(video.astype(self.config.dtype), ACTIVATION)
+        video = sharding.constrain(video.astype(self.config.compute_dtype), ACTIVATION)
         if chunked:
             out = _run_chunks(self.encoder, video, TEMPORAL_STRIDE, 1)
         else:
@@ -422,7 +425,7 @@ class WanVAE(nnx.Module):
                              f"{tuple(latents.shape)}")
         mean, std = self._latent_stats()
         z = latents.astype(jnp.float32) * std + mean
-        x = self.post_quant_conv(sharding.constrain(z.astype(self.config.dtype), ACTIVATION))
+        x = self.post_quant_conv(sharding.constrain(z.astype(self.config.compute_dtype), ACTIVATION))
         if not chunked:
             return self.decoder(x, None)
         return _run_chunks(self.decoder, x, 1, TEMPORAL_STRIDE)
@@ -519,7 +522,7 @@ def encode_video(vae: WanVAE, video, *, tiled: bool = False, tile_size=(30, 52),
     mu = _blend_tiles(lambda part: _encode_mean_jit(vae, part, chunked), video,
                       px(tile_size), px(tile_stride), up=1, down=SPATIAL_STRIDE)
     mean, std = vae._latent_stats()
-    return ((mu - mean) / std).astype(vae.config.dtype)
+    return ((mu - mean) / std).astype(vae.config.compute_dtype)
 
 
 def decode_latents(vae: WanVAE, latents, *, tiled: bool = False, tile_size=(30, 52),
@@ -589,14 +592,9 @@ def _accumulate(values, weight, out, mask, h0, w0):
 # Loading
 # ----------------------------------------------------------------------------------------------
 
-def load_vae(path: str, dtype: str | None = None, mesh=None, rules=None) -> WanVAE:
-    """Wan VAE from a params checkpoint written by `convert-wan-weights --kind vae`.
-
-    dtype: compute dtype (default: the checkpoint's config); parameters keep their stored dtype.
-    With `mesh`, parameters are restored straight onto it by their logical axis names under
-    `rules` (default sharding.DEFAULT_RULES)."""
-    def build(stored: dict) -> WanVAE:
-        cfg = config_from_dict(stored)
-        return WanVAE(cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype), rngs=nnx.Rngs(0))
-
-    return params_io.load_module(path, KIND, build, mesh, rules)
+def load_vae(path: str, *, mesh=None, rules=None, precision=None) -> WanVAE:
+    """Wan VAE from a params checkpoint written by `convert-wan-weights --kind vae`;
+    `mesh`, `rules` and `precision` as in umt5.load_text_encoder."""
+    return params_io.load_module(
+        path, KIND, lambda stored: WanVAE(WanVAEConfig.from_config(
+            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
