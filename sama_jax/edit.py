@@ -20,6 +20,7 @@ a failed edit leaves none. Every input is checked before the models load: extens
 video with frames, a size the model takes, existing outputs (refused without --overwrite),
 checkpoint parts present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,23 @@ import shutil
 import sys
 import time
 
+import jax
+import numpy as np
+from PIL import Image
+
+from sama_jax import cli, edit_rules, inference, sharding
+from sama_jax.data import video_io
+
 SHEET_COLUMNS = 8
 SHEET_HEIGHT = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sama-edit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sama-edit",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     io = p.add_argument_group("inputs and outputs (the released CLI's flags)")
     io.add_argument("--src-video", nargs="+", default=[], help="source video(s): .mp4 .mov .mkv .avi .webm")
     io.add_argument("--list", help="file of 'video<TAB>prompt' lines (relative paths: to the file)")
@@ -45,40 +56,77 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", default="tmp")
     io.add_argument("--height", type=int, default=480, help="pixel budget (with --width) for the buckets")
     io.add_argument("--width", type=int, default=832)
-    io.add_argument("--exact-size", action="store_true",
-                    help="edit at exactly --height x --width (centre crop) instead of the bucket rule")
+    io.add_argument(
+        "--exact-size",
+        action="store_true",
+        help="edit at exactly --height x --width (centre crop) instead of the bucket rule",
+    )
     io.add_argument("--max-frames", type=int, default=81)
     io.add_argument("--fps", type=float, default=20.0, help="output fps when the source has none")
     io.add_argument("--seed", type=int, default=1, help="seeds the video and the semantic noise")
-    io.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode (30x52 latents, stride 15x26)")
-    io.add_argument("--prompt-prefix", action="store_true",
-                    help="prompt '[Video edit] ' + prompt, negative '[Video edit]' (else '')")
+    io.add_argument(
+        "--tiled", action="store_true", help="tiled VAE encode/decode (30x52 latents, stride 15x26)"
+    )
+    io.add_argument(
+        "--prompt-prefix",
+        action="store_true",
+        help="prompt '[Video edit] ' + prompt, negative '[Video edit]' (else '')",
+    )
     io.add_argument("--lora-path", default="", help="LoRA (released key format) merged with alpha 1.0")
     io.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    io.add_argument("--keep-padding", action="store_true",
-                    help="keep the frames repeated up to 4k+1 (the released output); default: trimmed")
+    io.add_argument(
+        "--keep-padding",
+        action="store_true",
+        help="keep the frames repeated up to 4k+1 (the released output); default: trimmed",
+    )
     io.add_argument("--crf", type=int, default=17, help="H.264 quality of the mp4s (17: visually lossless)")
     s = p.add_argument_group("sampler")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--guidance", type=float, default=5.0, help="CFG scale on the text (1: no CFG)")
     s.add_argument("--shift", type=float, default=5.0)
-    s.add_argument("--sampler", default="euler", choices=("euler", "unipc"),
-                   help="euler: the released SAMA sampler; unipc: Wan2.1's")
-    s.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"),
-                   help="CFG passes as one doubled batch (faster) or two calls (less memory)")
-    s.add_argument("--latent-dtype", default=None, choices=("bfloat16", "float32"),
-                   help="sampler state dtype (default: bfloat16 for euler as released, float32 for unipc)")
+    s.add_argument(
+        "--sampler",
+        default="euler",
+        choices=("euler", "unipc"),
+        help="euler: the released SAMA sampler; unipc: Wan2.1's",
+    )
+    s.add_argument(
+        "--cfg-mode",
+        default="batch",
+        choices=("batch", "sequential"),
+        help="CFG passes as one doubled batch (faster) or two calls (less memory)",
+    )
+    s.add_argument(
+        "--latent-dtype",
+        default=None,
+        choices=("bfloat16", "float32"),
+        help="sampler state dtype (default: bfloat16 for euler as released, float32 for unipc)",
+    )
     s.add_argument("--semantic-tokens", type=int, default=65, help="semantic tokens denoised with the video")
     m = p.add_argument_group("models")
     m.add_argument("--dit", help="DiT params checkpoint (convert-wan-weights)")
     m.add_argument("--vae", help="Wan VAE params checkpoint")
     m.add_argument("--text-encoder", help="umT5 params checkpoint")
     m.add_argument("--tokenizer", help="umT5 tokenizer directory")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="parameter and compute dtype of the models (the released pipeline: bfloat16)")
-    m.add_argument("--mesh", default="fsdp=-1",
-                   help="device mesh 'axis=size,...' over (data, fsdp, context, tensor), or 'none' "
-                        "(one device); the CFG batch shards over 'data'")
+    m.add_argument("--run", help="a sama-train run directory instead of the four checkpoints")
+    m.add_argument(
+        "--params",
+        default="ema",
+        choices=("ema", "raw"),
+        help="with --run: the EMA parameters (default) or the raw trained ones",
+    )
+    m.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="parameter and compute dtype of the models (the released pipeline: bfloat16)",
+    )
+    m.add_argument(
+        "--mesh",
+        default="fsdp=-1",
+        help="device mesh 'axis=size,...' over (data, fsdp, context, tensor), or 'none' "
+        "(one device); the CFG batch shards over 'data'",
+    )
     return p
 
 
@@ -88,14 +136,16 @@ class Job:
     prompt: str
     stem: str
     info: dict | None = None
-    size: tuple[int, int] | None = None     # (height, width) of the edit
+    size: tuple[int, int] | None = None  # (height, width) of the edit
 
 
 def output_paths(output_dir: str, stem: str) -> dict[str, str]:
-    return {"video": os.path.join(output_dir, f"{stem}.mp4"),
-            "compare": os.path.join(output_dir, f"{stem}.compare.mp4"),
-            "sheet": os.path.join(output_dir, f"{stem}.sheet.png"),
-            "sidecar": os.path.join(output_dir, f"{stem}.json")}
+    return {
+        "video": os.path.join(output_dir, f"{stem}.mp4"),
+        "compare": os.path.join(output_dir, f"{stem}.compare.mp4"),
+        "sheet": os.path.join(output_dir, f"{stem}.sheet.png"),
+        "sidecar": os.path.join(output_dir, f"{stem}.json"),
+    }
 
 
 def read_list(path: str) -> list[tuple[str, str]]:
@@ -115,8 +165,6 @@ def read_list(path: str) -> list[tuple[str, str]]:
 
 
 def collect_jobs(args) -> list[Job]:
-    from sama_jax import edit_rules
-
     pairs = [(v, args.prompt) for v in args.src_video]
     if args.list:
         pairs += [(v, p or args.prompt) for v, p in read_list(args.list)]
@@ -126,8 +174,10 @@ def collect_jobs(args) -> list[Job]:
     for source, prompt in pairs:
         stem = os.path.splitext(os.path.basename(source))[0]
         if stem in stems:
-            raise edit_rules.EditInputError(f"{source} and {stems[stem]} would write the same outputs "
-                                            f"({stem}.*): edit them into different --output-dir")
+            raise edit_rules.EditInputError(
+                f"{source} and {stems[stem]} would write the same outputs "
+                f"({stem}.*): edit them into different --output-dir"
+            )
         stems[stem] = source
         if not prompt.strip():
             raise edit_rules.EditInputError(f"{source}: no prompt (give --prompt or a prompt in --list)")
@@ -137,15 +187,14 @@ def collect_jobs(args) -> list[Job]:
 
 def check_jobs(jobs: list[Job], args, settings) -> None:
     """Every per-video check that needs no model; raises one EditInputError listing all problems."""
-    from sama_jax import edit_rules
-    from sama_jax.data import video_io
-
     problems = []
     for job in jobs:
         ext = os.path.splitext(job.source)[1].lower()
         if ext not in edit_rules.SOURCE_EXTS:
-            problems.append(f"{job.source}: unsupported extension {ext or '(none)'!r}; "
-                            f"sources are {' '.join(edit_rules.SOURCE_EXTS)}")
+            problems.append(
+                f"{job.source}: unsupported extension {ext or '(none)'!r}; "
+                f"sources are {' '.join(edit_rules.SOURCE_EXTS)}"
+            )
             continue
         try:
             job.info = video_io.video_info(job.source)
@@ -162,9 +211,6 @@ def check_jobs(jobs: list[Job], args, settings) -> None:
 
 def contact_sheet(source, edited, columns: int = SHEET_COLUMNS, height: int = SHEET_HEIGHT):
     """Two rows (source, edit) of up to `columns` evenly spaced frames, `height` px tall (or less)."""
-    import numpy as np
-    from PIL import Image
-
     idx = np.unique(np.round(np.linspace(0, len(edited) - 1, min(columns, len(edited)))).astype(int))
     h, w = edited.shape[1:3]
     th = min(height, h)
@@ -173,18 +219,14 @@ def contact_sheet(source, edited, columns: int = SHEET_COLUMNS, height: int = SH
     for row, frames in enumerate((source, edited)):
         for col, i in enumerate(idx):
             thumb = Image.fromarray(frames[i]).resize((tw, th), Image.BICUBIC)
-            sheet[row * th:(row + 1) * th, col * tw:(col + 1) * tw] = np.asarray(thumb)
+            sheet[row * th : (row + 1) * th, col * tw : (col + 1) * tw] = np.asarray(thumb)
     return sheet
 
 
-def write_outputs(job: Job, result, fps: float, fps_from: str, args, settings, identities: dict,
-                  total_seconds: float) -> dict[str, str]:
+def write_outputs(
+    job: Job, result, fps: float, fps_from: str, args, settings, identities: dict, total_seconds: float
+) -> dict[str, str]:
     """Writes the four outputs into a hidden folder, then moves them into place, the mp4 last."""
-    import jax
-    import numpy as np
-
-    from sama_jax.data import video_io
-
     paths = output_paths(args.output_dir, job.stem)
     partial = os.path.join(args.output_dir, f".{job.stem}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -192,22 +234,38 @@ def write_outputs(job: Job, result, fps: float, fps_from: str, args, settings, i
     try:
         staged = {k: os.path.join(partial, os.path.basename(p)) for k, p in paths.items()}
         video_io.write_video(staged["video"], result.frames, fps, crf=args.crf)
-        video_io.write_video(staged["compare"], np.concatenate([result.source, result.frames], axis=2),
-                             fps, crf=args.crf)
+        video_io.write_video(
+            staged["compare"], np.concatenate([result.source, result.frames], axis=2), fps, crf=args.crf
+        )
         video_io.write_image(staged["sheet"], contact_sheet(result.source, result.frames))
         sidecar = {
-            "source": os.path.abspath(job.source), "outputs": {k: os.path.abspath(p) for k, p in paths.items()},
-            "prompt": job.prompt, "model_prompt": result.prompt, "negative_prompt": result.negative_prompt,
-            "seed": settings.seed, "settings": dataclasses.asdict(settings),
-            "latent_dtype": settings.dtype, "model_dtype": args.dtype,
-            "frames": {"source": job.info["frames"], "used": result.source_frames,
-                       "model": result.model_frames, "output": int(len(result.frames))},
-            "size": {"source": [job.info["height"], job.info["width"]],
-                     "output": list(result.frames.shape[1:3])},
-            "fps": fps, "fps_from": fps_from, "checkpoints": identities,
-            "timings": dict({k: round(v, 4) for k, v in result.timings.items()},
-                            total=round(total_seconds, 4)),
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+            "source": os.path.abspath(job.source),
+            "outputs": {k: os.path.abspath(p) for k, p in paths.items()},
+            "prompt": job.prompt,
+            "model_prompt": result.prompt,
+            "negative_prompt": result.negative_prompt,
+            "seed": settings.seed,
+            "settings": dataclasses.asdict(settings),
+            "latent_dtype": settings.dtype,
+            "model_dtype": args.dtype,
+            "frames": {
+                "source": job.info["frames"],
+                "used": result.source_frames,
+                "model": result.model_frames,
+                "output": int(len(result.frames)),
+            },
+            "size": {
+                "source": [job.info["height"], job.info["width"]],
+                "output": list(result.frames.shape[1:3]),
+            },
+            "fps": fps,
+            "fps_from": fps_from,
+            "checkpoints": identities,
+            "timings": dict(
+                {k: round(v, 4) for k, v in result.timings.items()}, total=round(total_seconds, 4)
+            ),
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "jax": jax.__version__,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         with open(staged["sidecar"], "w") as f:
@@ -226,37 +284,45 @@ def parse_mesh(text: str) -> dict | None:
     for part in text.split(","):
         axis, sep, size = part.partition("=")
         if not sep:
-            raise ValueError(f"--mesh {text!r}: expected 'axis=size,...' (e.g. 'fsdp=-1' or 'data=2,fsdp=-1')")
+            raise ValueError(
+                f"--mesh {text!r}: expected 'axis=size,...' (e.g. 'fsdp=-1' or 'data=2,fsdp=-1')"
+            )
         sizes[axis.strip()] = int(size)
     return {"ici": sizes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sama_jax.config import simulate_cpu_devices
-
-    argv = simulate_cpu_devices(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-
-    from sama_jax import edit_rules, inference, sharding
-    from sama_jax.data import video_io
-
-    try:
-        settings = inference.EditSettings(
-            steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
-            cfg_mode=args.cfg_mode, seed=args.seed, max_frames=args.max_frames, height=args.height,
-            width=args.width, exact_size=args.exact_size, tiled=args.tiled,
-            prompt_prefix=args.prompt_prefix, keep_padding=args.keep_padding,
-            latent_dtype=args.latent_dtype, semantic_tokens=args.semantic_tokens)
-        if args.fps <= 0:
-            raise edit_rules.EditInputError(f"--fps must be positive, got {args.fps}")
-        jobs = collect_jobs(args)
-        check_jobs(jobs, args, settings)
-        inference.check_checkpoints(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
-                                    tokenizer=args.tokenizer, lora_path=args.lora_path)
-        mesh_config = parse_mesh(args.mesh)
-    except (edit_rules.EditInputError, FileNotFoundError, ValueError) as e:
-        print(f"sama-edit: error: {e}", file=sys.stderr)
-        return 2
+def _main(args) -> int:
+    settings = inference.EditSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=args.shift,
+        sampler=args.sampler,
+        cfg_mode=args.cfg_mode,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        height=args.height,
+        width=args.width,
+        exact_size=args.exact_size,
+        tiled=args.tiled,
+        prompt_prefix=args.prompt_prefix,
+        keep_padding=args.keep_padding,
+        latent_dtype=args.latent_dtype,
+        semantic_tokens=args.semantic_tokens,
+    )
+    if args.fps <= 0:
+        raise edit_rules.EditInputError(f"--fps must be positive, got {args.fps}")
+    jobs = collect_jobs(args)
+    check_jobs(jobs, args, settings)
+    if args.run:
+        if any((args.dit, args.vae, args.text_encoder, args.tokenizer)):
+            raise edit_rules.EditInputError(
+                "give --run DIR or the checkpoints (--dit --vae --text-encoder --tokenizer), not both"
+            )
+        paths = inference.run_models(args.run, args.params)
+    else:
+        paths = dict(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer)
+    inference.check_checkpoints(**paths, lora_path=args.lora_path)
+    mesh_config = parse_mesh(args.mesh)
 
     start = time.perf_counter()
     mesh = rules = None
@@ -266,10 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         rules = (("batch", "data"),) + sharding.DEFAULT_RULES
     precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
     editor = inference.Editor.from_checkpoints(
-        args.dit, args.vae, args.text_encoder, args.tokenizer, mesh=mesh, rules=rules,
-        precision=precision, lora_path=args.lora_path or None)
-    print(f"models loaded in {time.perf_counter() - start:.1f} s"
-          + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""), flush=True)
+        **paths, mesh=mesh, rules=rules, precision=precision, lora_path=args.lora_path or None
+    )
+    print(
+        f"models loaded in {time.perf_counter() - start:.1f} s"
+        + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""),
+        flush=True,
+    )
 
     failed, done_seconds = 0, []
     for n, job in enumerate(jobs, 1):
@@ -287,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             result = editor.edit(frames, job.prompt, settings, progress)
             fps, fps_from = (job.info["fps"], "source") if job.info["fps"] > 0 else (args.fps, "--fps")
             total = time.perf_counter() - began
-            paths = write_outputs(job, result, fps, fps_from, args, settings, editor.identities, total)
+            paths_out = write_outputs(job, result, fps, fps_from, args, settings, editor.identities, total)
         except (video_io.MediaError, edit_rules.EditInputError) as e:
             failed += 1
             print(f"{label}: error: {e}", file=sys.stderr, flush=True)
@@ -295,9 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         done_seconds.append(time.perf_counter() - began)
         left = len(jobs) - n
         eta = f", ETA {sum(done_seconds) / len(done_seconds) * left:.0f} s for {left} more" if left else ""
-        print(f"{label}: {len(result.frames)} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
-              f"at {fps:g} fps -> {paths['video']} in {done_seconds[-1]:.1f} s{eta}", flush=True)
+        print(
+            f"{label}: {len(result.frames)} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
+            f"at {fps:g} fps -> {paths_out['video']} in {done_seconds[-1]:.1f} s{eta}",
+            flush=True,
+        )
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("sama-edit", lambda: _main(cli.parse(build_parser(), argv, config=False)[1]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ stride 8 x patch 2).
 Prompts: with the prefix flag "[Video edit] " + prompt, negative "[Video edit]"; else the prompt
 as given and the empty negative (the Chinese default negative prompt is parsed and never used).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def pad_frames(frames: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate([frames, np.repeat(frames[-1:], count - len(frames), axis=0)])
 
 
-def resolution_buckets(pixels: int, factor: int = BUCKET_FACTOR, min_ar: float = 0.5,
-                       max_ar: float = 2.0) -> list[tuple[int, int]]:
+def resolution_buckets(
+    pixels: int, factor: int = BUCKET_FACTOR, min_ar: float = 0.5, max_ar: float = 2.0
+) -> list[tuple[int, int]]:
     """(width, height) buckets of about `pixels` pixels, in the released order (height ascending)."""
     if pixels <= 0:
         raise EditInputError(f"--height x --width must be positive, got {pixels} pixels")
@@ -66,8 +68,10 @@ def resolution_buckets(pixels: int, factor: int = BUCKET_FACTOR, min_ar: float =
         if w > 0 and min_ar <= w / h <= max_ar:
             buckets.append((w, h))
     if not buckets:
-        raise EditInputError(f"no {factor}-aligned resolution of about {pixels} pixels has an aspect "
-                             f"ratio in [{min_ar}, {max_ar}]: raise --height/--width")
+        raise EditInputError(
+            f"no {factor}-aligned resolution of about {pixels} pixels has an aspect "
+            f"ratio in [{min_ar}, {max_ar}]: raise --height/--width"
+        )
     return buckets
 
 
@@ -77,7 +81,9 @@ def closest_bucket(width: int, height: int, buckets) -> tuple[int, int]:
     return min(buckets, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
-def bucket_size(width: int, height: int, budget_height: int = 480, budget_width: int = 832) -> tuple[int, int]:
+def bucket_size(
+    width: int, height: int, budget_height: int = 480, budget_width: int = 832
+) -> tuple[int, int]:
     """(width, height) the released rule picks for a source of width x height."""
     if width <= 0 or height <= 0:
         raise EditInputError(f"source frames have no size ({width}x{height})")
@@ -87,9 +93,11 @@ def bucket_size(width: int, height: int, budget_height: int = 480, budget_width:
 def check_size(height: int, width: int, where: str = "--height/--width") -> None:
     """Raises EditInputError naming the size unless the model can take it."""
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        raise EditInputError(f"{where}: {width}x{height} (w x h) does not fit the model: both sides must "
-                             f"be positive multiples of {SIZE_MULTIPLE} (VAE stride 8 x patch 2), e.g. "
-                             f"{max(1, round(width / 16)) * 16}x{max(1, round(height / 16)) * 16}")
+        raise EditInputError(
+            f"{where}: {width}x{height} (w x h) does not fit the model: both sides must "
+            f"be positive multiples of {SIZE_MULTIPLE} (VAE stride 8 x patch 2), e.g. "
+            f"{max(1, round(width / 16)) * 16}x{max(1, round(height / 16)) * 16}"
+        )
 
 
 def crop_and_resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -101,15 +109,16 @@ def crop_and_resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     if ih / iw < height / width:
         cw = int(ih / height * width)
         left = (iw - cw) // 2
-        frames = frames[:, :, left:left + cw]
+        frames = frames[:, :, left : left + cw]
     else:
         ch = int(iw / width * height)
         top = (ih - ch) // 2
-        frames = frames[:, top:top + ch]
+        frames = frames[:, top : top + ch]
     out = np.empty((t, height, width, 3), np.uint8)
     for i in range(t):
-        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(frames[i])).resize(
-            (width, height), Image.BICUBIC))
+        out[i] = np.asarray(
+            Image.fromarray(np.ascontiguousarray(frames[i])).resize((width, height), Image.BICUBIC)
+        )
     return out
 
 
@@ -122,8 +131,9 @@ def edit_prompts(prompt: str, prefix: bool) -> tuple[str, str]:
     return prompt, ""
 
 
-def prepare_frames(frames: np.ndarray, max_frames: int = 81, height: int = 480, width: int = 832,
-                   exact_size: bool = False) -> tuple[np.ndarray, int]:
+def prepare_frames(
+    frames: np.ndarray, max_frames: int = 81, height: int = 480, width: int = 832, exact_size: bool = False
+) -> tuple[np.ndarray, int]:
     """Source frames -> (model input (4k+1, h, w, 3) uint8, number of source frames kept).
 
     exact_size: height x width is the output size (centre crop to its aspect ratio) instead of the

@@ -16,12 +16,14 @@ added to reach 4k+1 are trimmed from the result (keep_padding keeps them, as the
 tests); `from_checkpoints` loads converted params checkpoints. With a mesh, every call runs under
 it; the doubled CFG batch then shards over the 'batch' rule's mesh axes.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import time
 from typing import Callable
@@ -31,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sama_jax import edit_rules, lora as lora_lib, sampling, sharding, text
+from sama_jax import edit_rules, sampling, sharding, text
+from sama_jax import lora as lora_lib
 from sama_jax.data import transforms
-from sama_jax.models import wan_vae
+from sama_jax.models import umt5, wan_dit, wan_vae
 
 # Latent dtype per sampler when not set: the released SAMA runs its Euler loop in bf16, Wan's UniPC
 # runs in float32.
@@ -43,14 +46,15 @@ DEFAULT_LATENT_DTYPE = {"euler": "bfloat16", "unipc": "float32"}
 @dataclasses.dataclass(frozen=True)
 class EditSettings:
     """Everything that decides an edit besides the models, the frames and the prompt."""
+
     steps: int = 50
     guidance: float = 5.0
     shift: float = 5.0
     sampler: str = "euler"
-    cfg_mode: str = "batch"          # batch (one doubled call) | sequential (two calls, less memory)
+    cfg_mode: str = "batch"  # batch (one doubled call) | sequential (two calls, less memory)
     seed: int = 1
     max_frames: int = 81
-    height: int = 480                # with width: the bucket rule's pixel budget, or the exact size
+    height: int = 480  # with width: the bucket rule's pixel budget, or the exact size
     width: int = 832
     exact_size: bool = False
     tiled: bool = False
@@ -63,15 +67,20 @@ class EditSettings:
         if self.sampler not in sampling.SAMPLERS:
             raise edit_rules.EditInputError(f"--sampler {self.sampler!r} is not one of {sampling.SAMPLERS}")
         if self.cfg_mode not in sampling.CFG_MODES:
-            raise edit_rules.EditInputError(f"--cfg-mode {self.cfg_mode!r} is not one of {sampling.CFG_MODES}")
+            raise edit_rules.EditInputError(
+                f"--cfg-mode {self.cfg_mode!r} is not one of {sampling.CFG_MODES}"
+            )
         if self.steps < 1:
             raise edit_rules.EditInputError(f"--steps must be >= 1, got {self.steps}")
         if not np.isfinite(self.guidance) or self.shift <= 0:
-            raise edit_rules.EditInputError(f"--guidance must be finite and --shift positive, got "
-                                            f"{self.guidance}, {self.shift}")
+            raise edit_rules.EditInputError(
+                f"--guidance must be finite and --shift positive, got {self.guidance}, {self.shift}"
+            )
         if self.max_frames < 1 or self.semantic_tokens < 0:
-            raise edit_rules.EditInputError(f"--max-frames must be >= 1 and --semantic-tokens >= 0, got "
-                                            f"{self.max_frames}, {self.semantic_tokens}")
+            raise edit_rules.EditInputError(
+                f"--max-frames must be >= 1 and --semantic-tokens >= 0, got "
+                f"{self.max_frames}, {self.semantic_tokens}"
+            )
         if self.latent_dtype not in (None, "bfloat16", "float32"):
             raise edit_rules.EditInputError(f"--latent-dtype {self.latent_dtype!r}: bfloat16 or float32")
 
@@ -90,13 +99,13 @@ class EditSettings:
 
 @dataclasses.dataclass
 class EditResult:
-    frames: np.ndarray          # (T, h, w, 3) uint8: the edit
-    source: np.ndarray          # (T, h, w, 3) uint8: the model's input clip, frame for frame
+    frames: np.ndarray  # (T, h, w, 3) uint8: the edit
+    source: np.ndarray  # (T, h, w, 3) uint8: the model's input clip, frame for frame
     prompt: str
     negative_prompt: str
-    source_frames: int          # frames taken from the source (min(N, max_frames))
-    model_frames: int           # after padding to 4k+1
-    timings: dict               # seconds per stage
+    source_frames: int  # frames taken from the source (min(N, max_frames))
+    model_frames: int  # after padding to 4k+1
+    timings: dict  # seconds per stage
 
 
 @functools.cache
@@ -110,8 +119,11 @@ def fingerprint(path: str) -> dict:
     """A cheap identity of a checkpoint file or directory: path, total bytes and a sha256 over each
     file's relative name, size and first and last MiB (hashing 28 GB of weights per edit is not)."""
     path = os.path.abspath(path)
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    )
     digest, total = hashlib.sha256(), 0
     for file in files:
         size = os.path.getsize(file)
@@ -131,8 +143,9 @@ def to_uint8(video: jax.Array) -> np.ndarray:
 
 
 class Editor:
-    def __init__(self, dit, vae, text_encoder, tokenizer, *, mesh=None, rules=None,
-                 identities: dict | None = None):
+    def __init__(
+        self, dit, vae, text_encoder, tokenizer, *, mesh=None, rules=None, identities: dict | None = None
+    ):
         if text_encoder.cfg.dim != dit.cfg.text_dim:
             raise ValueError(f"text encoder width {text_encoder.cfg.dim} != DiT text_dim {dit.cfg.text_dim}")
         self.dit, self.vae = dit, vae
@@ -142,24 +155,43 @@ class Editor:
         self._graphdef, _ = nnx.split(dit)
 
     @classmethod
-    def from_checkpoints(cls, dit: str, vae: str, text_encoder: str, tokenizer: str, *, mesh=None,
-                         rules=None, precision=None, lora_path: str | None = None) -> "Editor":
-        """Loads converted params checkpoints (and merges a LoRA, alpha 1.0). precision: the DiT's
-        precision fields; the VAE and umT5 compute in its compute_dtype."""
-        from sama_jax.models import umt5, wan_dit
-
-        check_checkpoints(dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          lora_path=lora_path)
+    def from_checkpoints(
+        cls,
+        dit: str,
+        vae: str,
+        text_encoder: str,
+        tokenizer: str,
+        *,
+        mesh=None,
+        rules=None,
+        precision=None,
+        lora_path: str | None = None,
+    ) -> "Editor":
+        """Loads converted params checkpoints (and merges a LoRA, alpha 1.0). precision: a
+        precision section (param_dtype, compute_dtype, residual_dtype, ...) for all three models."""
+        check_checkpoints(
+            dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, lora_path=lora_path
+        )
         model = wan_dit.load_dit(dit, mesh=mesh, rules=rules, precision=precision)
-        identities = {"dit": fingerprint(dit), "vae": fingerprint(vae),
-                      "text_encoder": fingerprint(text_encoder), "tokenizer": fingerprint(tokenizer)}
+        identities = {
+            "dit": fingerprint(dit),
+            "vae": fingerprint(vae),
+            "text_encoder": fingerprint(text_encoder),
+            "tokenizer": fingerprint(tokenizer),
+        }
         if lora_path:
             merged = lora_lib.merge_lora(model, lora_lib.read_lora(lora_path), alpha=1.0)
             identities["lora"] = dict(fingerprint(lora_path), modules=len(merged))
-        dtype = (precision or {}).get("compute_dtype")
-        return cls(model, wan_vae.load_vae(vae, dtype=dtype, mesh=mesh, rules=rules),
-                   umt5.load_text_encoder(text_encoder, dtype=dtype, mesh=mesh, rules=rules),
-                   text.load_tokenizer(tokenizer), mesh=mesh, rules=rules, identities=identities)
+        kw = dict(mesh=mesh, rules=rules, precision=precision)
+        return cls(
+            model,
+            wan_vae.load_vae(vae, **kw),
+            umt5.load_text_encoder(text_encoder, **kw),
+            text.load_tokenizer(tokenizer),
+            mesh=mesh,
+            rules=rules,
+            identities=identities,
+        )
 
     def _denoiser(self, settings: EditSettings) -> sampling.Denoiser:
         return denoiser_for(self._graphdef, settings.sampler, settings.cfg_mode, settings.guidance != 1.0)
@@ -169,15 +201,23 @@ class Editor:
             return jnp.asarray(x)
         return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
-    def edit(self, frames: np.ndarray, prompt: str, settings: EditSettings = EditSettings(),
-             progress: Callable[[int, int, float], None] | None = None) -> EditResult:
+    def edit(
+        self,
+        frames: np.ndarray,
+        prompt: str,
+        settings: EditSettings = EditSettings(),
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> EditResult:
         """frames: uint8 (N, H, W, 3), the source from its first frame. progress(step, steps, seconds)
         is called after each denoising step."""
         positive, negative = edit_rules.edit_prompts(prompt, settings.prompt_prefix)
-        clip, kept = edit_rules.prepare_frames(frames, settings.max_frames, settings.height,
-                                               settings.width, settings.exact_size)
+        clip, kept = edit_rules.prepare_frames(
+            frames, settings.max_frames, settings.height, settings.width, settings.exact_size
+        )
         timings = {}
-        context = sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+        context = (
+            sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+        )
         with context:
             start = time.perf_counter()
             cond = {"text": self.text([positive])[0]}
@@ -198,14 +238,24 @@ class Editor:
             if settings.semantic_tokens:
                 semantic_shape = (1, settings.semantic_tokens, self.dit.cfg.semantic_dim)
             noise, semantic_noise = sampling.initial_noise(
-                jax.random.key(settings.seed), source.shape, semantic_shape, jnp.dtype(settings.dtype))
+                jax.random.key(settings.seed), source.shape, semantic_shape, jnp.dtype(settings.dtype)
+            )
             denoiser = self._denoiser(settings)
             _, state = nnx.split(self.dit)
-            carry = denoiser.init(self._place(noise),
-                                  None if semantic_noise is None else self._place(semantic_noise))
+            carry = denoiser.init(
+                self._place(noise), None if semantic_noise is None else self._place(semantic_noise)
+            )
             for step in range(schedule.steps):
-                carry = denoiser.run(state, carry, cond, uncond if denoiser.guided else None,
-                                     schedule, settings.guidance, step, step + 1)
+                carry = denoiser.run(
+                    state,
+                    carry,
+                    cond,
+                    uncond if denoiser.guided else None,
+                    schedule,
+                    settings.guidance,
+                    step,
+                    step + 1,
+                )
                 if progress is not None:
                     jax.block_until_ready(carry)
                     progress(step + 1, schedule.steps, time.perf_counter() - start)
@@ -218,9 +268,40 @@ class Editor:
             edited = to_uint8(decoded[0])
             timings["vae_decode"] = time.perf_counter() - start
         count = len(clip) if settings.keep_padding else kept
-        return EditResult(frames=edited[:count], source=clip[:count], prompt=positive,
-                          negative_prompt=negative, source_frames=kept, model_frames=len(clip),
-                          timings=timings)
+        return EditResult(
+            frames=edited[:count],
+            source=clip[:count],
+            prompt=positive,
+            negative_prompt=negative,
+            source_frames=kept,
+            model_frames=len(clip),
+            timings=timings,
+        )
+
+
+RUN_MODELS = "models.json"
+
+
+def run_models(run_dir: str, params: str = "ema") -> dict[str, str]:
+    """The checkpoints of a sama-train run directory: {dit, vae, text_encoder, tokenizer}.
+
+    Contract with sama-train: <run>/models.json maps "dit_ema", "dit" (raw), "vae", "text_encoder"
+    and "tokenizer" to params checkpoints written by save_dit / the converters (paths relative to
+    the run directory, or absolute); a name it lacks defaults to <run>/models/<name>."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--run {run_dir}: not a directory")
+    listed = {}
+    manifest = os.path.join(run_dir, RUN_MODELS)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            listed = json.load(f)
+    path = lambda name: os.path.join(run_dir, listed.get(name, os.path.join("models", name)))
+    return dict(
+        dit=path("dit_ema" if params == "ema" else "dit"),
+        vae=path("vae"),
+        text_encoder=path("text_encoder"),
+        tokenizer=path("tokenizer"),
+    )
 
 
 def check_checkpoints(**paths) -> None:

@@ -12,6 +12,7 @@ converter's table (tools/convert_wan_weights/dit.py), so the two never disagree.
 loader, which skips what it does not recognise, a key that names no Linear of the model, an A
 without its B, or a shape mismatch is an error naming the keys.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,11 +44,11 @@ def linear_targets(num_layers: int) -> dict[str, tuple[str, int | None]]:
     targets = {}
     for ours, official, how in dit_table.TOP_PARAMS + dit_table.SAMA_PARAMS:
         if how == "linear":
-            targets[official[:-len(".weight")]] = (ours, None)
+            targets[official[: -len(".weight")]] = (ours, None)
     for ours, template, how in dit_table.BLOCK_PARAMS:
         if how == "linear":
             for i in range(num_layers):
-                targets[template.format(i=i)[:-len(".weight")]] = (ours, i)
+                targets[template.format(i=i)[: -len(".weight")]] = (ours, i)
     return targets
 
 
@@ -62,12 +63,16 @@ def _pairs(lora: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
             continue
         module = dit_table._rename(match["module"], to_diffusers=False)
         if match["side"] in pairs[module]:
-            raise LoraError(f"LoRA has two {match['side']} matrices for {module} (several adapters?): "
-                            f"keep one adapter's keys")
+            raise LoraError(
+                f"LoRA has two {match['side']} matrices for {module} (several adapters?): "
+                f"keep one adapter's keys"
+            )
         pairs[module][match["side"]] = lora[key]
     if foreign:
-        raise LoraError(f"{len(foreign)} keys are not LoRA weights (<module>.lora_A/lora_B[.name].weight): "
-                        f"{sorted(foreign)[:8]}")
+        raise LoraError(
+            f"{len(foreign)} keys are not LoRA weights (<module>.lora_A/lora_B[.name].weight): "
+            f"{sorted(foreign)[:8]}"
+        )
     unpaired = sorted(m for m, p in pairs.items() if len(p) != 2)
     if unpaired:
         raise LoraError(f"LoRA modules without both lora_A and lora_B: {unpaired[:8]}")
@@ -91,8 +96,10 @@ def merge_lora(model, lora: dict[str, np.ndarray], alpha: float = 1.0) -> list[s
     targets = linear_targets(model.cfg.num_layers)
     unknown = sorted(m for m in pairs if m not in targets)
     if unknown:
-        raise LoraError(f"{len(unknown)} LoRA modules are not Linear layers of this DiT "
-                        f"({model.cfg.num_layers} layers): {unknown[:8]}")
+        raise LoraError(
+            f"{len(unknown)} LoRA modules are not Linear layers of this DiT "
+            f"({model.cfg.num_layers} layers): {unknown[:8]}"
+        )
     params = nnx.state(model, nnx.Param)
     flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(params)}
     updates = []
@@ -102,10 +109,12 @@ def merge_lora(model, lora: dict[str, np.ndarray], alpha: float = 1.0) -> list[s
         kernel_shape = var.value.shape if layer is None else var.value.shape[1:]
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (a.shape[1], b.shape[0]) != kernel_shape:
-            raise LoraError(f"{module}: lora_A {a.shape} / lora_B {b.shape} do not fit its weight "
-                            f"(out, in) = {kernel_shape[::-1]}")
+            raise LoraError(
+                f"{module}: lora_A {a.shape} / lora_B {b.shape} do not fit its weight "
+                f"(out, in) = {kernel_shape[::-1]}"
+            )
         updates.append((module, var, layer, (alpha * (b.astype(np.float64) @ a.astype(np.float64))).T))
-    for module, var, layer, delta in updates:
+    for _, var, layer, delta in updates:
         delta = jnp.asarray(delta, jnp.float32)
         var.value = _add(var.value, delta) if layer is None else _add_layer(var.value, layer, delta)
     nnx.update(model, params)

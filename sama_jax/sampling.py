@@ -33,6 +33,7 @@ Noise: the video noise and the semantic noise both come from one jax key. The re
 seeds only the video noise (torch CPU generator from --seed) and draws the 65 x 1152 semantic noise
 from the unseeded device RNG, so its edits are not reproducible from --seed alone; ours are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 SAMPLERS = ("euler", "unipc")
 CFG_MODES = ("batch", "sequential")
@@ -56,6 +58,7 @@ VelocityFn = Callable[..., tuple[jax.Array, Any]]
 class Schedule:
     """Per-step constants of a sampler: sigmas (steps + 1,) ending in 0, the model timesteps
     (steps,), and the solver coefficients (steps, 8) (Euler: only column 0, s'_next - s')."""
+
     sampler: str
     shift: float
     sigmas: np.ndarray
@@ -115,7 +118,7 @@ def unipc_coefficients(sigmas: np.ndarray) -> np.ndarray:
             h = _lambda(s[i]) - _lambda(s[i - 1])
             hh = -h
             h_phi_1 = np.expm1(hh)
-            b_h = np.expm1(hh)                       # bh2
+            b_h = np.expm1(hh)  # bh2
             alpha = 1.0 - s[i]
             if order[i - 1] == 1:
                 rho_prev, rho_t, rk = 0.0, 0.5, 1.0
@@ -177,12 +180,10 @@ def initial_noise(key: jax.Array, latent_shape, semantic_shape=None, dtype=jnp.f
 def dit_velocity_fn(graphdef) -> VelocityFn:
     """velocity_fn for a WanDiT split as (graphdef, state): params is the state, cond holds "text"
     and optionally "source" (clean source latents)."""
-    from flax import nnx
 
     def velocity(state, x, timesteps, cond, semantic):
         model = nnx.merge(graphdef, state)
-        return model(x, timesteps, cond["text"], source_latents=cond.get("source"),
-                     semantic_tokens=semantic)
+        return model(x, timesteps, cond["text"], source_latents=cond.get("source"), semantic_tokens=semantic)
 
     return velocity
 
@@ -198,8 +199,9 @@ class Denoiser:
     (default all) and returns the new carry; the carry's buffers are donated. `traces` counts how
     often the loop was traced (compiled), for tests and for spotting shape churn."""
 
-    def __init__(self, velocity_fn: VelocityFn, sampler: str = "euler", cfg_mode: str = "batch",
-                 guided: bool = True):
+    def __init__(
+        self, velocity_fn: VelocityFn, sampler: str = "euler", cfg_mode: str = "batch", guided: bool = True
+    ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
         if cfg_mode not in CFG_MODES:
@@ -220,8 +222,12 @@ class Denoiser:
         if self.sampler == "euler":
             return {"x": state}
         zeros = lambda t: jnp.zeros(t.shape, jnp.float32)
-        return {"x": _tmap(lambda t: t.astype(jnp.float32), state), "xc": _tmap(zeros, state),
-                "m1": _tmap(zeros, state), "m2": _tmap(zeros, state)}
+        return {
+            "x": _tmap(lambda t: t.astype(jnp.float32), state),
+            "xc": _tmap(zeros, state),
+            "m1": _tmap(zeros, state),
+            "m2": _tmap(zeros, state),
+        }
 
     def output(self, carry: dict):
         """(video latents, semantic state or None) after the last step."""
@@ -239,9 +245,10 @@ class Denoiser:
         if self.cfg_mode == "batch":
             double = lambda a: jnp.concatenate([a, a], axis=0)
             both = _tmap(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-            v, vs = self.velocity_fn(params, double(x), double(t), both,
-                                     None if semantic is None else double(semantic))
-            halves = lambda a: None if a is None else (a[:x.shape[0]], a[x.shape[0]:])
+            v, vs = self.velocity_fn(
+                params, double(x), double(t), both, None if semantic is None else double(semantic)
+            )
+            halves = lambda a: None if a is None else (a[: x.shape[0]], a[x.shape[0] :])
             (vc, vu), svs = halves(v), halves(vs)
             vsc, vsu = (None, None) if svs is None else svs
         else:
@@ -250,8 +257,7 @@ class Denoiser:
         combine = lambda c, u: None if c is None else f32(u) + guidance * (f32(c) - f32(u))
         return combine(vc, vu), combine(vsc, vsu)
 
-    def _steps(self, params, carry, cond, uncond, sigmas, timesteps, coefficients, guidance,
-               start, stop):
+    def _steps(self, params, carry, cond, uncond, sigmas, timesteps, coefficients, guidance, start, stop):
         self.traces += 1  # runs only while tracing
 
         def euler(params, i, carry):
@@ -266,8 +272,14 @@ class Denoiser:
             v = self.velocity(params, x, timesteps[i], cond, uncond, guidance)
             e, a, b, c, d, p, q, r = (coefficients[i, k] for k in range(8))
             m = _tmap(lambda xi, vi: xi - sigmas[i] * vi, x, v)
-            xc = _tmap(lambda xi, xp, m1, m2, mi: e * xi + a * xp + b * m1 + c * m2 + d * mi,
-                       x, carry["xc"], carry["m1"], carry["m2"], m)
+            xc = _tmap(
+                lambda xi, xp, m1, m2, mi: e * xi + a * xp + b * m1 + c * m2 + d * mi,
+                x,
+                carry["xc"],
+                carry["m1"],
+                carry["m2"],
+                m,
+            )
             nxt = _tmap(lambda xci, mi, m1: p * xci + q * mi + r * m1, xc, m, carry["m1"])
             return {"x": nxt, "xc": xc, "m1": m, "m2": carry["m1"]}
 
@@ -281,8 +293,17 @@ class Denoiser:
 
         return jax.lax.fori_loop(start, stop, body, (params, carry))[1]
 
-    def run(self, params, carry: dict, cond, uncond, schedule: Schedule, guidance: float = 5.0,
-            start: int = 0, stop: int | None = None) -> dict:
+    def run(
+        self,
+        params,
+        carry: dict,
+        cond,
+        uncond,
+        schedule: Schedule,
+        guidance: float = 5.0,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> dict:
         if schedule.sampler != self.sampler:
             raise ValueError(f"schedule is for {schedule.sampler!r}, this denoiser runs {self.sampler!r}")
         stop = schedule.steps if stop is None else stop
@@ -290,13 +311,31 @@ class Denoiser:
             raise ValueError(f"steps [{start}, {stop}) are outside the schedule's {schedule.steps}")
         if self.guided and uncond is None:
             raise ValueError("guided sampling needs uncond (the negative-prompt conditioning)")
-        return self._run(params, carry, cond, uncond, jnp.asarray(schedule.sigmas),
-                         jnp.asarray(schedule.timesteps), jnp.asarray(schedule.coefficients),
-                         jnp.float32(guidance), jnp.int32(start), jnp.int32(stop))
+        return self._run(
+            params,
+            carry,
+            cond,
+            uncond,
+            jnp.asarray(schedule.sigmas),
+            jnp.asarray(schedule.timesteps),
+            jnp.asarray(schedule.coefficients),
+            jnp.float32(guidance),
+            jnp.int32(start),
+            jnp.int32(stop),
+        )
 
 
-def sample(velocity_fn: VelocityFn, params, noise, semantic_noise, cond, uncond,
-           schedule: Schedule, guidance: float = 5.0, cfg_mode: str = "batch"):
+def sample(
+    velocity_fn: VelocityFn,
+    params,
+    noise,
+    semantic_noise,
+    cond,
+    uncond,
+    schedule: Schedule,
+    guidance: float = 5.0,
+    cfg_mode: str = "batch",
+):
     """All steps in one call: -> (video latents, semantic state or None). guidance 1 (or uncond
     None) runs the conditional pass only."""
     guided = uncond is not None and guidance != 1.0

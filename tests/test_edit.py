@@ -1,4 +1,5 @@
 """sama-edit and the Editor on a tiny random model: mp4 in -> mp4 out, and every bad input."""
+
 import dataclasses
 import json
 import os
@@ -36,7 +37,7 @@ def random_params(module_fn, seed=0):
 def moving_square(frames=10, height=48, width=64):
     video = np.full((frames, height, width, 3), 40, np.uint8)
     for t in range(frames):
-        video[t, 10:26, 4 + 3 * t:20 + 3 * t] = (220, 200, 30)
+        video[t, 10:26, 4 + 3 * t : 20 + 3 * t] = (220, 200, 30)
     return video
 
 
@@ -44,30 +45,69 @@ def moving_square(frames=10, height=48, width=64):
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit")
     dit_cfg = wan_dit.WanDiTConfig(**presets.DIT["tiny"])
-    params_io.save_params(str(root / "dit"), random_params(lambda: wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(0))),
-                          wan_dit.KIND, dit_cfg.architecture())
+    params_io.save_params(
+        str(root / "dit"),
+        random_params(lambda: wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(0))),
+        wan_dit.KIND,
+        dit_cfg.architecture(),
+    )
     vae_cfg = wan_vae.WanVAEConfig(**presets.VAE["tiny"])
-    params_io.save_params(str(root / "vae"), random_params(lambda: wan_vae.WanVAE(vae_cfg, rngs=nnx.Rngs(0)), 1),
-                          wan_vae.KIND, dataclasses.asdict(vae_cfg))
-    t5_cfg = umt5.config_from_dict(presets.TEXT_ENCODER["tiny"])
-    params_io.save_params(str(root / "umt5"), random_params(lambda: umt5.UMT5Encoder(t5_cfg, rngs=nnx.Rngs(0)), 2),
-                          umt5.KIND, dataclasses.asdict(t5_cfg))
+    params_io.save_params(
+        str(root / "vae"),
+        random_params(lambda: wan_vae.WanVAE(vae_cfg, rngs=nnx.Rngs(0)), 1),
+        wan_vae.KIND,
+        dataclasses.asdict(vae_cfg),
+    )
+    t5_cfg = umt5.UMT5Config.from_config(presets.TEXT_ENCODER["tiny"])
+    params_io.save_params(
+        str(root / "umt5"),
+        random_params(lambda: umt5.UMT5Encoder(t5_cfg, rngs=nnx.Rngs(0)), 2),
+        umt5.KIND,
+        dataclasses.asdict(t5_cfg),
+    )
     text.build_sentencepiece_tokenizer(TEXTS * 20, str(root / "tok"), vocab_size=60)
     # Every edit below runs the model on 5 frames of 32x64, so the jitted VAE and sampler compile once.
     video_io.write_video(str(root / "clip.mp4"), moving_square(3), fps=SOURCE_FPS)
     video_io.write_video(str(root / "long.mp4"), moving_square(10), fps=SOURCE_FPS)
     video_io.write_video(str(root / "other.mp4"), moving_square(5)[:, :, ::-1].copy(), fps=SOURCE_FPS)
-    models = ["--dit", str(root / "dit"), "--vae", str(root / "vae"), "--text-encoder", str(root / "umt5"),
-              "--tokenizer", str(root / "tok"), "--height", "32", "--width", "64", "--steps", "3",
-              "--mesh", "none", "--dtype", "float32"]
+    models = [
+        "--dit",
+        str(root / "dit"),
+        "--vae",
+        str(root / "vae"),
+        "--text-encoder",
+        str(root / "umt5"),
+        "--tokenizer",
+        str(root / "tok"),
+        "--height",
+        "32",
+        "--width",
+        "64",
+        "--steps",
+        "3",
+        "--mesh",
+        "none",
+        "--dtype",
+        "float32",
+    ]
     return root, models
 
 
 def test_mp4_in_mp4_out(ckpt, tmp_path, capsys):
     root, models = ckpt
     out = tmp_path / "out"
-    rc = edit.main(["--src-video", str(root / "clip.mp4"), "--prompt", "Make the square red.",
-                    "--output-dir", str(out), "--prompt-prefix"] + models)
+    rc = edit.main(
+        [
+            "--src-video",
+            str(root / "clip.mp4"),
+            "--prompt",
+            "Make the square red.",
+            "--output-dir",
+            str(out),
+            "--prompt-prefix",
+        ]
+        + models
+    )
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "denoising step 3/3" in printed and "ETA" in printed
@@ -86,8 +126,10 @@ def test_mp4_in_mp4_out(ckpt, tmp_path, capsys):
     assert side["settings"]["steps"] == 3 and side["settings"]["prompt_prefix"] is True
     assert set(side["checkpoints"]) == {"dit", "vae", "text_encoder", "tokenizer"}
     assert side["timings"]["total"] > 0
-    print(f"\ntiny preset: {side['timings']['total']:.2f} s per edit (first, with compilation), "
-          f"stages {side['timings']}")
+    print(
+        f"\ntiny preset: {side['timings']['total']:.2f} s per edit (first, with compilation), "
+        f"stages {side['timings']}"
+    )
     assert sorted(os.listdir(out)) == ["clip.compare.mp4", "clip.json", "clip.mp4", "clip.sheet.png"]
 
 
@@ -96,8 +138,22 @@ def test_list_file_and_padding_kept(ckpt, tmp_path, capsys):
     listing = tmp_path / "cases.tsv"
     listing.write_text(f"{root / 'long.mp4'}\tRemove the square.\n# a comment\n{root / 'other.mp4'}\n")
     out = tmp_path / "out"
-    rc = edit.main(["--list", str(listing), "--prompt", "Make the square red.", "--output-dir", str(out),
-                    "--keep-padding", "--max-frames", "4", "--seed", "3"] + models)
+    rc = edit.main(
+        [
+            "--list",
+            str(listing),
+            "--prompt",
+            "Make the square red.",
+            "--output-dir",
+            str(out),
+            "--keep-padding",
+            "--max-frames",
+            "4",
+            "--seed",
+            "3",
+        ]
+        + models
+    )
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert printed.count("models loaded") == 1 and "ETA" in printed
@@ -113,8 +169,13 @@ def test_list_file_and_padding_kept(ckpt, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def editor(ckpt):
     root, _ = ckpt
-    return inference.Editor.from_checkpoints(str(root / "dit"), str(root / "vae"), str(root / "umt5"),
-                                             str(root / "tok"), precision={"compute_dtype": "float32"})
+    return inference.Editor.from_checkpoints(
+        str(root / "dit"),
+        str(root / "vae"),
+        str(root / "umt5"),
+        str(root / "tok"),
+        precision={"compute_dtype": "float32"},
+    )
 
 
 def test_seeded_edits_reproduce(editor):
@@ -148,10 +209,18 @@ def test_bad_inputs_are_named_before_any_model_loads(ckpt, tmp_path, capsys):
         (["--src-video", str(tmp_path / "empty.mp4")] + models, "empty.mp4: empty file"),
         (["--src-video", str(tmp_path / "missing.mp4")] + models, "missing.mp4: file does not exist"),
         (["--src-video", str(tmp_path / "clip.gif")] + models, "unsupported extension '.gif'"),
-        (["--src-video", str(root / "clip.mp4"), "--exact-size", "--height", "30", "--width", "50"]
-         + models[:8], "50x30 (w x h) does not fit the model"),
-        (["--src-video", str(root / "clip.mp4")] + models[:2] + models[4:] + ["--vae", str(tmp_path / "novae")],
-         "--vae " + str(tmp_path / "novae") + ": does not exist"),
+        (
+            ["--src-video", str(root / "clip.mp4"), "--exact-size", "--height", "30", "--width", "50"]
+            + models[:8],
+            "50x30 (w x h) does not fit the model",
+        ),
+        (
+            ["--src-video", str(root / "clip.mp4")]
+            + models[:2]
+            + models[4:]
+            + ["--vae", str(tmp_path / "novae")],
+            "--vae " + str(tmp_path / "novae") + ": does not exist",
+        ),
         (["--src-video", str(root / "clip.mp4")] + models[2:], "--dit not given"),
         (["--src-video", str(root / "clip.mp4"), "--steps", "0"] + models[:8], "--steps must be >= 1"),
     ]
@@ -174,7 +243,9 @@ def test_a_failed_edit_leaves_no_partial_output(ckpt, tmp_path, capsys, monkeypa
         raise video_io.MediaError(f"{path}: disk full", "invalid")
 
     monkeypatch.setattr(video_io, "write_image", broken)
-    rc = edit.main(["--src-video", str(root / "other.mp4"), "--prompt", "Make the square red.",
-                    "--output-dir", str(out)] + models)
+    rc = edit.main(
+        ["--src-video", str(root / "other.mp4"), "--prompt", "Make the square red.", "--output-dir", str(out)]
+        + models
+    )
     assert rc == 1 and "disk full" in capsys.readouterr().err
     assert os.listdir(out) == []

@@ -1,5 +1,6 @@
 """Samplers against diffusers' schedulers configured as the SAMA / Wan pipelines use them, and
 against hand computations, on a toy linear velocity field."""
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -8,15 +9,17 @@ import pytest
 
 from sama_jax import sampling
 
-SHAPE = (1, 2, 4, 4, 3)        # (B, F, H, W, C) latents
-SEM_SHAPE = (1, 5, 6)          # (B, N, semantic_dim)
+SHAPE = (1, 2, 4, 4, 3)  # (B, F, H, W, C) latents
+SEM_SHAPE = (1, 5, 6)  # (B, N, semantic_dim)
 
 
 def toy_params(rng):
     c, d = SHAPE[-1], SEM_SHAPE[-1]
-    return dict(a=(-0.4 * np.eye(c) + 0.1 * rng.standard_normal((c, c))).astype(np.float32),
-                b=rng.standard_normal(c).astype(np.float32),
-                a_sem=(-0.3 * np.eye(d) + 0.1 * rng.standard_normal((d, d))).astype(np.float32))
+    return dict(
+        a=(-0.4 * np.eye(c) + 0.1 * rng.standard_normal((c, c))).astype(np.float32),
+        b=rng.standard_normal(c).astype(np.float32),
+        a_sem=(-0.3 * np.eye(d) + 0.1 * rng.standard_normal((d, d))).astype(np.float32),
+    )
 
 
 def toy_velocity(params, x, t, cond, semantic):
@@ -63,11 +66,11 @@ def test_euler_schedule_is_the_released_one():
     np.testing.assert_allclose(s.sigmas[[1, 49]], [0.99593, 0.09259], atol=1e-5)
     # bf16 timestep: multiples of 4 in [512, 1024), of 2 in [256, 512), rounded to nearest.
     t = s.timesteps
-    assert t[0] == 1000.0 and t[1] == 996.0          # 995.93 -> 996
+    assert t[0] == 1000.0 and t[1] == 996.0  # 995.93 -> 996
     np.testing.assert_array_equal(t[t >= 512] % 4, 0)
     np.testing.assert_array_equal(t[(t >= 256) & (t < 512)] % 2, 0)
     np.testing.assert_allclose(t, 1000 * s.sigmas[:-1], atol=2.0)
-    assert np.any(t != 1000 * s.sigmas[:-1])          # the quantisation is not a no-op
+    assert np.any(t != 1000 * s.sigmas[:-1])  # the quantisation is not a no-op
     np.testing.assert_array_equal(t, [bf16(1000 * x) for x in s.sigmas[:-1]])
 
 
@@ -86,7 +89,7 @@ def test_euler_matches_diffusers_and_the_hand_computation(problem):
     params, noise, sem, cond, _ = problem
     steps = 6
     ours, den = run_ours(problem, "euler", steps, per_step=True)
-    assert den.traces == 1                             # six chunked calls, one compilation
+    assert den.traces == 1  # six chunked calls, one compilation
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
     sched.set_timesteps(sigmas=np.linspace(1, 0, steps + 1)[:-1].tolist())
@@ -95,10 +98,10 @@ def test_euler_matches_diffusers_and_the_hand_computation(problem):
     sig = np.linspace(1, 0, steps + 1)
     sig = np.append(5 * sig[:-1] / (1 + 4 * sig[:-1]), 0.0)
     for i, t in enumerate(sched.timesteps):
-        tb = bf16(float(t))                            # the released pipeline's cast
+        tb = bf16(float(t))  # the released pipeline's cast
         v, vs = toy_velocity(params, x.numpy(), np.array([tb]), cond, s.numpy())
         x = sched.step(torch.from_numpy(v), t, x).prev_sample
-        sched._step_index -= 1                         # the same step for the semantic state
+        sched._step_index -= 1  # the same step for the semantic state
         s = sched.step(torch.from_numpy(vs), t, s).prev_sample
         hv, hvs = toy_velocity(params, hand_x, np.array([bf16(1000 * sig[i])]), cond, hand_s)
         hand_x = hand_x + hv * (sig[i + 1] - sig[i])
@@ -117,9 +120,16 @@ def diffusers_unipc(problem, steps, sigmas=None):
 
     params, noise, sem, cond, _ = problem
     make = lambda: UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
-        flow_shift=5.0, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-        final_sigmas_type="zero")
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=5.0,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
     video, semantic = make(), make()
     for sched in (video, semantic):
         sched.set_timesteps(steps, sigmas=sigmas)
@@ -153,8 +163,9 @@ def test_unipc_coefficients_match_diffusers_on_its_default_schedule(problem):
     ref, sched = diffusers_unipc(problem, steps)
     params, noise, sem, cond, uncond = problem
     sigmas = sched.sigmas.numpy()
-    schedule = sampling.Schedule("unipc", 5.0, sigmas, sched.timesteps.numpy().astype(np.float32),
-                                 sampling.unipc_coefficients(sigmas))
+    schedule = sampling.Schedule(
+        "unipc", 5.0, sigmas, sched.timesteps.numpy().astype(np.float32), sampling.unipc_coefficients(sigmas)
+    )
     den = sampling.Denoiser(toy_velocity, "unipc", guided=False)
     x, s = den.output(den.run(params, den.init(jnp.asarray(noise), jnp.asarray(sem)), cond, None, schedule))
     np.testing.assert_allclose(x, ref[-1][0], rtol=1e-4, atol=1e-5)
@@ -167,8 +178,9 @@ def test_cfg_combines_video_and_semantic_velocities(problem, mode):
     g = 4.0
     den = sampling.Denoiser(toy_velocity, "euler", cfg_mode=mode, guided=True)
     sched = sampling.make_schedule("euler", 3, 5.0)
-    x, s = den.output(den.run(params, den.init(jnp.asarray(noise), jnp.asarray(sem)), cond, uncond,
-                              sched, g, stop=1))
+    x, s = den.output(
+        den.run(params, den.init(jnp.asarray(noise), jnp.asarray(sem)), cond, uncond, sched, g, stop=1)
+    )
     t = np.array([sched.timesteps[0]])
     vc, vsc = toy_velocity(params, noise, t, cond, sem)
     vu, vsu = toy_velocity(params, noise, t, uncond, sem)
@@ -200,8 +212,9 @@ def test_batch_and_sequential_cfg_agree_and_compile_once(problem):
 def test_bf16_state_and_no_semantic_tokens(problem):
     params, noise, _, cond, uncond = problem
     sched = sampling.make_schedule("euler", 4, 5.0)
-    x, s = sampling.sample(toy_velocity, params, jnp.asarray(noise, jnp.bfloat16), None, cond, uncond,
-                           sched, 5.0)
+    x, s = sampling.sample(
+        toy_velocity, params, jnp.asarray(noise, jnp.bfloat16), None, cond, uncond, sched, 5.0
+    )
     assert s is None and x.dtype == jnp.bfloat16
     x32, _ = sampling.sample(toy_velocity, params, jnp.asarray(noise), None, cond, uncond, sched, 5.0)
     np.testing.assert_allclose(np.asarray(x, np.float32), x32, rtol=0.05, atol=0.05)
