@@ -304,7 +304,7 @@ def _main(args) -> int:
         width=args.width,
         exact_size=args.exact_size,
         tiled=args.tiled,
-        prompt_prefix=args.prompt_prefix,
+        prompt_prefix=edit_rules.PROMPT_PREFIX if args.prompt_prefix else "",
         keep_padding=args.keep_padding,
         latent_dtype=args.latent_dtype,
         semantic_tokens=args.semantic_tokens,

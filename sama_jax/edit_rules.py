@@ -4,7 +4,7 @@
     kept, padded = frame_counts(len(frames), max_frames=81)       # min(N, 81), then up to 4k+1
     w, h = bucket_size(frames.shape[2], frames.shape[1])          # 1920x1080 -> (832, 480)
     clip = crop_and_resize(pad_frames(frames[:kept], padded), h, w)
-    prompt, negative = edit_prompts("Make the sky pink.", prefix=True)
+    prompt, negative = edit_prompts("Make the sky pink.", PROMPT_PREFIX)
 
 Frames: the first min(N, max_frames) frames, no temporal resampling; the last frame is repeated
 until the count is 4k+1 (the Wan VAE's 1 + 4k frame rule). The released code keeps the padding in
@@ -17,6 +17,8 @@ source's (first one on ties) is used, the source centre-cropped to its aspect ra
 stride 8 x patch 2).
 Prompts: with the prefix flag "[Video edit] " + prompt, negative "[Video edit]"; else the prompt
 as given and the empty negative (the Chinese default negative prompt is parsed and never used).
+In general the prefix is a string (a run's config.prompt_prefix) and the negative is the prefix
+without its trailing space.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 SOURCE_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
-PROMPT_PREFIX = "[Video edit]"
+PROMPT_PREFIX = "[Video edit] "
 # Spatial size unit the model takes: VAE stride 8 times patch size 2.
 SIZE_MULTIPLE = 16
 BUCKET_FACTOR = 32
@@ -122,13 +124,11 @@ def crop_and_resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def edit_prompts(prompt: str, prefix: bool) -> tuple[str, str]:
-    """(prompt, negative prompt) as the released CLI builds them."""
+def edit_prompts(prompt: str, prefix: str) -> tuple[str, str]:
+    """(prefix + prompt, prefix without trailing space) as the released CLI builds them."""
     if not prompt or not prompt.strip():
         raise EditInputError("--prompt is empty: give the edit instruction")
-    if prefix:
-        return f"{PROMPT_PREFIX} {prompt}", PROMPT_PREFIX
-    return prompt, ""
+    return prefix + prompt, prefix.rstrip()
 
 
 def prepare_frames(

@@ -2,7 +2,8 @@
 
     editor = Editor.from_checkpoints(dit="ckpt/sama_14b", vae="ckpt/wan_vae",
                                      text_encoder="ckpt/umt5", tokenizer="ckpt/google/umt5-xxl")
-    result = editor.edit(frames, "Make the sky pink.", EditSettings(prompt_prefix=True, tiled=True))
+    settings = EditSettings(prompt_prefix="[Video edit] ", tiled=True)
+    result = editor.edit(frames, "Make the sky pink.", settings)
     result.frames        # (T, h, w, 3) uint8, T = the source's frame count (min(N, max_frames))
 
 One edit, as the released SAMA inference runs it (reference/sama-official.md 4): the frame and
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sama_jax import edit_rules, sampling, sharding, text
+from sama_jax import edit_rules, sampling, semantic, sharding, text
 from sama_jax import lora as lora_lib
 from sama_jax.data import transforms
 from sama_jax.models import umt5, wan_dit, wan_vae
@@ -58,7 +59,7 @@ class EditSettings:
     width: int = 832
     exact_size: bool = False
     tiled: bool = False
-    prompt_prefix: bool = False
+    prompt_prefix: str = ""  # "[Video edit] " with the released --prompt-prefix flag
     keep_padding: bool = False
     latent_dtype: str | None = None  # None: DEFAULT_LATENT_DTYPE[sampler]
     semantic_tokens: int = 65
@@ -95,6 +96,23 @@ class EditSettings:
             return self.height, self.width
         w, h = edit_rules.bucket_size(width, height, self.height, self.width)
         return h, w
+
+
+def settings_from_config(config, **overrides) -> EditSettings:
+    """EditSettings for a training run's sample edits: config.eval.{num_steps, guidance, shift,
+    sampler}, config.prompt_prefix, and as many semantic tokens as config.model.semantic makes.
+    Held-out clips come from the pipeline already at a bucket size: pass height/width of the clip
+    with exact_size=True to edit at that size (the default is the released 480x832 budget)."""
+    values = dict(
+        steps=int(config.eval.num_steps),
+        guidance=float(config.eval.guidance),
+        shift=float(config.eval.shift),
+        sampler=str(config.eval.sampler),
+        prompt_prefix=str(config.prompt_prefix),
+        semantic_tokens=semantic.SemanticConfig(**config.model.semantic).num_tokens,
+    )
+    values.update(overrides)
+    return EditSettings(**values)
 
 
 @dataclasses.dataclass

@@ -123,7 +123,7 @@ def test_mp4_in_mp4_out(ckpt, tmp_path, capsys):
     assert side["model_prompt"] == "[Video edit] Make the square red."
     assert side["negative_prompt"] == "[Video edit]" and side["seed"] == 1
     assert side["frames"] == {"source": 3, "used": 3, "model": 5, "output": 3}
-    assert side["settings"]["steps"] == 3 and side["settings"]["prompt_prefix"] is True
+    assert side["settings"]["steps"] == 3 and side["settings"]["prompt_prefix"] == "[Video edit] "
     assert set(side["checkpoints"]) == {"dit", "vae", "text_encoder", "tokenizer"}
     assert side["timings"]["total"] > 0
     print(
@@ -300,3 +300,19 @@ def test_sharded_edit_matches_one_device(ckpt, editor):
     a = editor.edit(frames, "Make the square red.", settings)
     b = sharded.edit(frames, "Make the square red.", settings)
     assert np.abs(a.frames.astype(int) - b.frames).max() <= 1
+
+
+def test_settings_from_a_run_config():
+    from sama_jax import config as config_lib
+
+    spec = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_sft.py") + ":tiny"
+    config = config_lib.build_config(spec, [])
+    settings = inference.settings_from_config(config, height=64, width=64, exact_size=True)
+    assert (settings.steps, settings.guidance, settings.shift, settings.sampler) == (
+        config.eval.num_steps,
+        config.eval.guidance,
+        config.eval.shift,
+        config.eval.sampler,
+    )
+    assert settings.prompt_prefix == "[Video edit] " and settings.semantic_tokens == 5  # tiny: 2x2 + 1
+    assert settings.output_size(48, 80) == (64, 64)

@@ -98,7 +98,10 @@ def test_exact_sizes_the_model_cannot_take_are_named():
 
 
 def test_prompts():
-    assert er.edit_prompts("Make the car red.", True) == ("[Video edit] Make the car red.", "[Video edit]")
-    assert er.edit_prompts("Make the car red.", False) == ("Make the car red.", "")
+    assert er.edit_prompts("Make the car red.", er.PROMPT_PREFIX) == (
+        "[Video edit] Make the car red.",
+        "[Video edit]",
+    )
+    assert er.edit_prompts("Make the car red.", "") == ("Make the car red.", "")
     with pytest.raises(er.EditInputError, match="--prompt is empty"):
-        er.edit_prompts("  ", True)
+        er.edit_prompts("  ", "")
