@@ -234,42 +234,49 @@ class Denoiser:
         return carry["x"]
 
     # -- one step ------------------------------------------------------------------------------
-    def velocity(self, params, state, timestep, cond, uncond, guidance):
-        """Guided (video, semantic) velocities in float32 at one timestep."""
+    def conditioning(self, cond, uncond):
+        """What the model passes see, built once per call: cond alone (unguided), cond and uncond
+        stacked on the batch axis (batch CFG), or both as they are (sequential CFG)."""
+        if not self.guided:
+            return cond
+        if self.cfg_mode == "batch":
+            return _tmap(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+        return cond, uncond
+
+    def velocity(self, params, state, timestep, passes, guidance):
+        """Guided (video, semantic) velocities in float32 at one timestep; `passes` from
+        `conditioning`. v = v_u + g (v_c - v_u), computed in float32."""
         x, semantic = state
         t = jnp.full((x.shape[0],), timestep, jnp.float32)
         f32 = lambda v: None if v is None else v.astype(jnp.float32)
         if not self.guided:
-            v, vs = self.velocity_fn(params, x, t, cond, semantic)
+            v, vs = self.velocity_fn(params, x, t, passes, semantic)
             return f32(v), f32(vs)
         if self.cfg_mode == "batch":
-            double = lambda a: jnp.concatenate([a, a], axis=0)
-            both = _tmap(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-            v, vs = self.velocity_fn(
-                params, double(x), double(t), both, None if semantic is None else double(semantic)
-            )
-            halves = lambda a: None if a is None else (a[: x.shape[0]], a[x.shape[0] :])
-            (vc, vu), svs = halves(v), halves(vs)
-            vsc, vsu = (None, None) if svs is None else svs
+            double = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
+            v, vs = self.velocity_fn(params, double(x), double(t), passes, double(semantic))
+            halves = lambda a: (None, None) if a is None else (a[: x.shape[0]], a[x.shape[0] :])
+            (vc, vu), (vsc, vsu) = halves(v), halves(vs)
         else:
-            vc, vsc = self.velocity_fn(params, x, t, cond, semantic)
-            vu, vsu = self.velocity_fn(params, x, t, uncond, semantic)
+            vc, vsc = self.velocity_fn(params, x, t, passes[0], semantic)
+            vu, vsu = self.velocity_fn(params, x, t, passes[1], semantic)
         combine = lambda c, u: None if c is None else f32(u) + guidance * (f32(c) - f32(u))
         return combine(vc, vu), combine(vsc, vsu)
 
     def _steps(self, params, carry, cond, uncond, sigmas, timesteps, coefficients, guidance, start, stop):
         self.traces += 1  # runs only while tracing
+        passes = self.conditioning(cond, uncond)
 
         def euler(params, i, carry):
             x = carry["x"]
-            v = self.velocity(params, x, timesteps[i], cond, uncond, guidance)
+            v = self.velocity(params, x, timesteps[i], passes, guidance)
             dt = coefficients[i, 0]
             step = lambda a, u: (a.astype(jnp.float32) + u * dt).astype(a.dtype)
             return {"x": _tmap(step, x, v)}
 
         def unipc(params, i, carry):
             x = carry["x"]
-            v = self.velocity(params, x, timesteps[i], cond, uncond, guidance)
+            v = self.velocity(params, x, timesteps[i], passes, guidance)
             e, a, b, c, d, p, q, r = (coefficients[i, k] for k in range(8))
             m = _tmap(lambda xi, vi: xi - sigmas[i] * vi, x, v)
             xc = _tmap(
