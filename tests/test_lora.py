@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -9,7 +10,14 @@ from sama_jax.models.wan_dit import WanDiT, WanDiTConfig
 
 @pytest.fixture(scope="module")
 def model():
-    return WanDiT(WanDiTConfig(**presets.DIT["tiny"]), rngs=nnx.Rngs(0))
+    """A tiny DiT with random N(0, 1) parameters (filled by shape: no eager initialisers)."""
+    cfg = WanDiTConfig(**presets.DIT["tiny"])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    nnx.replace_by_pure_dict(
+        state, jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), nnx.to_pure_dict(state))
+    )
+    return nnx.merge(graphdef, state)
 
 
 def flat_params(model):
