@@ -345,9 +345,14 @@ def _main(args) -> int:
         label = f"[{n}/{len(jobs)}] {os.path.basename(job.source)}"
         every = max(1, settings.steps // 10)
 
-        def progress(step, steps, seconds, label=label, every=every):
+        first_step = {}
+
+        def progress(step, steps, seconds, label=label, every=every, first_step=first_step):
+            # The first step includes compiling the loop: the ETA uses the steps after it.
+            first_step.setdefault("seconds", seconds)
+            per_step = (seconds - first_step["seconds"]) / (step - 1) if step > 1 else seconds
             if step % every == 0 or step == steps:
-                eta = seconds / step * (steps - step)
+                eta = per_step * (steps - step)
                 print(f"{label}: denoising step {step}/{steps}, {seconds:.1f} s, ETA {eta:.1f} s", flush=True)
 
         began = time.perf_counter()
