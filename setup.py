@@ -48,6 +48,8 @@ setup(
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
             "sama-edit=sama_jax.edit:main",
+            "sama-fit-vae=sama_jax.vae_fit:main",
+            "sama-demo=sama_jax.demo:main",
         ],
     },
 )
