@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
+from sama_jax import cli
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import video_io
 
@@ -323,8 +325,12 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
     return paths
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv=None) -> int:
+    return cli.run("sama-make-synthetic", lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="sama-make-synthetic", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -343,7 +349,8 @@ def main(argv=None) -> None:
                      held_out={"any": None, "train": False, "held_out": True}[args.split])
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
