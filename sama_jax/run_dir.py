@@ -124,9 +124,24 @@ def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, confi
         if not os.path.isdir(target):
             params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module)))
             kind, section = kinds[name]
-            params_io.save_params(target, params, kind, section.to_dict())
+            with _this_process_only():
+                params_io.save_params(target, params, kind, section.to_dict())
         paths[name] = relative
     return paths
+
+
+def _this_process_only():
+    """Orbax writes of host arrays by one process, without waiting for the others (multi-process
+    runs save their generated encoders from process 0 alone)."""
+    import contextlib
+
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    if jax.process_count() == 1:
+        return contextlib.nullcontext()
+    index = jax.process_index()
+    return ocp.Context(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=index, active_processes={index}, barrier_sync_key_prefix=f"encoders{index}"))
 
 
 def write_encoder_paths(workdir: str, paths: Mapping[str, str]) -> None:

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def initialize_distributed(args) -> None:
-    """jax.distributed: explicit coordinator flags (GPU/CPU clusters), or automatic on a TPU pod."""
+    """jax.distributed: explicit coordinator flags (GPU/CPU clusters), or automatic on a TPU pod
+    (launch/tpu_run.sh sets SAMA_DISTRIBUTED=1; JAX finds the other workers itself)."""
     import jax
 
     if args.coordinator_address:
@@ -52,7 +53,7 @@ def initialize_distributed(args) -> None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    elif os.environ.get("SAMA_DISTRIBUTED") == "1" or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
 
 
@@ -151,6 +152,7 @@ def _main(config, args) -> int:
         recorded.update(run_dir.save_generated_encoders(workdir, generated, config))
         recorded.update({n: os.path.join(run_dir.ENCODERS_DIR, n) for n in saved})
         run_dir.write_encoder_paths(workdir, recorded)
+    _sync("encoders")
     say(f"frozen encoders: " + ", ".join(
         f"{n} ({'given' if n in given else 'generated' if n in missing else 'from the workdir'})"
         for n in names) + (" (none: all precomputed)" if not names else ""))
