@@ -109,7 +109,10 @@ def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
 
 
 def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, config) -> dict:
-    """Writes the run's generated encoders into WORKDIR/encoders/<name>; -> {name: relative path}."""
+    """Writes the run's generated encoders into WORKDIR/encoders/<name>; -> {name: relative path}.
+    Every process calls it (the arrays are gathered); process 0 writes."""
+    from jax.experimental import multihost_utils
+
     from sama_jax.models import siglip, umt5, wan_vae
 
     kinds = {"vae": (wan_vae.KIND, config.model.vae), "text_encoder": (umt5.KIND, config.model.text_encoder),
@@ -122,10 +125,12 @@ def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, confi
         relative = os.path.join(ENCODERS_DIR, name)
         target = os.path.join(workdir, relative)
         if not os.path.isdir(target):
-            params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module)))
-            kind, section = kinds[name]
-            with _this_process_only():
-                params_io.save_params(target, params, kind, section.to_dict())
+            params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                  nnx.to_pure_dict(nnx.state(module)))
+            if jax.process_index() == 0:
+                kind, section = kinds[name]
+                with _this_process_only():
+                    params_io.save_params(target, params, kind, section.to_dict())
         paths[name] = relative
     return paths
 

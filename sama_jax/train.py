@@ -17,6 +17,7 @@ layout is in sama_jax/run_dir.py; metrics go to TensorBoard events in the workdi
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -72,6 +73,8 @@ def video_tokens(frames: int, height: int, width: int, patch) -> int:
 
 
 def _main(config, args) -> int:
+    # `kill -USR1 PID` prints every thread's stack (a hung multi-process run shows where it waits).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     initialize_distributed(args)
 
     import jax
@@ -142,15 +145,14 @@ def _main(config, args) -> int:
                           + " (random encoders are for the tiny preset only)")
     loaded = conditioning.load_encoders(config, {**given, **saved}, mesh=mesh, rules=rules,
                                         names=tuple(given) + tuple(saved))
-    generated = conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=missing)
-    sharding.shard_module(generated, mesh, rules)
+    generated = generate_encoders(config, missing, mesh, rules)
     encoders = conditioning.Encoders(
         *[getattr(loaded, a) or getattr(generated, a) for a in ("vae", "text_encoder", "vision")],
         conditioning.semantic_config(config))
+    recorded.update({n: os.path.abspath(p) for n, p in given.items()})
+    recorded.update(run_dir.save_generated_encoders(workdir, generated, config))
+    recorded.update({n: os.path.join(run_dir.ENCODERS_DIR, n) for n in saved})
     if primary:
-        recorded.update({n: os.path.abspath(p) for n, p in given.items()})
-        recorded.update(run_dir.save_generated_encoders(workdir, generated, config))
-        recorded.update({n: os.path.join(run_dir.ENCODERS_DIR, n) for n in saved})
         run_dir.write_encoder_paths(workdir, recorded)
     _sync("encoders")
     say(f"frozen encoders: " + ", ".join(
@@ -325,6 +327,23 @@ def _sync(name: str) -> None:
 
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def generate_encoders(config, names, mesh, rules):
+    """Random frozen encoders (tiny preset), created by one jitted program straight into their
+    shardings: the same values on every process, without a transfer per array."""
+    import jax
+    from flax import nnx
+
+    from sama_jax import conditioning, sharding
+
+    def create():
+        return conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=names)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    state = jax.jit(lambda: nnx.state(create()),
+                    out_shardings=sharding.state_shardings(abstract, mesh, rules))()
+    return nnx.merge(graphdef, state)
 
 
 def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say):
