@@ -110,7 +110,7 @@ def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
 
 def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, config) -> dict:
     """Writes the run's generated encoders into WORKDIR/encoders/<name>; -> {name: relative path}.
-    Every process calls it (the arrays are gathered); process 0 writes."""
+    Every process calls it (the arrays are gathered; Orbax's save is collective)."""
     from jax.experimental import multihost_utils
 
     from sama_jax.models import siglip, umt5, wan_vae
@@ -127,26 +127,11 @@ def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, confi
         if not os.path.isdir(target):
             params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                                   nnx.to_pure_dict(nnx.state(module)))
-            if jax.process_index() == 0:
-                kind, section = kinds[name]
-                with _this_process_only():
-                    params_io.save_params(target, params, kind, section.to_dict())
+            kind, section = kinds[name]
+            # Collective in Orbax (every process calls it; process 0 writes host arrays).
+            params_io.save_params(target, params, kind, section.to_dict())
         paths[name] = relative
     return paths
-
-
-def _this_process_only():
-    """Orbax writes of host arrays by one process, without waiting for the others (multi-process
-    runs save their generated encoders from process 0 alone)."""
-    import contextlib
-
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    if jax.process_count() == 1:
-        return contextlib.nullcontext()
-    index = jax.process_index()
-    return ocp.Context(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=index, active_processes={index}, barrier_sync_key_prefix=f"encoders{index}"))
 
 
 def write_encoder_paths(workdir: str, paths: Mapping[str, str]) -> None:

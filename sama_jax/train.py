@@ -330,20 +330,22 @@ def _sync(name: str) -> None:
 
 
 def generate_encoders(config, names, mesh, rules):
-    """Random frozen encoders (tiny preset), created by one jitted program straight into their
-    shardings: the same values on every process, without a transfer per array."""
+    """Random frozen encoders (tiny preset). Every process makes the same values from config.seed
+    and places its own shards of them (no transfer or collective per array)."""
     import jax
+    import numpy as np
     from flax import nnx
 
     from sama_jax import conditioning, sharding
 
-    def create():
-        return conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=names)
+    generated = conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=names)
+    graphdef, state = nnx.split(generated)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    state = jax.jit(lambda: nnx.state(create()),
-                    out_shardings=sharding.state_shardings(abstract, mesh, rules))()
-    return nnx.merge(graphdef, state)
+    def place(x, where):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+    return nnx.merge(graphdef, jax.tree.map(place, state, sharding.state_shardings(state, mesh, rules)))
 
 
 def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say):
