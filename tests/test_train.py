@@ -65,6 +65,7 @@ def trained():
     with sharding.use_mesh(mesh, rules):
         before = float(fixed_loss(state["params"], parts.encoder_state))
     initial = jax.device_get(state["params"])
+    fresh = jax.tree.map(lambda x: x.copy(), state)   # the step donates its input state
     metrics = []
     for _ in range(8):
         state, m = step(state, parts.encoder_state, batch)
@@ -72,7 +73,7 @@ def trained():
     with sharding.use_mesh(mesh, rules):
         after = float(fixed_loss(state["params"], parts.encoder_state))
     return dict(config=config, parts=parts, state=state, step=step, mesh=mesh, rules=rules,
-                before=before, after=after, initial=initial, metrics=metrics)
+                before=before, after=after, initial=initial, metrics=metrics, fresh=fresh)
 
 
 @pytest.mark.slow
@@ -125,12 +126,14 @@ def test_a_nan_in_the_batch_is_skipped_and_counted(trained):
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_single_device_step():
-    config = tiny_config()
-    batch = make_batch(config)
+def test_sharded_step_equals_single_device_step(trained):
+    config = trained["config"]
+    batch = make_batch(config, seed=2)
     results = []
-    for devices in (jax.devices(), jax.devices()[:1]):
-        parts, state, step, mesh, rules = build(config, devices)
+    # 8 devices: the fixture's compiled step from its initial state; then the same on one device.
+    runs = [(trained["parts"], jax.tree.map(lambda x: x.copy(), trained["fresh"]), trained["step"],
+             trained["mesh"], trained["rules"]), build(config, jax.devices()[:1])]
+    for parts, state, step, mesh, rules in runs:
         for _ in range(2):
             state, metrics = step(state, parts.encoder_state, sharding.shard_batch(batch, mesh, rules))
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
