@@ -71,14 +71,16 @@ def wait_for(predicate, proc, timeout=1200):
 
 
 def final_state(workdir):
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, run_dir.CHECKPOINTS), read_only=True)
-    step = checkpointer.latest_step()
+    """(latest step, {params, ema} as numpy), restored onto one device whatever the topology that
+    saved them."""
+    from sama_jax.models import wan_dit
+
+    config = run_dir.read_config(workdir)
+    _, abstract, _ = run_dir.abstract_params(
+        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision))
     items = {}
-    for item in ("params", "ema", "opt_state"):
-        items[item] = checkpointer.manager.restore(step, args=__import__(
-            "orbax.checkpoint", fromlist=["args"]).args.Composite(
-                **{item: __import__("orbax.checkpoint", fromlist=["args"]).args.StandardRestore()}))[item]
-    checkpointer.close()
+    for item in ("params", "ema"):
+        items[item], step = run_dir.restore_params(workdir, abstract, use_ema=item == "ema")
     return step, jax.tree.map(np.asarray, items)
 
 
