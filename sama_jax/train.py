@@ -122,7 +122,8 @@ def _main(config, args) -> int:
         tokenizer_dir = checkpoints.tokenizer
         recorded["tokenizer"] = os.path.abspath(tokenizer_dir)
     elif tiny:
-        data_dir = os.path.dirname(config.data.mixture[0]["manifest"]) or "."
+        # The generated dataset lives where the mixture's manifests point (data/synthetic).
+        data_dir = os.path.dirname(config.data.mixture[0].get("manifest") or "data/synthetic/x") or "."
         if primary:
             tokenizer_dir = synthetic.ensure_dataset(
                 data_dir, min(int(config.model.text_encoder.vocab_size), 400))
@@ -155,7 +156,7 @@ def _main(config, args) -> int:
     if primary:
         run_dir.write_encoder_paths(workdir, recorded)
     _sync("encoders")
-    say(f"frozen encoders: " + ", ".join(
+    say("frozen encoders: " + ", ".join(
         f"{n} ({'given' if n in given else 'generated' if n in missing else 'from the workdir'})"
         for n in names) + (" (none: all precomputed)" if not names else ""))
 
