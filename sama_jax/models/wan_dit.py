@@ -32,11 +32,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sama_jax import params_io, sharding
 from sama_jax.models import rope
-from sama_jax.models.attention import IMPLEMENTATIONS, attention
+from sama_jax.models import attention as attention_lib
+from sama_jax.models.attention import CONTEXT_PARALLEL, IMPLEMENTATIONS, attention
 
 KIND = "wan_dit"
 REMAT_POLICIES = ("none", "full", "attention")
-PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat")
+PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat",
+                    "context_parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class WanDiTConfig:
     residual_dtype: str = "float32"      # float32 (official Wan) | the compute dtype (all-bf16)
     attention: str = "auto"              # auto | xla | cudnn | splash
     remat: str = "none"                  # none | full | attention
+    context_parallel: str = "auto"       # auto | ulysses | ring (used when the mesh has context > 1)
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -71,6 +74,8 @@ class WanDiTConfig:
             raise ValueError(f"attention {self.attention!r} not in {IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ValueError(f"context_parallel {self.context_parallel!r} not in {CONTEXT_PARALLEL}")
         rope.constant_phasors(0, 2, self.semantic_rope)  # validates the mode
 
     @property
@@ -172,7 +177,9 @@ class Attention(nnx.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps, cfg.param_dtype, rngs)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps, cfg.param_dtype, rngs)
 
-    def __call__(self, x, context=None, phasors=None):
+    def __call__(self, x, context=None, phasors=None, kv_valid=None):
+        """Self-attention when context is None (keys >= kv_valid masked: sequence padding), else
+        cross-attention to context."""
         cfg = self.cfg
         kv_input = x if context is None else context
         heads = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)
@@ -186,7 +193,11 @@ class Attention(nnx.Module):
         kv_names = ("batch", "length" if context is None else None, "act_heads", None)
         k = sharding.constrain(k, kv_names)
         v = sharding.constrain(v, kv_names)
-        out = attention(q, k, v, cfg.attention)
+        if context is None:
+            out = attention_lib.self_attention(q, k, v, cfg.attention, cfg.context_parallel, kv_valid)
+        else:
+            # Queries stay sequence-sharded; the text keys/values are whole on every context shard.
+            out = attention(q, k, v, cfg.attention)
         out = checkpoint_name(out, "attention")
         return self.o(out.reshape(*out.shape[:2], cfg.dim))
 
@@ -202,14 +213,15 @@ class WanBlock(nnx.Module):
         self.cross_attn = Attention(cfg, rngs)
         self.ffn = MLP(cfg, cfg.dim, cfg.ffn_dim, cfg.dim, gelu_tanh, rngs)
 
-    def __call__(self, x, context, e0, phasors):
+    def __call__(self, x, context, e0, phasors, kv_valid=None):
         cfg = self.cfg
         rd, cd = x.dtype, jnp.dtype(cfg.compute_dtype)
         mod = self.modulation.value.astype(rd) + e0
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         norm = lambda t: _layer_norm_stats(t, cfg.eps).astype(rd)
 
-        y = self.self_attn((norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors)
+        y = self.self_attn((norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors,
+                           kv_valid=kv_valid)
         x = x + y.astype(rd) * gate_msa
         x = x + self.cross_attn(self.norm3(x).astype(cd), context=context).astype(rd)
         y = self.ffn((norm(x) * (1 + scale_mlp) + shift_mlp).astype(cd))
@@ -342,11 +354,11 @@ class WanDiT(nnx.Module):
         e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, cfg.dim)
         return e, sharding.constrain(e0, ("batch", None, "act_embed"))
 
-    def run_blocks(self, x, context, e0, phasors):
+    def run_blocks(self, x, context, e0, phasors, kv_valid=None):
         remat = self.cfg.remat
 
         def layer(block, x):
-            return block(x, context, e0, phasors)
+            return block(x, context, e0, phasors, kv_valid)
 
         if remat == "full":
             layer = nnx.remat(layer)
@@ -392,16 +404,27 @@ class WanDiT(nnx.Module):
         num_source = tokens[0].shape[1] if source_latents is not None else 0
         num_target = target.shape[1]
 
-        x = sharding.constrain(jnp.concatenate(tokens, axis=1), ("batch", "length", "act_embed"))
-        phasors = (jnp.asarray(np.concatenate(cos)), jnp.asarray(np.concatenate(sin)))
+        x = jnp.concatenate(tokens, axis=1)
+        cos, sin = np.concatenate(cos), np.concatenate(sin)
+        # Context parallelism splits the tokens evenly: pad to a multiple of the context axis with
+        # tokens that no query attends to (kv_valid) and that are dropped before the heads.
+        num_tokens = x.shape[1]
+        pad = -num_tokens % attention_lib.context_size()
+        kv_valid = num_tokens if pad else None
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            cos = np.pad(cos, ((0, pad), (0, 0)), constant_values=1.0)
+            sin = np.pad(sin, ((0, pad), (0, 0)))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        phasors = (jnp.asarray(cos), jnp.asarray(sin))
         e, e0 = self.embed_time(timesteps)
         context = self.embed_text(text)
-        x = self.run_blocks(x, context, e0, phasors)
+        x = self.run_blocks(x, context, e0, phasors, kv_valid)[:, :num_tokens]
 
         semantic_velocity = None
         if semantic_tokens is not None:
             semantic_velocity = self.semantic_head(x[:, num_source:num_source + num_semantic])
-        velocity = self.unpatchify(self.head(x[:, x.shape[1] - num_target:], e), grid)
+        velocity = self.unpatchify(self.head(x[:, num_tokens - num_target:], e), grid)
         return velocity, semantic_velocity
 
 
