@@ -21,6 +21,7 @@ attention (keep only the attention outputs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -38,7 +39,7 @@ from sama_jax.models.attention import CONTEXT_PARALLEL, IMPLEMENTATIONS, attenti
 KIND = "wan_dit"
 REMAT_POLICIES = ("none", "full", "attention")
 PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat",
-                    "context_parallel")
+                    "context_parallel", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class WanDiTConfig:
     attention: str = "auto"              # auto | xla | cudnn | splash
     remat: str = "none"                  # none | full | attention
     context_parallel: str = "auto"       # auto | ulysses | ring (used when the mesh has context > 1)
+    scan_layers: bool = True             # nnx.scan over the stacked blocks; False: a Python loop
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -112,11 +114,38 @@ def _linear(cfg, din, dout, names, rngs, dtype=None, kernel_init=_xavier, bias_i
                       rngs=rngs)
 
 
-def _layer_norm_stats(x, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize(x, eps, center):
+    """fp32 (x - mean) / std over the last axis (LayerNorm, center=True) or x / rms (RMSNorm)."""
+    return _normalize_fwd(x, eps, center)[0]
+
+
+# The backward needs only the normalised output (which the following scale multiply keeps anyway)
+# and the per-token 1/std: autodiff of the formula would keep x, x - mean and y, three
+# (tokens x dim) fp32 arrays per norm, six norms per block.
+def _normalize_fwd(x, eps, center):
     x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    if center:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    y = x * inv_std
+    return y, (y, inv_std)
+
+
+def _normalize_bwd(eps, center, residuals, g):
+    y, inv_std = residuals
+    g = g.astype(jnp.float32)
+    dx = g - y * jnp.mean(g * y, axis=-1, keepdims=True)
+    if center:
+        dx = dx - jnp.mean(g, axis=-1, keepdims=True)
+    return (dx * inv_std,)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _layer_norm_stats(x, eps):
+    return _normalize(x, eps, True)
 
 
 class LayerNorm(nnx.Module):
@@ -140,8 +169,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(_p(_ones, ("heads",))(rngs.params(), (dim,), param_dtype))
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = _normalize(x, self.eps, False)
         # Official order: normalise in fp32, back to the activation dtype, then scale.
         return y.astype(x.dtype) * self.scale.value.astype(x.dtype)
 
@@ -157,8 +185,30 @@ class MLP(nnx.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
+@jax.custom_vjp
 def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
+
+
+# Autodiff of the tanh formula keeps ~4 extra (tokens x ffn_dim) intermediates per layer for the
+# backward (x^2, x^3, the tanh, ...): the largest activations of the block. The derivative needs
+# only x, so that is all this saves (as PyTorch's fused gelu does).
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + _GELU_A * x32 ** 3))
+    grad = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * x32 * x32)
+    return ((g.astype(jnp.float32) * grad).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def gelu_erf(x):
@@ -364,6 +414,15 @@ class WanDiT(nnx.Module):
             layer = nnx.remat(layer)
         elif remat == "attention":
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.save_only_these_names("attention"))
+
+        if not self.cfg.scan_layers:
+            # One copy of the block per layer in the program: longer compiles, but no per-layer
+            # dynamic-slice of the stacked weights and no stacked gradient accumulators, which on
+            # XLA:CPU cost as much as the matmuls at short sequences.
+            graphdef, state = nnx.split(self.blocks)
+            for i in range(self.cfg.num_layers):
+                x = layer(nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state)), x)
+            return x
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
