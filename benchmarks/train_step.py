@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--remat", default="none", choices=("none", "full", "attention"),
                         help="ours: this policy; diffusers: gradient checkpointing unless 'none'")
+    parser.add_argument("--no-scan", action="store_true",
+                        help="run the blocks as a Python loop (scan_layers=False) instead of nnx.scan")
     parser.add_argument("--semantic", type=int, default=0, help="SAMA semantic tokens (ours only)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating ours/diffusers rounds")
     parser.add_argument("--iters", type=int, default=2, help="calls per timing")
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     section = dict(presets.DIT[args.preset], num_layers=args.layers)
+    if args.no_scan:
+        section["scan_layers"] = False
     cfg = WanDiTConfig(**section, param_dtype=args.dtype, compute_dtype=args.dtype,
                        residual_dtype="float32", attention=args.attention, remat=args.remat)
     grid = latent_shape(args.workload)
@@ -224,7 +228,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     print(f"{args.workload}: {device.device_kind} ({backend}), {args.preset} width, {cfg.num_layers} "
           f"layers, {tokens} video + {args.semantic} semantic + {cfg.text_len} text tokens, "
-          f"{args.dtype}, attention {args.attention}, remat {args.remat}", flush=True)
+          f"{args.dtype}, attention {args.attention}, remat {args.remat}"
+          f"{', no scan' if args.no_scan else ''}", flush=True)
 
     ceiling = matmul_ceiling(args.dtype, args.matmul_size or (2048 if backend == "cpu" else 8192))
     print(f"matmul ceiling ({args.dtype}): {ceiling:.3f} TFLOP/s", flush=True)
@@ -254,7 +259,8 @@ def main(argv=None) -> int:
     stats = device.memory_stats() or {}
     result = dict(workload=args.workload, device=device.device_kind, backend=backend,
                   preset=args.preset, layers=cfg.num_layers, dtype=args.dtype,
-                  attention=args.attention, remat=args.remat, video_tokens=tokens,
+                  attention=args.attention, remat=args.remat, scan_layers=not args.no_scan,
+                  video_tokens=tokens,
                   semantic_tokens=args.semantic, text_tokens=cfg.text_len,
                   forward_flops=flops, matmul_ceiling_tflops=ceiling,
                   ours_peak_bytes=stats.get("peak_bytes_in_use"), ours_compiled_bytes=ours.memory,
