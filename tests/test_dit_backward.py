@@ -44,3 +44,25 @@ def test_gelu_tanh_gradient_equals_autodiff(rng):
     assert bf16.dtype == jnp.bfloat16
     count = lambda f: sum(r.shape == x.shape for r, _ in saved_residuals(lambda x: jnp.sum(f(x)), x))
     assert count(wan_dit.gelu_tanh) == 1 and count(plain) >= 3
+
+
+def test_python_loop_over_layers_equals_scan(rng):
+    from flax import nnx
+
+    from sama_jax import presets
+
+    batch = (jnp.asarray(rng.standard_normal((2, 2, 4, 4, 16)), jnp.float32),
+             jnp.asarray([100.0, 900.0], jnp.float32),
+             jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32))
+
+    def value_and_grads(scan_layers):
+        cfg = wan_dit.WanDiTConfig(**presets.DIT["tiny"], scan_layers=scan_layers)
+        loss = lambda m: jnp.mean(m(*batch)[0] ** 2)
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(wan_dit.WanDiT(cfg, rngs=nnx.Rngs(0)))
+        return value, nnx.to_pure_dict(grads)
+
+    (v_scan, g_scan), (v_loop, g_loop) = value_and_grads(True), value_and_grads(False)
+    np.testing.assert_allclose(v_loop, v_scan, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_loop), jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g_loop["blocks"]["ffn"]["fc1"]["kernel"]).max()) > 0

@@ -15,8 +15,16 @@ semantic head reads the last hidden states at the semantic positions, unmodulate
 Precision (config): parameters in `param_dtype`, matmuls in `compute_dtype`; with
 residual_dtype='float32' (the official code) the residual stream, the modulation, the time MLP and
 the heads stay fp32 whatever the compute dtype. LayerNorm/RMSNorm statistics are always fp32.
-Blocks are stacked (leading 'layers' axis) and run with nnx.scan; `remat` is none | full |
-attention (keep only the attention outputs).
+Blocks are stacked (leading 'layers' axis) and run with nnx.scan (scan_layers=False: a Python
+loop); `remat` is none | full | attention (keep only the attention outputs). GELU and the norms
+have hand-written backward passes that keep one residual each.
+
+Context parallelism: called inside `sharding.use_mesh(mesh, rules)` where 'length' maps to mesh
+axes of total size > 1, the model pads the token sequence to a multiple of that size (padded keys
+masked, padded tokens dropped before the heads) and runs self-attention as `context_parallel` says
+(auto | ulysses | ring, models/attention.py); cross-attention keeps the queries sequence-sharded
+against whole text keys/values. Nothing else changes for the caller: the same call, the same
+results, under jit, grad and any remat policy.
 """
 from __future__ import annotations
 
