@@ -20,15 +20,15 @@ anchors in reference/anchors.md measured; --semantic adds SAMA's 65 semantic tok
 Model FLOPs per forward (anchors.md): layers * (S*(12 D^2 + 4 D F + 4 S D + 4 L D) + 4 D^2 L);
 forward+backward counts 3x (remat's recomputation not counted). MFU is against a matmul ceiling
 measured in this run (a large jnp.dot in the compute dtype). Each repeat times ours then
-diffusers'; the table gives medians and the ratio diffusers_seconds / our_seconds (> 1: we are
-faster). Peak memory: the device's peak where it reports one (GPU/TPU), else XLA's compiled
+diffusers'; the table gives the best (least disturbed) time of each and the ratio
+diffusers_seconds / our_seconds (> 1: we are faster), then the per-round ratios; on a shared
+machine only same-round ratios mean much. Peak memory: the device's peak where it reports one (GPU/TPU), else XLA's compiled
 memory analysis (arguments + outputs + temporaries) for ours; torch's CUDA peak for diffusers.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -268,16 +268,19 @@ def main(argv=None) -> int:
     print(f"{'':<10}{'ours s':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'diffusers s':>13}{'TFLOP/s':>9}{'ratio':>7}")
     for step, multiple in (("forward", 1), ("train", 3)):
-        ours_s = statistics.median(times[f"ours_{step}"])
+        ours_s = min(times[f"ours_{step}"])
         line = (f"{step:<10}{ours_s:>10.4f}{tokens / ours_s:>11.0f}"
                 f"{multiple * flops / ours_s / 1e12:>9.3f}{100 * multiple * flops / ours_s / 1e12 / ceiling:>6.1f}%")
         result["seconds"][f"ours_{step}"] = times[f"ours_{step}"]
         if theirs is not None:
-            their_s = statistics.median(times[f"diffusers_{step}"])
+            their_s = min(times[f"diffusers_{step}"])
             line += (f"{their_s:>13.4f}{multiple * flops / their_s / 1e12:>9.3f}"
                      f"{their_s / ours_s:>6.2f}x")
             result["seconds"][f"diffusers_{step}"] = times[f"diffusers_{step}"]
             result[f"ratio_{step}"] = their_s / ours_s
+            rounds = [t / o for t, o in zip(times[f"diffusers_{step}"], times[f"ours_{step}"])]
+            result[f"ratio_{step}_per_round"] = rounds
+            line += "   per round " + " ".join(f"{r:.2f}x" for r in rounds)
         print(line)
     if result["ours_peak_bytes"]:
         print(f"ours peak device memory: {result['ours_peak_bytes'] / 2**30:.2f} GiB")
