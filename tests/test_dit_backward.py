@@ -25,6 +25,8 @@ def test_normalize_gradient_equals_autodiff(rng, center):
     plain = lambda x: jnp.sum(_plain_norm(x, 1e-6, center) * cot)
     np.testing.assert_allclose(ours(x), plain(x), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-4, atol=1e-6)
+    bf16 = jax.grad(lambda x: jnp.sum(wan_dit._normalize(x, 1e-6, center)))(x.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
     # One (tokens x dim) residual (the output, which the next op keeps anyway) instead of three.
     scale = jnp.ones((64,))
     big = lambda norm: sum(r.shape == x.shape for r, _ in saved_residuals(

@@ -132,21 +132,22 @@ def _normalize(x, eps, center):
 # and the per-token 1/std: autodiff of the formula would keep x, x - mean and y, three
 # (tokens x dim) fp32 arrays per norm, six norms per block.
 def _normalize_fwd(x, eps, center):
+    dtype_token = jnp.zeros((0,), x.dtype)    # the gradient goes back in the input's dtype
     x = x.astype(jnp.float32)
     if center:
         x = x - jnp.mean(x, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
     y = x * inv_std
-    return y, (y, inv_std)
+    return y, (y, inv_std, dtype_token)
 
 
 def _normalize_bwd(eps, center, residuals, g):
-    y, inv_std = residuals
+    y, inv_std, dtype_token = residuals
     g = g.astype(jnp.float32)
     dx = g - y * jnp.mean(g * y, axis=-1, keepdims=True)
     if center:
         dx = dx - jnp.mean(g, axis=-1, keepdims=True)
-    return (dx * inv_std,)
+    return ((dx * inv_std).astype(dtype_token.dtype),)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
