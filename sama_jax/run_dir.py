@@ -73,7 +73,8 @@ def _flat(tree: Any, prefix: str = "") -> dict:
         for k, v in tree.items():
             out.update(_flat(v, f"{prefix}{k}."))
         return out
-    return {prefix[:-1]: tree}
+    # A config read back from JSON holds lists where the config file wrote tuples.
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
 def config_differences(old: Mapping, new: Mapping) -> list[str]:
