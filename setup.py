@@ -47,6 +47,7 @@ setup(
             "sama-build-shards=sama_jax.data.arrayrecord:main",
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
+            "sama-export=sama_jax.export:main",
         ],
     },
 )

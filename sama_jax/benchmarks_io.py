@@ -41,7 +41,8 @@ BENCHMARKS = ("openve", "reco", "vie", "manifest")
 OPENVE_COLUMNS = ("original_video", "prompt", "edited_type")
 OPENVE_LISTING = ("edited_type", "prompt", "original_video", "edited_result_path")
 LISTING_NAME = "edited_results.csv"
-VIE_COLUMNS = dict(video="video", prompt="prompt", type="type", id="")   # id "": named by the video
+# id "": outputs named by the video's stem; the default type column is used when present.
+VIE_COLUMNS = dict(video="video", prompt="prompt", type="type", id="")
 RECO_NAME_CHARS = 80
 
 
@@ -171,8 +172,11 @@ def _read_rows(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
 
 
 def read_vie(path: str, media_root: str, columns: dict | None = None) -> list[Case]:
-    columns = dict(VIE_COLUMNS, **(columns or {}))
+    given = dict(columns or {})
+    columns = dict(VIE_COLUMNS, **given)
     header, rows = _read_rows(path)
+    if "type" not in given and columns["type"] not in header:
+        columns["type"] = ""   # the default category column is optional; a named one is required
     wanted = [columns["video"], columns["prompt"]] + [columns[k] for k in ("type", "id") if columns[k]]
     _require_columns(path, header, wanted, "choose them with --vie-columns video=...,prompt=...,type=...,id=...")
     cases = []
