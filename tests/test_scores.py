@@ -101,3 +101,21 @@ def test_siglip_consistency_of_a_still_video(rng):
     assert scores.siglip_consistency(model, still) == pytest.approx(1.0, abs=1e-5)
     other = np.concatenate([still[:2], 255 - still[2:]])
     assert scores.siglip_consistency(model, other) < 0.9999
+
+
+def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
+    from sama_jax.evaluators import edit_scores
+
+    cases = edit_scores.held_out_cases(3, seed=1000, frames=5, height=32, width=32)
+    assert all(c.region.any() for c in cases)
+    again = edit_scores.held_out_cases(3, seed=1000, frames=5, height=32, width=32)
+    assert all(np.array_equal(a.target, b.target) for a, b in zip(cases, again))   # fixed cases
+    by_text = {c.instruction: c for c in cases}
+    oracle = dict(edit_scores.score_cases(lambda f, t: by_text[t].target, cases))
+    assert oracle["edit_scores/psnr_in"] == scores.PSNR_CAP and oracle["edit_scores/ssim_out"] == 1.0
+    for c in cases:
+        assert oracle[f"edit_scores/{c.edit_type}/psnr_in"] == scores.PSNR_CAP
+    unedited = dict(edit_scores.score_cases(lambda f, t: f, cases))
+    assert unedited["edit_scores/psnr_out"] == scores.PSNR_CAP
+    assert unedited["edit_scores/psnr_in"] < 30 and unedited["edit_scores/temporal_diff_rmse"] > 0
+    assert list(edit_scores.score_cases(lambda f, t: f, [])) == []

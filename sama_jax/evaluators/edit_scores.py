@@ -1,0 +1,122 @@
+"""Evaluator: fixed held-out synthetic edits, edited by the current DiT, scored against exact targets.
+
+    evaluator = EditScores(config, encoders, tokenizer, mesh=mesh, rules=rules)
+    for name, value in evaluator.run(dit, step):     # ("edit_scores/psnr_in", 23.1), ...
+        writer.write_scalars(step, {name: value})
+
+config.eval.edit_scores: num_cases cases of the synthetic generator (sama_jax.data.synthetic) drawn
+with their own seed (the training set is generated with seed 0, so these are held out), at frames x
+height x width; the sampler, steps, guidance and shift are config.eval's, the prompt prefix is
+config.prompt_prefix. The edited region of each case is exact: the pixels where the lossless
+renders of source and target differ. Yields, over all cases, PSNR and SSIM inside the region
+(instruction following) and outside it (preservation), temporal_ssim and temporal_diff_rmse
+(sama_jax.scores), and PSNR in/out per edit type; PSNRs of identical pixels (inf) count as
+scores.PSNR_CAP in the means. Every run edits the same cases with the same noise seed, so the
+numbers are comparable across steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from sama_jax import scores
+from sama_jax.data import synthetic
+
+PREFIX = "edit_scores"
+METRICS = ("psnr_in", "ssim_in", "psnr_out", "ssim_out", "temporal_ssim", "temporal_diff_rmse")
+PER_TYPE_METRICS = ("psnr_in", "psnr_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutCase:
+    source: np.ndarray       # (T, H, W, 3) uint8, exact render
+    target: np.ndarray       # the exact edited render
+    region: np.ndarray       # (T, H, W) bool: where source and target differ
+    instruction: str
+    edit_type: str
+
+
+def held_out_cases(num_cases: int, seed: int, frames: int, height: int, width: int) -> list[HeldOutCase]:
+    cases = []
+    for i in range(num_cases):
+        source, target, text, record = synthetic.make_video_edit(seed, i, frames, height, width)
+        cases.append(HeldOutCase(source, target, scores.edit_region(source, target, threshold=0),
+                                 text, record["type"]))
+    return cases
+
+
+def score_cases(edit: Callable[[np.ndarray, str], np.ndarray],
+                cases: list[HeldOutCase]) -> Iterator[tuple[str, float]]:
+    """edit(source, instruction) -> uint8 frames; yields the aggregated (name, value) pairs."""
+    if not cases:
+        return
+    rows, start = [], time.perf_counter()
+    for case in cases:
+        edited = edit(case.source, case.instruction)
+        rows.append((case.edit_type, scores.score_edit(edited, case.target, region=case.region)))
+    seconds = (time.perf_counter() - start) / max(1, len(cases))
+    table = scores.aggregate(rows)
+    for name in METRICS:
+        if name in table["all"]:
+            yield f"{PREFIX}/{name}", float(table["all"][name])
+    for edit_type, row in table.items():
+        if edit_type == "all":
+            continue
+        for name in PER_TYPE_METRICS:
+            if name in row:
+                yield f"{PREFIX}/{edit_type}/{name}", float(row[name])
+    yield f"{PREFIX}/seconds_per_case", seconds
+
+
+class EditScores:
+    """Held-out synthetic edit scores of the DiT being trained (config.eval.edit_scores)."""
+
+    name = PREFIX
+
+    def __init__(self, config, encoders, tokenizer, *, mesh=None, rules=None):
+        from sama_jax import edit_rules, inference, semantic
+
+        section = config.eval.edit_scores
+        if encoders.vae is None or encoders.text_encoder is None:
+            raise ValueError("eval.edit_scores edits videos, so it needs the VAE and the text encoder, but "
+                             f"data.features={list(config.data.features)} means the run did not load them: "
+                             "set eval.edit_scores.num_cases=0 or give the run those encoders")
+        prefix = config.prompt_prefix.strip()
+        if prefix and prefix != edit_rules.PROMPT_PREFIX:
+            raise ValueError(f"prompt_prefix {config.prompt_prefix!r}: the editor knows only "
+                             f"{edit_rules.PROMPT_PREFIX!r} (or '')")
+        self.cases = held_out_cases(section.num_cases, section.seed, section.frames, section.height,
+                                    section.width)
+        self.settings = inference.EditSettings(
+            steps=config.eval.num_steps, guidance=config.eval.guidance, shift=config.eval.shift,
+            sampler=config.eval.sampler, seed=section.seed, max_frames=section.frames,
+            height=section.height, width=section.width, exact_size=True, prompt_prefix=bool(prefix),
+            semantic_tokens=semantic.SemanticConfig(**config.model.semantic).num_tokens)
+        self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, tokenizer
+        self.mesh, self.rules = mesh, rules
+        self._editor = None
+
+    def _editor_for(self, dit):
+        """One Editor for the whole run: its jitted sampler is compiled once. A later call with
+        another DiT module of the same structure (an EMA copy) swaps the module in."""
+        from flax import nnx
+
+        from sama_jax import inference
+
+        if self._editor is None:
+            self._editor = inference.Editor(dit, self.vae, self.text_encoder, self.tokenizer,
+                                            mesh=self.mesh, rules=self.rules)
+        elif self._editor.dit is not dit:
+            if nnx.graphdef(dit) != nnx.graphdef(self._editor.dit):
+                raise ValueError("EditScores.run got a DiT of another structure than its first call's")
+            self._editor.dit = dit
+        return self._editor
+
+    def run(self, dit, step: int) -> Iterator[tuple[str, float]]:
+        del step  # the same cases and noise at every step
+        editor = self._editor_for(dit)
+        yield from score_cases(lambda frames, text: editor.edit(frames, text, self.settings).frames,
+                               self.cases)
