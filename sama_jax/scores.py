@@ -180,7 +180,8 @@ def _for_mean(name: str, value: float) -> float:
 def aggregate(rows: list[tuple[str, dict]]) -> dict:
     """[(edit type, scores)] -> {edit type: {metric: mean, "cases": n}, "all": {...}} ("all" is not a
     valid edit type name here). A metric's mean
-    is over the cases that have it (None: empty region, one frame); PSNRs above PSNR_CAP count as it."""
+    is over the cases that have it (None: empty region, one frame); PSNRs above PSNR_CAP count as it.
+    Only float scores are averaged (not counts such as "frames")."""
     groups: dict[str, list[dict]] = {}
     for edit_type, scores in rows:
         groups.setdefault(edit_type, []).append(scores)
@@ -188,11 +189,10 @@ def aggregate(rows: list[tuple[str, dict]]) -> dict:
     table = {}
     for edit_type in sorted(groups, key=lambda k: (k == "all", k)):
         cases = groups[edit_type]
-        names = sorted({k for c in cases for k, v in c.items() if isinstance(v, (int, float))})
+        names = sorted({k for c in cases for k, v in c.items() if isinstance(v, float)})
         means = {}
         for name in names:
-            values = [_for_mean(name, float(c[name])) for c in cases
-                      if isinstance(c.get(name), (int, float))]
+            values = [_for_mean(name, c[name]) for c in cases if isinstance(c.get(name), float)]
             means[name] = float(np.mean(values))
         table[edit_type] = dict(means, cases=len(cases))
     return table

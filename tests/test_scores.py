@@ -119,3 +119,34 @@ def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
     assert unedited["edit_scores/psnr_out"] == scores.PSNR_CAP
     assert unedited["edit_scores/psnr_in"] < 30 and unedited["edit_scores/temporal_diff_rmse"] > 0
     assert list(edit_scores.score_cases(lambda f, t: f, [])) == []
+
+
+@pytest.mark.slow
+def test_edit_scores_evaluator_with_the_editor(tmp_path):
+    """The evaluator on the tiny preset's untrained models: every metric, deterministic across runs,
+    and a second DiT module of the same structure (an EMA copy) is accepted."""
+    from flax import nnx
+
+    from sama_jax import conditioning, config as config_lib, text
+    from sama_jax.evaluators import edit_scores
+    from sama_jax.models import wan_dit
+
+    config = config_lib.build_config("configs/stage1_sft.py:tiny", [
+        ("eval.edit_scores.num_cases", "2"), ("eval.num_steps", "1"), ("eval.edit_scores.height", "32"),
+        ("eval.edit_scores.width", "32")])
+    cases = edit_scores.held_out_cases(2, 1000, 5, 32, 32)
+    tokenizer = text.load_tokenizer(text.build_sentencepiece_tokenizer(
+        [c.instruction for c in cases] * 20 + ["[Video edit]"], str(tmp_path / "tok"), vocab_size=60))
+    rngs = nnx.Rngs(0)
+    encoders = conditioning.build_encoders(config, rngs, names=("vae", "text_encoder"))
+    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    dit = wan_dit.WanDiT(dit_cfg, rngs=rngs)
+    evaluator = edit_scores.EditScores(config, encoders, tokenizer)
+    first = dict(evaluator.run(dit, 0))
+    assert {f"edit_scores/{m}" for m in edit_scores.METRICS} <= set(first)
+    assert all(np.isfinite(v) for v in first.values())
+    twin = wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(0))
+    nnx.update(twin, nnx.state(dit))
+    second = dict(evaluator.run(twin, 10))
+    assert {k: v for k, v in second.items() if "seconds" not in k} == \
+        {k: v for k, v in first.items() if "seconds" not in k}
