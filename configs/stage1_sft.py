@@ -47,7 +47,11 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
 
     c.data = ml_collections.ConfigDict(dict(
-        # Mixture of manifests by kind; weights are sampling probabilities.
+        # Relative mixture paths resolve against root ("" = the current directory); every path is
+        # checked before anything else runs.
+        root="",
+        # Mixture of manifests (or shards=<sama-build-shards directory>) by kind; weights are
+        # sampling probabilities.
         mixture=[
             dict(kind="video_edit", manifest="data/synthetic/video_edits.jsonl", weight=0.7),
             dict(kind="image_edit", manifest="data/synthetic/image_edits.jsonl", weight=0.3),
@@ -62,6 +66,12 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         # Aspect-ratio buckets (h/w): 1/2, 2/3, 3/4, 1 and reciprocals, as in the paper.
         aspect_ratios=(0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0),
         size_multiple=32 if not tiny else 16,
+        # Degenerate media are skipped (counted as too_small / bad_aspect) instead of being upscaled
+        # from a few pixels or cropped to a sliver: min(h, w) of source and target, max(h, w)/min(h, w).
+        min_size=8 if tiny else 32,
+        max_aspect=4.0,
+        # Precomputed features carried into the batch (sama-precompute), e.g. ("text", "semantic").
+        features=(),
         motion_alignment=False,
         worker_count=0 if tiny else 8,
         read_threads=1,            # decode threads per worker (PyAV and Pillow release the GIL)
@@ -69,9 +79,10 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         # probes); > 0 reads ahead with threads, for probes on remote storage while workers decode.
         metadata_threads=0,
         prefetch=2,
-        # Precomputed frozen-encoder features carried in the batch instead of running the encoder
-        # (sama-precompute; any of text, semantic, target_latents, source_latents).
-        features=(),
+        # A mixture entry whose metadata pass skips more than this fraction of its records (checked
+        # once it has 20) stops the run ("error", naming the entry and the top reasons) or "warn"s.
+        max_skip_fraction=0.5,
+        on_skip_excess="error",
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -138,20 +138,26 @@ def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[st
 
 
 def simulate_cpu_devices(argv: Sequence[str]) -> list[str]:
-    """Handles `--cpu_devices=N` (N simulated CPU devices, to try a mesh on a laptop) and returns the
-    other arguments. Must run before jax is imported: XLA reads the flag once, at start-up."""
+    """Handles `--cpu_devices=N` / `--cpu-devices=N` (N simulated CPU devices, to try a mesh on a
+    laptop) and returns the other arguments. XLA reads the flag when jax first starts its backends
+    (the first jax.devices() or computation), so this must run before that; importing jax is fine."""
     rest, count = [], None
     for arg in argv:
-        if arg.startswith("--cpu_devices="):
+        if arg.startswith(("--cpu_devices=", "--cpu-devices=")):
             count = int(arg.split("=", 1)[1])
         else:
             rest.append(arg)
     if count:
         if "jax" in sys.modules:
-            raise ConfigError("--cpu_devices must be handled before jax is imported")
+            from jax._src import xla_bridge
+
+            if xla_bridge.backends_are_initialized():
+                raise ConfigError("--cpu-devices must be handled before jax starts its backends")
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={count}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:   # imported already: its platform setting was read from the env
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
     return rest
 
 

@@ -42,9 +42,10 @@ import numpy as np
 
 from flax import nnx
 
-from sama_jax import conditioning, features
+from sama_jax import cli, conditioning, features
 from sama_jax import text as text_lib
 from sama_jax.data import pipeline
+from sama_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,16 @@ class Precomputer:
             check_settings(manifest_path, name, settings, self.overwrite)
         summary = Summary(manifest_path, len(source))
         records = [source[i] for i in range(len(source))]
+        name = os.path.basename(manifest_path)
         if "text" in self.settings:
-            self._run_text(manifest_path, records, summary)
+            self._run_text(manifest_path, records, summary,
+                           Progress(len(records), unit="texts", logger=log))
         media_names = [n for n in MEDIA_FEATURES if n in self.settings]
         if media_names:
+            progress = Progress(len(records), unit="samples", logger=log)
             for record in records:
                 self._run_media(manifest_path, record, media_names, summary)
+                progress.advance(what=f"{name} {'+'.join(media_names)}: ")
         return summary
 
     def _todo(self, manifest_path: str, record: dict, name: str, summary: Summary) -> str | None:
@@ -148,8 +153,10 @@ class Precomputer:
             return None
         return path
 
-    def _run_text(self, manifest_path: str, records: list[dict], summary: Summary) -> None:
+    def _run_text(self, manifest_path: str, records: list[dict], summary: Summary,
+                  progress: Progress) -> None:
         todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", summary))]
+        progress.advance(len(records) - len(todo))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             texts = [conditioning.prompt(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
@@ -161,10 +168,12 @@ class Precomputer:
             except Exception as e:  # noqa: BLE001 - a tokenizer/encoder failure fails these items only
                 for record, _ in chunk:
                     summary.fail(record, "text", "", e)
+                progress.advance(len(chunk))
                 continue
             for (record, path), hidden, length in zip(chunk, context, mask.sum(axis=1)):
                 save_atomic(path, hidden[:length].astype(self.dtype))
                 summary.written["text"] += 1
+            progress.advance(len(chunk), what=f"{os.path.basename(manifest_path)} text: ")
 
     def _run_media(self, manifest_path: str, record: dict, names: list[str], summary: Summary) -> None:
         paths = {}
@@ -238,26 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sama_jax import config as config_lib
+    return cli.run("sama-precompute", lambda: _main(*cli.parse(build_parser(), argv)))
 
+
+def _main(config, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config, rest = config_lib.load_config(argv)
-    except config_lib.ConfigError as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(rest)
     manifests = args.manifest or [entry["manifest"] for entry in config.data.mixture]
     start = time.time()
-    try:
-        worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
-                             batch_size=args.batch_size, dtype=args.dtype,
-                             prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
-        summaries = [worker.run(path) for path in manifests]
-    except (ValueError, OSError) as e:
-        print(f"sama-precompute: error: {e}", file=sys.stderr)
-        return 2
+    worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
+                         batch_size=args.batch_size, dtype=args.dtype,
+                         prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
+    summaries = [worker.run(path) for path in manifests]
     failed = sum(len(s.failed) for s in summaries)
     for s in summaries:
         print(s.report())

@@ -177,6 +177,17 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
         raise ShardingError("arrays the mesh cannot shard:\n  " + "\n  ".join(problems))
 
 
+def check_batch_size(batch_size: int, mesh: Mesh, rules, key: str = "train.batch_size") -> None:
+    """Refuses, before anything is built, a global batch that the mesh axes of 'batch' do not split."""
+    axes = logical_to_mesh_spec(("batch",), rules)[0]
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    parts = math.prod(dict(mesh.shape)[a] for a in axes)
+    if batch_size < 1 or batch_size % parts:
+        sizes = " x ".join(f"{a}={dict(mesh.shape)[a]}" for a in axes) or "none"
+        raise ShardingError(f"{key}={batch_size} must be a positive multiple of {parts}: the batch is "
+                            f"split over the mesh axes {sizes} (config.mesh.ici / sharding_rules)")
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     """NamedShardings for an nnx State from the logical names its Variables carry."""
     return logical_shardings(nnx.get_partition_spec(state), mesh, rules)

@@ -1,8 +1,9 @@
 """sama-smoke: SAMA's training objective end to end on the embedded default, sharded, on a CPU.
 
-  sama-smoke --config=configs/stage1_sft.py:tiny --cpu-devices=8 [--steps=3] [--data-dir=data/synthetic]
+  sama-smoke --config=configs/stage1_sft.py:tiny --cpu-devices=8 [--steps=3] [--config.data.root=DIR]
 
-Generates the synthetic editing dataset and a tokenizer for it if `--data-dir` is absent, builds the
+Generates the synthetic editing dataset and a tokenizer for it where the config's mixture points (its
+first manifest's directory, under data.root) if absent, builds the
 mesh, the frozen encoders (sama_jax.conditioning) and the SAMA DiT of the config's preset with random
 weights, shards them, reads batches through the Grain pipeline and, for each, makes the DiT inputs
 (conditioning.dit_inputs), noises the target latents and the semantic tokens with one shifted sigma
@@ -43,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sama-smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="batches to run")
-    parser.add_argument("--data-dir", default="data/synthetic",
-                        help="the synthetic dataset (generated here when absent)")
     return parser
 
 
@@ -63,10 +62,16 @@ def _main(config, args) -> int:
     from sama_jax.models import wan_dit
 
     model_cfg = config.model
-    tokenizer = text.load_tokenizer(prepare_data(args.data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
-
+    # Everything checkable before a model is built: the data config, the mesh, the batch split.
+    pipeline.check_data_config(config.data, config.seed,
+                               anchor_frames=model_cfg.semantic.num_anchor_frames,
+                               text_len=model_cfg.dit.text_len)
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.axis_rules(config.sharding_rules)
+    sharding.check_batch_size(config.train.batch_size, mesh, rules)
+    data_dir = os.path.dirname(os.path.join(config.data.root, config.data.mixture[0]["manifest"]))
+    tokenizer = text.load_tokenizer(prepare_data(data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
+    sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     rngs = nnx.Rngs(config.seed)
@@ -77,7 +82,6 @@ def _main(config, args) -> int:
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(dit, nnx.Param)))
     print(f"SAMA DiT '{model_cfg.preset}': {num_params:,} parameters")
 
-    sources = pipeline.open_sources(config.data.mixture)
     data = pipeline.build_pipeline(config.data, sources, batch_size=config.train.batch_size,
                                    seed=config.seed,
                                    anchor_frames=encoders.semantic.num_anchor_frames,

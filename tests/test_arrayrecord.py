@@ -103,7 +103,7 @@ def test_resume_keeps_done_shards(dataset, tmp_path):
     shard_files = [out / s for s in first["shards"]]
     stamps = [os.stat(p).st_mtime_ns for p in shard_files]
     # Simulate a build killed while writing shard 1: its report is missing and a partial file remains.
-    os.remove(str(shard_files[1])[:-len(".array_record")] + ".json")
+    os.remove(arrayrecord.report_path(shard_files[1]))
     os.remove(shard_files[1])
     (out / (first["shards"][1] + ".tmp")).write_bytes(b"partial")
     os.remove(out / arrayrecord.INDEX)

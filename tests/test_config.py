@@ -64,9 +64,9 @@ def test_loaded_config_is_locked():
         config.train.new_field = 1
 
 
-def test_cpu_devices_flag_is_taken_out_and_refused_after_jax_import():
+def test_cpu_devices_flag_is_taken_out_and_refused_after_jax_starts():
     from sama_jax.config import simulate_cpu_devices
 
     assert simulate_cpu_devices(["--config=x.py", "--steps=2"]) == ["--config=x.py", "--steps=2"]
-    with pytest.raises(ConfigError, match="before jax is imported"):
+    with pytest.raises(ConfigError, match="before jax starts its backends"):
         simulate_cpu_devices(["--cpu_devices=8", "--config=x.py"])

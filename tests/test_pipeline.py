@@ -13,16 +13,9 @@ import pytest
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, pretext, video_io
+from helpers import assert_same, flat_video, level, take
 
 N_FRAMES = 9
-
-
-def level(t):
-    return 10 + 12 * t
-
-
-def flat_video(values, h, w):
-    return np.stack([np.full((h, w, 3), v, np.uint8) for v in values])
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +78,6 @@ STAGE1 = [dict(kind="video_edit", manifest="video_edits.jsonl", weight=0.5),
           dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5)]
 STAGE0 = [dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5),
           dict(kind="t2v", manifest="clips.jsonl", weight=0.5)]
-
-
-def take(ds, n, state=None):
-    it = iter(ds)
-    if state is not None:
-        it.set_state(state)
-    batches = [next(it) for _ in range(n)]
-    return batches, it
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def test_stage1_epoch_pairs_buckets_and_frames(data_dir):

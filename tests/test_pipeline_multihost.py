@@ -1,7 +1,7 @@
 """Multi-host data: one global bucket plan, each process decoding its slice; metadata; start_frame.
 
 Processes are simulated in this test process with build_pipeline's process_index/process_count.
-Media are flat frames whose grey level encodes the frame index (see test_pipeline.py).
+Media are flat frames whose grey level encodes the frame index (see helpers.py).
 """
 import json
 
@@ -11,7 +11,7 @@ import pytest
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, transforms, video_io
-from test_pipeline import assert_same, flat_video, level, take
+from helpers import assert_same, flat_video, level, take
 
 SIZES = [(32, 64), (48, 48), (64, 32)]        # -> buckets (48, 96), (64, 64), (96, 48)
 ARRAYS = ("source", "target", "anchors", "valid")
@@ -138,16 +138,16 @@ def test_metadata_comes_from_size_keys_when_present(multi_dir, tmp_path):
     record = dict(id="x", kind="t2v", target=str(tmp_path / "noise.mp4"), text="x",
                   frames=17, height=48, width=48)
     assert pipeline.plan_shape(record, spec) == (9, 64, 64)         # trusted: no probe was made
-    with pytest.raises(pipeline._FieldError, match="cannot read video header"):
+    with pytest.raises(pipeline.FieldError, match="cannot read video header"):
         pipeline.plan_shape(dict(record, frames=None), spec)
-    with pytest.raises(pipeline._FieldError, match="does not exist"):
+    with pytest.raises(pipeline.FieldError, match="does not exist"):
         pipeline.plan_shape(dict(record, target=str(tmp_path / "gone.mp4")), spec)
     # A shard record: its own size keys are the target's; its manifest line (meta) describes the source.
     shard_like = dict(id="s", kind="video_edit", text="x", target=b"t" * 9, target_ext=".mp4",
                       source=b"s" * 9, source_ext=".mp4", frames=17, height=48, width=96,
                       meta=dict(frames=17, height=96, width=48))
     assert pipeline.plan_shape(shard_like, spec) == (9, 96, 48)      # the source's bucket, no probe
-    with pytest.raises(pipeline._FieldError, match="<source bytes of s>: cannot read video header"):
+    with pytest.raises(pipeline.FieldError, match="<source bytes of s>: cannot read video header"):
         pipeline.plan_shape(dict(shard_like, meta={}), spec)
 
 

@@ -107,3 +107,11 @@ def test_indivisible_parameter_is_named():
 def test_constrain_is_a_noop_without_mesh():
     x = jnp.ones((2, 3))
     assert sharding.constrain(x, ("batch", "act_embed")) is x
+
+
+def test_batch_size_the_mesh_cannot_split_is_named_up_front():
+    mesh = sharding.create_mesh(dict(ici=dict(data=2, fsdp=-1)))
+    rules = sharding.DEFAULT_RULES
+    sharding.check_batch_size(8, mesh, rules)
+    with pytest.raises(sharding.ShardingError, match=r"train.batch_size=6 must be a positive multiple of 8: .*data=2 x fsdp=4"):
+        sharding.check_batch_size(6, mesh, rules)

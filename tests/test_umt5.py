@@ -177,4 +177,4 @@ def test_loader_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     params_io.save_params(str(tmp_path / "other"), {"w": np.zeros(2)}, "siglip", {})
     with pytest.raises(params_io.ParamsCheckpointError, match="holds a 'siglip' checkpoint"):
         load_text_encoder(str(tmp_path / "other"))
-    assert OurConfig(**config).head_dim == TINY["dim"] // TINY["num_heads"]
+    assert OurConfig(**TINY).head_dim == TINY["dim"] // TINY["num_heads"]

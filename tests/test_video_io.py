@@ -1,4 +1,6 @@
 """Media IO: mp4/png round trips, and every kind of unreadable input raising MediaError naming it."""
+import re
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,18 @@ def test_cut_at_a_packet_boundary_is_truncated_not_short(mp4):
         assert caught.value.reason == "truncated"
     # Asking only for frames that are all there still works on the cut file.
     assert video_io.decode_video(blob[:ends[7]], max_frames=2).shape == (2, 64, 96, 3)
+
+
+def test_check_media_file_is_the_one_existence_check(tmp_path, mp4):
+    assert video_io.check_media_file(mp4) == mp4.stat().st_size > 0
+    assert video_io.check_media_file(str(mp4)) == mp4.stat().st_size
+    (tmp_path / "empty.png").write_bytes(b"")
+    for path, message, reason in [(tmp_path / "gone.mp4", "gone.mp4: file does not exist", "missing"),
+                                  (tmp_path / "empty.png", "empty.png: empty file (0 bytes)", "empty"),
+                                  (tmp_path, "is a directory, not a media file", "missing")]:
+        with pytest.raises(MediaError, match=re.escape(message)) as caught:
+            video_io.check_media_file(path)
+        assert caught.value.reason == reason
+        # Decoders report exactly what the check says.
+        with pytest.raises(MediaError, match=re.escape(message)):
+            video_io.decode_image(path)

@@ -1,290 +1,99 @@
-"""ArrayRecord shards built from a manifest, and a Grain random-access source over them.
+"""Shard datasets: TFDS datasets of ArrayRecord files built from a manifest, and a Grain source over them.
 
     sama-build-shards --manifest data/synthetic/video_edits.jsonl --out data/shards/video_edits
+    sama-build-shards --config=configs/stage1_sft.py --manifest ... --out ...   # min_frames, fps from data.*
     source = ShardSource("data/shards/video_edits")     # grain RandomAccessDataSource
     record = source[0]                                   # dict, see "Record" below
 
-Layout of --out:
-    <name>-00000-of-00004.array_record    shard i holds manifest samples [i*S, (i+1)*S) that passed
-    <name>-00000-of-00004.json            the shard's report: records, skipped items with reasons
-    index.json                            written last: shards in order, totals, skip counts
+The output directory is a TFDS dataset (sama_jax.data.shard_format) plus our build records:
+    <name>-train.array_record-00000-of-00004   shard i holds manifest samples [i*S, (i+1)*S) that passed
+    <name>-train.array_record-00000-of-00004.json   the shard's report: records, skipped items, sample hashes
+    dataset_info.json, features.json           TFDS metadata: features, split "train", shard lengths
+    index.json                                 written last: shards in order, totals, skip counts
+    .lock                                      held by a running build (its pid inside)
+so besides ShardSource, TFDS and Grain open it directly:
+    tfds.builder_from_directory(out).as_data_source(split="train")
+    tfds.data_source(name, split="train", data_dir=D)       # when out is D/<name>/2.0.0
+    grain.MapDataset.source(ShardSource(out))
+<name> is --name, by default the manifest's file stem made a TFDS name (lowercase, digits, _).
 
-Record: one msgpack map per sample (array_record group_size:1, so a read touches one record):
+Record (as ShardSource returns it; TFDS gives the same fields, text and media as bytes, meta as
+JSON text, features as .npy bytes, and source sizes 0 for t2v):
     id, kind, text          str (kind: video_edit | image_edit | t2v)
     target, target_ext      encoded media bytes (mp4/png/... as in the dataset) and ".mp4"-style ext
     source, source_ext      the same for the source; b"" and "" for t2v
-    fps, frames, height, width   of the target from its header (fps 0.0 for images)
+    fps, frames, height, width   of the target from its header (fps 0.0 for images; stored as float32)
     source_frames, source_height, source_width   of the source (edit kinds only)
-    meta                    dict of the manifest's other keys (e.g. edit, origin)
+    meta                    dict of the manifest's other keys (e.g. edit, origin, start_frame)
     features                {name: np.ndarray} precomputed features found for the sample (may be {})
-ShardSource returns exactly this dict (features as read-only numpy arrays over the record), which is what
-sama_jax.data.pipeline's sample transform consumes.
+which is what sama_jax.data.pipeline's sample transform consumes; the size keys let its planner
+shape batches without opening any media.
 
-Why msgpack and not tf.train.Example: the records are a few byte strings and arrays, msgpack
-encodes them without TensorFlow in the reader (Grain workers stay light), and the shards remain
-plain ArrayRecord files that grain.sources.ArrayRecordDataSource opens.
+Checked before anything is written (a refusal prints one line naming the file, line or key and
+changes nothing): the arguments, every manifest line (JSON, kind, required fields, field types:
+"file:line: field 'source' must be a string path, got int"), and a previous build in --out (same
+settings, same samples in the done shards, no live builder).
+Checked per sample while building: every media file must exist, be non-empty and readable -
+images decoded, videos' headers read and their packets counted (--check decode: every frame
+decoded) - and a video must give at least min_frames frames as training takes them (from
+start_frame, at the stride data.fps / data.frame_stride give). A failing sample is skipped, logged
+and counted by reason (missing | empty | truncated | corrupt | unsupported | too_short | bad_record:
+a negative start_frame) with its id and path; nothing replaces it.
 
-Checks at build time, before a sample is written: every media file must exist, be non-empty and
-readable - images decoded, videos' headers read and their packets counted (video_io.video_info; the
-"decode" check decodes every frame) - and a video needs at least --min-frames frames. A failing
-sample is skipped, logged and counted by reason (missing | empty | truncated | corrupt |
-unsupported | too_short) with its id and path; nothing replaces it.
-
-Resumable: a shard counts as done when its report exists, which is written after the shard file is
-complete and renamed into place; a rerun keeps done shards and builds the rest. The report records
-the manifest's hash and the shard size, so a changed manifest is refused rather than mixed in.
+A rerun resumes: a shard counts as done when its report exists (written after the shard file is
+complete and renamed into place), and done shards whose samples and settings are unchanged are
+kept. Samples appended to the manifest go to the last shard(s), which are rebuilt ("manifest gained
+1 sample: shards 0-2 unchanged, building shard 3"). Other changes - different settings, samples
+changed, removed or reordered in done shards - are refused with what changed; --overwrite rebuilds
+everything. A build killed at any point (workers die with it) leaves .tmp files that the next run,
+holding the lock, removes.
 
 Precomputed features: --features text,semantic stores, for each name, the array that
 sama_jax.features.feature_path(manifest, id, name) points at (the .npy files sama-precompute
 writes under <manifest dir>/features/); a sample without that file gets no entry for the name.
 """
+
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import hashlib
 import json
 import logging
-import multiprocessing
 import os
+import sys
 from typing import Iterable, Sequence
 
-import msgpack
-import numpy as np
+from sama_jax.data import shard_format
+from sama_jax.data.shard_builder import (
+    CHECKS,
+    INDEX,
+    MIN_FRAMES,
+    BadItem,
+    build_shards,
+    lock_out_dir,
+    make_record,
+    report_path,
+)
+from sama_jax.data.shard_format import SCHEMA_VERSION, decode_record, encode_record, shard_names
 
-from sama_jax import features as features_lib
-from sama_jax.data import manifest as manifest_lib
-from sama_jax.data import video_io
-from sama_jax.data.video_io import MediaError
-
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-INDEX = "index.json"
-WRITER_OPTIONS = "group_size:1,uncompressed"   # random access to one record; media is compressed already
-CHECKS = ("header", "decode")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Record encoding
-
-
-def _pack_default(value):
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": True, "dtype": value.dtype.str, "shape": list(value.shape),
-                "data": np.ascontiguousarray(value).tobytes()}
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in a record")
-
-
-def _unpack_hook(value: dict):
-    if value.get("__ndarray__"):
-        return np.frombuffer(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
-    return value
-
-
-def encode_record(record: dict) -> bytes:
-    return msgpack.packb(record, default=_pack_default, use_bin_type=True)
-
-
-def decode_record(data: bytes) -> dict:
-    return msgpack.unpackb(data, object_hook=_unpack_hook, raw=False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checking and reading one sample
-
-
-class BadItem(Exception):
-    """A sample that cannot go into a shard; reason is one of the skip categories."""
-
-    def __init__(self, reason: str, path: str, message: str):
-        super().__init__(message)
-        self.reason, self.path = reason, path
-
-
-def _read_media(path: str, min_frames: int, check: str) -> tuple[bytes, str, dict]:
-    """(bytes, ext, info) of one media file after checking it; raises BadItem."""
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if video_io.is_image_ext(ext):
-            blob = _read_bytes(path)
-            image = video_io.decode_image(blob)
-            return blob, ext, dict(frames=1, fps=0.0, height=image.shape[0], width=image.shape[1])
-        if ext not in video_io.VIDEO_EXTS:
-            raise MediaError(f"{path}: unsupported extension {ext!r}", "unsupported")
-        blob = _read_bytes(path)
-        info = video_io.video_info(blob)
-        if check == "decode":
-            info["frames"] = video_io.decode_video(blob).shape[0]
-    except MediaError as e:
-        # The checks ran on bytes; name the file in the message.
-        raise BadItem(e.reason, path, str(e).replace("<bytes>", path)) from e
-    if info["frames"] < min_frames:
-        raise BadItem("too_short", path, f"{path}: {info['frames']} frames, fewer than min_frames={min_frames}")
-    return blob, ext, info
-
-
-def _read_bytes(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise MediaError(f"{path}: file does not exist", "missing")
-    with open(path, "rb") as f:
-        blob = f.read()
-    if not blob:
-        raise MediaError(f"{path}: empty file (0 bytes)", "empty")
-    return blob
-
-
-def _load_features(manifest_path: str, sample_id: str, names: Sequence[str]) -> dict:
-    features = {}
-    for name in names:
-        path = features_lib.feature_path(manifest_path, sample_id, name)
-        if os.path.exists(path):
-            try:
-                features[name] = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise BadItem("corrupt", path, f"{path}: cannot read feature {name!r} ({e})") from e
-    return features
-
-
-def make_record(sample: dict, manifest_path: str, min_frames: int = 1, check: str = "header",
-                features: Sequence[str] = ()) -> dict:
-    """The record of one manifest sample (schema in the module docstring); raises BadItem."""
-    kind = sample["kind"]
-    target_path = manifest_lib.resolve(manifest_path, sample["target"])
-    target, target_ext, info = _read_media(target_path, min_frames, check)
-    source, source_ext, source_size = b"", "", {}
-    if kind != "t2v":
-        source_path = manifest_lib.resolve(manifest_path, sample["source"])
-        source, source_ext, source_info = _read_media(source_path, min_frames, check)
-        # The pipeline plans batch shapes from these without opening the media again.
-        source_size = dict(source_frames=int(source_info["frames"]),
-                           source_height=int(source_info["height"]),
-                           source_width=int(source_info["width"]))
-    meta = {k: v for k, v in sample.items() if k not in ("id", "kind", "text", "source", "target")}
-    return dict(id=str(sample["id"]), kind=kind, text=str(sample["text"]), target=target,
-                target_ext=target_ext, source=source, source_ext=source_ext, fps=float(info["fps"]),
-                frames=int(info["frames"]), height=int(info["height"]), width=int(info["width"]),
-                **source_size, meta=meta,
-                features=_load_features(manifest_path, str(sample["id"]), features))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Building
-
-
-def _manifest_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def shard_names(name: str, num_shards: int) -> list[str]:
-    return [f"{name}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-
-
-def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _build_shard(samples: Sequence[dict], manifest_path: str, path: str, settings: dict,
-                 min_frames: int, check: str, features: Sequence[str]) -> dict:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-    written, skipped = [], []
-    try:
-        for sample in samples:
-            try:
-                record = make_record(sample, manifest_path, min_frames, check, features)
-            except BadItem as e:
-                log.warning("skipping %s (%s): %s", sample["id"], e.reason, e)
-                skipped.append(dict(id=sample["id"], reason=e.reason, path=e.path, message=str(e)))
-                continue
-            writer.write(encode_record(record))
-            written.append(sample["id"])
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    report = dict(settings, shard=os.path.basename(path), records=len(written), ids=written, skipped=skipped)
-    _write_json(path[:-len(".array_record")] + ".json", report)
-    return report
-
-
-def build_shards(manifest_path: str, out_dir: str, samples_per_shard: int = 256, name: str = "",
-                 min_frames: int = 1, check: str = "header", features: Sequence[str] = (),
-                 overwrite: bool = False, workers: int = 1) -> dict:
-    """Builds (or finishes building) the shards of a manifest; returns the index (see docstring).
-
-    Samples go to shards by their manifest position, so a rerun assigns them identically.
-    workers > 1 builds that many shards at once in separate processes.
-    """
-    if check not in CHECKS:
-        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    samples = manifest_lib.read_manifest(manifest_path)
-    if not samples:
-        raise ValueError(f"{manifest_path}: manifest has no samples")
-    unknown = sorted(set(features) - set(features_lib.NAMES))
-    if unknown:
-        raise ValueError(f"unknown features {unknown}; known: {list(features_lib.NAMES)}")
-    name = name or os.path.splitext(os.path.basename(manifest_path))[0]
-    num_shards = -(-len(samples) // samples_per_shard)
-    settings = dict(schema=SCHEMA_VERSION, manifest=os.path.abspath(manifest_path),
-                    manifest_sha256=_manifest_hash(manifest_path), samples_per_shard=samples_per_shard,
-                    min_frames=min_frames, check=check, features=list(features))
-    os.makedirs(out_dir, exist_ok=True)
-    index_path = os.path.join(out_dir, INDEX)
-    if os.path.exists(index_path):
-        os.remove(index_path)  # rewritten at the end; its absence marks an unfinished build
-    reports, todo = {}, []
-    for i, shard in enumerate(shard_names(name, num_shards)):
-        path = os.path.join(out_dir, shard)
-        report_path = path[:-len(".array_record")] + ".json"
-        if os.path.exists(report_path) and os.path.exists(path) and not overwrite:
-            with open(report_path) as f:
-                report = json.load(f)
-            stale = {k: (report.get(k), v) for k, v in settings.items()
-                     if k != "manifest" and report.get(k) != v}  # the path may move; the hash may not
-            if stale:
-                raise ValueError(f"{report_path}: built with different settings {stale}; "
-                                 f"build into a new directory or pass overwrite")
-            reports[i] = report
-        else:
-            todo.append((i, samples[i * samples_per_shard:(i + 1) * samples_per_shard], path))
-    resumed = len(reports)
-    jobs = [(chunk, manifest_path, path, settings, min_frames, check, list(features)) for _, chunk, path in todo]
-    if workers > 1 and len(todo) > 1:
-        # Shards are independent; spawned processes (not forked) so a caller's threads cannot deadlock them.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
-            built = pool.map(_build_shard, *zip(*jobs))
-            for (i, _, _), report in zip(todo, built):
-                reports[i] = report
-                log.info("shard %d/%d: %d records, %d skipped", i + 1, num_shards, report["records"],
-                         len(report["skipped"]))
-    else:
-        for (i, _, _), job in zip(todo, jobs):
-            reports[i] = _build_shard(*job)
-            log.info("shard %d/%d: %d records, %d skipped", i + 1, num_shards, reports[i]["records"],
-                     len(reports[i]["skipped"]))
-    reports = [reports[i] for i in range(num_shards)]
-    skipped = [item for report in reports for item in report["skipped"]]
-    counts = {}
-    for item in skipped:
-        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-    index = dict(settings, shards=[r["shard"] for r in reports], records=[r["records"] for r in reports],
-                 total_records=sum(r["records"] for r in reports), total_samples=len(samples),
-                 skipped_total=len(skipped), skipped_counts=counts, skipped=skipped,
-                 resumed_shards=resumed)
-    _write_json(index_path, index)
-    return index
-
+# The builder's names stay importable from here, where the pipeline, tests and users find them.
+__all__ = [
+    "CHECKS",
+    "INDEX",
+    "MIN_FRAMES",
+    "SCHEMA_VERSION",
+    "BadItem",
+    "ShardSource",
+    "build_shards",
+    "decode_record",
+    "encode_record",
+    "iter_records",
+    "lock_out_dir",
+    "main",
+    "make_record",
+    "report_path",
+    "shard_names",
+    "shard_paths",
+]
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
@@ -298,9 +107,16 @@ def shard_paths(location: str | Sequence[str]) -> list[str]:
     if os.path.isdir(location):
         index_path = os.path.join(location, INDEX)
         if not os.path.exists(index_path):
-            raise FileNotFoundError(f"{index_path}: no index; the build is unfinished (rerun sama-build-shards)")
+            raise FileNotFoundError(
+                f"{index_path}: no index; the build is unfinished (rerun sama-build-shards)"
+            )
         with open(index_path) as f:
             index = json.load(f)
+        if index.get("schema") != SCHEMA_VERSION:
+            raise ValueError(
+                f"{index_path}: records of schema {index.get('schema')} (1: msgpack), this reader "
+                f"reads schema {SCHEMA_VERSION}; rebuild with sama-build-shards --overwrite"
+            )
         # A shard whose samples were all skipped holds no records; leave it out of the source.
         return [os.path.join(location, shard) for shard, n in zip(index["shards"], index["records"]) if n]
     return [location]
@@ -326,7 +142,9 @@ class ShardSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._source[index])
+        if not 0 <= index < len(self):  # IndexError (not ArrayRecord's ValueError) ends iteration
+            raise IndexError(f"record {index} out of range for {self!r}")
+        return shard_format.decode_record(self._source[index])
 
     def __repr__(self) -> str:
         return f"ShardSource({len(self.paths)} shards, {len(self)} records)"
@@ -342,31 +160,108 @@ def iter_records(location: str | Sequence[str]) -> Iterable[dict]:
 # Command line
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build ArrayRecord shards from a manifest (resumable).")
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
+    """Arguments, and the build settings that follow from them and the --config if one is given."""
+    from sama_jax import config as config_lib
+
+    parser = argparse.ArgumentParser(
+        prog="sama-build-shards", description="Build a TFDS shard dataset from a manifest (resumable)."
+    )
     parser.add_argument("--manifest", required=True, help="JSONL manifest (sama_jax.data.manifest format)")
-    parser.add_argument("--out", required=True, help="output directory of shards and index.json")
+    parser.add_argument("--out", required=True, help="output directory (a TFDS dataset directory)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.py[:ARG]",
+        help="the training config: its data.min_frames, data.fps and data.frame_stride set "
+        "the length check (training's skip rule), data.features the default --features",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=256)
-    parser.add_argument("--name", default="", help="shard file prefix (default: the manifest's name)")
-    parser.add_argument("--min-frames", type=int, default=1, help="skip videos with fewer frames")
-    parser.add_argument("--check", choices=CHECKS, default="header",
-                        help="header: read headers and count packets; decode: also decode every frame")
-    parser.add_argument("--features", default="", help="comma-separated precomputed feature names")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild shards that are already done")
+    parser.add_argument("--name", default="", help="dataset name (default: the manifest's file stem)")
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help=f"skip videos giving fewer frames (default: the config's data.min_frames, else {MIN_FRAMES})",
+    )
+    parser.add_argument(
+        "--check",
+        choices=CHECKS,
+        default="header",
+        help="header: read headers and count packets; decode: also decode every frame",
+    )
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="comma-separated precomputed feature names (default: the config's data.features)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rebuild every shard, whatever is in --out")
     parser.add_argument("--workers", type=int, default=1, help="shards built at once (processes)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    index = build_shards(args.manifest, args.out, samples_per_shard=args.samples_per_shard, name=args.name,
-                         min_frames=args.min_frames, check=args.check,
-                         features=[f for f in args.features.split(",") if f], overwrite=args.overwrite,
-                         workers=args.workers)
-    print(f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
-          f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)")
+    spec, overrides, rest = config_lib.split_config_args(argv)
+    args = parser.parse_args(rest)
+    settings = dict(min_frames=MIN_FRAMES, features=[])
+    if spec:
+        config = config_lib.build_config(spec, overrides)
+        settings = dict(
+            min_frames=int(config.data.min_frames),
+            fps=float(config.data.fps),
+            frame_stride=int(config.data.frame_stride),
+            features=list(config.data.features),
+        )
+    elif overrides:
+        parser.error(f"--config.{overrides[0][0]} needs a --config=FILE.py to override")
+    if args.min_frames is not None:
+        settings["min_frames"] = args.min_frames
+    if args.features is not None:
+        settings["features"] = [f for f in args.features.split(",") if f]
+    return args, settings
+
+
+def _run(argv: Sequence[str]) -> int:
+    args, settings = _parse(argv)
+    # Progress and skips go to stderr whatever logging the caller set up (a handler of our own).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("sama_jax")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        index = build_shards(
+            args.manifest,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            name=args.name,
+            check=args.check,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            **settings,
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    print(
+        f"{index['total_records']} of {index['total_samples']} samples in {len(index['shards'])} shards "
+        f"under {args.out} ({index['resumed_shards']} shards kept from an earlier run)"
+    )
     if index["skipped_total"]:
         print(f"skipped {index['skipped_total']}: {index['skipped_counts']}")
         for item in index["skipped"]:
             print(f"  {item['id']}: {item['reason']}: {item['message']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """sama-build-shards; an error the user can act on is one line on stderr and exit status 2
+    (sama_jax.cli's convention)."""
+    from sama_jax import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return cli.run("sama-build-shards", lambda: _run(argv))
+    except KeyboardInterrupt:
+        print("sama-build-shards: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

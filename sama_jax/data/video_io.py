@@ -4,6 +4,7 @@
     image = decode_image(png_bytes)                      # (H, W, 3) uint8
     media = decode_media(blob, ".png")                   # (1, H, W, 3): images are 1-frame videos
     info = video_info("clip.mp4")                        # {"frames", "fps", "height", "width"}
+    size = check_media_file("clip.mp4")                  # bytes; MediaError if missing or empty
     write_video("out.mp4", frames, fps=16)               # H.264 yuv420p; height and width even
     write_image("out.png", frame)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import subprocess
 from fractions import Fraction
 from typing import Union
@@ -50,21 +52,36 @@ def _name(source: MediaInput) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
 
 
+def check_media_file(path: str | os.PathLike) -> int:
+    """The size in bytes of a media file; MediaError (reason missing | empty) when there is nothing to read.
+
+    The one existence check of the data path: the decoders and the pipeline's metadata pass start
+    with it, so a missing or empty file gets the same message and reason wherever it is found.
+    """
+    name = os.fspath(path)
+    # One stat call: every process runs this for every sample of the global batch, and on network
+    # file systems each call is a round trip.
+    try:
+        info = os.stat(name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MediaError(f"{name}: file does not exist", "missing") from None
+    except OSError as e:  # permission denied, broken mount...
+        raise MediaError(f"{name}: cannot be read ({e.strerror or e})", "missing") from e
+    if stat.S_ISDIR(info.st_mode):
+        raise MediaError(f"{name}: is a directory, not a media file", "missing")
+    if info.st_size == 0:
+        raise MediaError(f"{name}: empty file (0 bytes)", "empty")
+    return info.st_size
+
+
 def _open_input(source: MediaInput):
     """A path or a file object over the bytes; raises MediaError for a missing or empty input."""
-    name = _name(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise MediaError(f"{name}: empty input (0 bytes)", "empty")
+            raise MediaError(f"{_name(source)}: empty input (0 bytes)", "empty")
         return io.BytesIO(bytes(source))
-    path = os.fspath(source)
-    if not os.path.exists(path):
-        raise MediaError(f"{name}: file does not exist", "missing")
-    if os.path.isdir(path):
-        raise MediaError(f"{name}: is a directory, not a media file", "missing")
-    if os.path.getsize(path) == 0:
-        raise MediaError(f"{name}: empty file (0 bytes)", "empty")
-    return path
+    check_media_file(source)
+    return os.fspath(source)
 
 
 def normalize_ext(ext: str) -> str:

@@ -1,0 +1,160 @@
+"""sama-fit-vae: fit a small Wan VAE on a dataset's own frames, for the embedded demo.
+
+    sama-fit-vae --config=configs/stage1_sft.py:tiny --out runs/demo/vae [--steps 400] [--cpu-devices=8]
+
+SAMA trains on frozen Wan VAE latents. The tiny preset's VAE is not the released one (whose weights
+are 127M parameters and are not downloaded here), and a randomly initialised VAE cannot reconstruct
+frames, so an edit decoded through it would score nothing. This fits the tiny VAE as a plain
+autoencoder on clips of the config's data mixture (L1 + L2 reconstruction of the posterior mean),
+then measures the per-channel mean and std of its latents over those clips and stores them as the
+checkpoint's latents_mean / latents_std, so normalised latents are ~N(0, 1) as Wan's are. The
+result is an ordinary params checkpoint that `load_vae` (and model.checkpoints.vae) reads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from sama_jax import cli
+
+
+def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
+    """(N, num_frames, H, W, 3) uint8 clips of the mixture's video sources (every window of
+    num_frames consecutive frames, whole images repeated), read through the data pipeline's
+    per-sample decode so sizes and crops are the training ones."""
+    import dataclasses as dc
+
+    from sama_jax.data import pipeline
+
+    spec = dc.replace(pipeline.SampleSpec.from_config(config.data, seed=int(config.seed)),
+                      pretext=None)
+    clips = []
+    for _, source in pipeline.open_sources(config.data.mixture):
+        for i in range(len(source)):
+            if len(clips) >= limit:
+                break
+            try:
+                sample = pipeline.prepare_sample(source[i], i, spec)
+            except Exception:  # noqa: BLE001 - the pipeline counts bad samples; here they are simply not used
+                continue
+            for field in ("target", "source"):
+                video = sample[field]
+                if video.shape[0] == 1:
+                    video = np.repeat(video, num_frames, axis=0)
+                if video.shape[0] >= num_frames and video.shape[1:] == sample["target"].shape[1:]:
+                    clips.append(video[:num_frames])
+    if not clips:
+        raise ValueError("sama-fit-vae: the data mixture gave no usable clips")
+    shapes = {c.shape for c in clips}
+    keep = max(shapes, key=lambda s: sum(c.shape == s for c in clips))
+    return np.stack([c for c in clips if c.shape == keep])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def fit(config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
+        log=print) -> dict:
+    """Fits, calibrates and saves the VAE of config.model.vae; returns {psnr, seconds, ...}."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from sama_jax import params_io
+    from sama_jax.models import wan_vae
+
+    start = time.time()
+    num_frames = int(config.data.num_frames)
+    clips = training_clips(config, num_frames)
+    held_out = clips[: max(1, len(clips) // 8)]
+    train = clips[len(held_out):] if len(clips) > len(held_out) else clips
+    cfg = wan_vae.WanVAEConfig.from_config(config.model.vae, dict(compute_dtype="float32",
+                                                                   param_dtype="float32"))
+    vae = wan_vae.WanVAE(cfg, rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(vae, optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05)),
+                              wrt=nnx.Param)
+
+    def reconstruct(vae, video):
+        x = video.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+        mu = vae.encode_mean(x)
+        return vae.decode_unclamped((mu - vae._latent_stats()[0]) / vae._latent_stats()[1]), x, mu
+
+    @nnx.jit
+    def train_step(vae, optimizer, video):
+        def loss_fn(vae):
+            y, x, mu = reconstruct(vae, video)
+            # A small pull on the latents keeps their scale bounded (a plain autoencoder has no KL).
+            return jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x)) + 1e-4 * jnp.mean(mu ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(vae)
+        optimizer.update(vae, grads)
+        return loss
+
+    @nnx.jit
+    def decode_mean(vae, video):
+        y, _, mu = reconstruct(vae, video)
+        return jnp.clip((y + 1.0) * 127.5, 0, 255), mu
+
+    rng = np.random.default_rng(seed)
+    last = time.time()
+    for step in range(steps):
+        loss = train_step(vae, optimizer, jnp.asarray(train[rng.integers(0, len(train), batch_size)]))
+        if step == 0 or time.time() - last > 10 or step == steps - 1:
+            last = time.time()
+            eta = (time.time() - start) / (step + 1) * (steps - step - 1)
+            log(f"sama-fit-vae: step {step + 1}/{steps} loss {float(loss):.4f} "
+                f"({time.time() - start:.0f}s, ETA {eta:.0f}s)")
+
+    recon, mus = [], []
+    for i in range(0, len(clips), batch_size):
+        frames, mu = decode_mean(vae, jnp.asarray(clips[i:i + batch_size]))
+        recon.append(np.asarray(frames))
+        mus.append(np.asarray(mu).reshape(-1, cfg.z_dim))
+    mus = np.concatenate(mus)
+    recon = np.concatenate(recon).round().astype(np.uint8)
+    calibrated = dataclasses.replace(cfg, latents_mean=tuple(float(m) for m in mus.mean(0)),
+                                     latents_std=tuple(float(s) + 1e-6 for s in mus.std(0)))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
+    architecture = {k: v for k, v in dataclasses.asdict(calibrated).items()
+                    if k not in params_io.PRECISION_KEYS}
+    params_io.save_params(out, params, wan_vae.KIND, architecture, overwrite=True)
+    report = dict(psnr_train=psnr(recon[len(held_out):], train) if len(clips) > len(held_out) else None,
+                  psnr_held_out=psnr(recon[:len(held_out)], held_out), clips=len(clips), steps=steps,
+                  frames=num_frames, size=list(clips.shape[2:4]), seconds=round(time.time() - start, 1))
+    with open(os.path.join(out, "fit.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sama-fit-vae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output params checkpoint directory")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(config, args):
+        report = fit(config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     seed=int(config.seed))
+        print(f"sama-fit-vae: wrote {args.out}: reconstruction PSNR {report['psnr_held_out']:.2f} dB "
+              f"on held-out clips, {report['seconds']}s")
+        return 0
+
+    return cli.run("sama-fit-vae", lambda: run(*cli.parse(build_parser(), argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
