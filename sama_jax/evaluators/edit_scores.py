@@ -96,7 +96,10 @@ class EditScores:
             height=section.height, width=section.width, exact_size=True, prompt_prefix=bool(prefix),
             semantic_tokens=semantic.SemanticConfig(**config.model.semantic).num_tokens)
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, tokenizer
-        self.mesh, self.rules = mesh, rules
+        # An edit is one video (two with CFG): its batch replicates instead of following the
+        # training batch rule, which would split 2 over the data and fsdp axes.
+        self.mesh = mesh
+        self.rules = None if rules is None else (("batch", None),) + tuple(rules)
         self._editor = None
 
     def _editor_for(self, dit):
