@@ -10,8 +10,9 @@ Benchmarks (formats: sama_jax.benchmarks_io): openve | reco | vie (--vie-columns
 list's columns) | manifest (our JSONL manifests; their targets are ground truth, so each case is
 also scored: PSNR/SSIM inside and outside the edited region, temporal consistency; SigLIP frame
 consistency with --siglip). The editing flags are sama-edit's; the models come from converted
-checkpoints (--dit --vae --text-encoder --tokenizer) or, for timing and smoke runs, untrained models
-of a preset (--preset tiny, outputs are noise).
+checkpoints (--dit --vae --text-encoder --tokenizer), a sama-train run directory (--run DIR: its
+EMA DiT, encoders and tokenizer) or, for timing and smoke runs, untrained models of a preset
+(--preset tiny, outputs are noise).
 
 In --out: the edits (the benchmark's names), previews/<case>.png (source | ground truth | edit
 frames), records/process-I-of-N.jsonl (one JSON line per attempt: instruction, seed, settings,
@@ -467,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-encoder", help="umT5 params checkpoint")
     m.add_argument("--tokenizer", help="tokenizer directory")
     m.add_argument("--lora-path", default="", help="LoRA (released key format) merged with alpha 1.0")
+    m.add_argument("--run", default="", help="a sama-train run directory: its EMA DiT, encoders and tokenizer "
+                                             "(instead of --dit --vae --text-encoder --tokenizer)")
     m.add_argument("--preset", default="", help="untrained models of this preset instead of checkpoints "
                                                 "(tiny: timing and smoke runs; the edits are noise)")
     m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -480,9 +483,14 @@ def edit_settings(args):
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     semantic_tokens = args.semantic_tokens
-    if semantic_tokens is None:
-        semantic_tokens = (semantic.SemanticConfig(**presets.model_config(args.preset).semantic).num_tokens
-                           if args.preset else 65)
+    if semantic_tokens is None:   # the model's own count
+        semantic_tokens = 65
+        if args.run:
+            from sama_jax import run_dir
+
+            semantic_tokens = semantic.SemanticConfig(**run_dir.read_config(args.run).model.semantic).num_tokens
+        elif args.preset:
+            semantic_tokens = semantic.SemanticConfig(**presets.model_config(args.preset).semantic).num_tokens
     return inference.EditSettings(
         steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
         cfg_mode=args.cfg_mode, seed=args.seed, max_frames=args.max_frames, height=args.height,
@@ -514,13 +522,29 @@ def build_editor(args, settings, log):
 
     mesh, rules = _mesh(args.mesh)
     precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
-    if args.preset:
+    if args.run:
+        editor = _run_editor(args.run, mesh, rules)
+    elif args.preset:
         editor = _untrained_editor(args.preset, args.tokenizer, precision, mesh, rules)
     else:
         editor = inference.Editor.from_checkpoints(
             args.dit, args.vae, args.text_encoder, args.tokenizer, mesh=mesh, rules=rules,
             precision=precision, lora_path=args.lora_path or None)
     return EditorAdapter(editor, settings, log)
+
+
+def _run_editor(workdir: str, mesh, rules):
+    from sama_jax import inference, run_dir
+
+    run = run_dir.load_run(workdir, use_ema=True, mesh=mesh, rules=rules)
+    if run.encoders.vae is None or run.encoders.text_encoder is None or run.tokenizer is None:
+        raise ValueError(f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
+                         f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer instead")
+    checkpoint = os.path.join(workdir, run_dir.CHECKPOINTS, str(run.step))
+    identity = {"run": os.path.abspath(workdir), "step": int(run.step), "weights": "ema",
+                "dit": inference.fingerprint(checkpoint) if os.path.isdir(checkpoint) else None}
+    return inference.Editor(run.dit, run.encoders.vae, run.encoders.text_encoder, run.tokenizer,
+                            mesh=mesh, rules=rules, identities=identity)
 
 
 def _untrained_editor(preset: str, tokenizer: str | None, precision: dict, mesh, rules):
@@ -558,7 +582,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(_, args) -> int:
-    if not args.preset:
+    if args.run:
+        from sama_jax import run_dir
+
+        if not run_dir.is_run_dir(args.run):
+            raise FileNotFoundError(f"--run {args.run}: not a sama-train run directory (no "
+                                    f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
+    elif not args.preset:
         from sama_jax import inference
 
         inference.check_checkpoints(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
