@@ -3,8 +3,8 @@
   sama-export --benchmark openve --cases OpenVE-Bench/benchmark_videos.csv --media-root OpenVE-Bench \
       --out exports/openve --dit ckpt/sama_14b --vae ckpt/wan_vae --text-encoder ckpt/umt5 \
       --tokenizer ckpt/google/umt5-xxl --max-frames 49 --prompt-prefix --tiled
-  sama-export --benchmark manifest --cases data/synthetic/video_edits.jsonl --out exports/syn \
-      --preset tiny --tokenizer data/synthetic/tokenizer --steps 4 --height 64 --width 64 --exact-size
+  sama-export --benchmark manifest --cases data/synthetic/val/video_edits.jsonl --out exports/tiny \
+      --run runs/tiny --steps 4 --height 64 --width 64 --exact-size --prompt-prefix --dtype float32
 
 Benchmarks (formats: sama_jax.benchmarks_io): openve | reco | vie (--vie-columns names the case
 list's columns) | manifest (our JSONL manifests; their targets are ground truth, so each case is
