@@ -85,7 +85,7 @@ class EditScores:
                              f"data.features={list(config.data.features)} means the run did not load them: "
                              "set eval.edit_scores.num_cases=0 or give the run those encoders")
         prefix = config.prompt_prefix.strip()
-        if prefix and prefix != edit_rules.PROMPT_PREFIX:
+        if prefix and prefix != edit_rules.PROMPT_PREFIX.strip():
             raise ValueError(f"prompt_prefix {config.prompt_prefix!r}: the editor knows only "
                              f"{edit_rules.PROMPT_PREFIX!r} (or '')")
         self.cases = held_out_cases(section.num_cases, section.seed, section.frames, section.height,
