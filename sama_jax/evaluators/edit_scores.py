@@ -77,49 +77,32 @@ class EditScores:
     name = PREFIX
 
     def __init__(self, config, encoders, tokenizer, *, mesh=None, rules=None):
-        from sama_jax import edit_rules, inference, semantic
+        from sama_jax import inference
 
         section = config.eval.edit_scores
         if encoders.vae is None or encoders.text_encoder is None:
             raise ValueError("eval.edit_scores edits videos, so it needs the VAE and the text encoder, but "
                              f"data.features={list(config.data.features)} means the run did not load them: "
-                             "set eval.edit_scores.num_cases=0 or give the run those encoders")
-        prefix = config.prompt_prefix.strip()
-        if prefix and prefix != edit_rules.PROMPT_PREFIX.strip():
-            raise ValueError(f"prompt_prefix {config.prompt_prefix!r}: the editor knows only "
-                             f"{edit_rules.PROMPT_PREFIX!r} (or '')")
+                             "leave edit_scores out of eval.evaluators or give the run those encoders")
         self.cases = held_out_cases(section.num_cases, section.seed, section.frames, section.height,
                                     section.width)
-        self.settings = inference.EditSettings(
-            steps=config.eval.num_steps, guidance=config.eval.guidance, shift=config.eval.shift,
-            sampler=config.eval.sampler, seed=section.seed, max_frames=section.frames,
-            height=section.height, width=section.width, exact_size=True, prompt_prefix=bool(prefix),
-            semantic_tokens=semantic.SemanticConfig(**config.model.semantic).num_tokens)
+        # config.eval's sampler, steps, guidance and shift, config.prompt_prefix, the model's count of
+        # semantic tokens; the cases' own size and the same noise seed at every step.
+        self.settings = inference.settings_from_config(
+            config, seed=int(section.seed), max_frames=int(section.frames), height=int(section.height),
+            width=int(section.width), exact_size=True)
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, tokenizer
         # An edit is one video (two with CFG): its batch replicates instead of following the
         # training batch rule, which would split 2 over the data and fsdp axes.
         self.mesh = mesh
         self.rules = None if rules is None else (("batch", None),) + tuple(rules)
-        self._editor = None
-
-    def _editor_for(self, dit):
-        """One Editor for the whole run: its jitted sampler is compiled once. A later call with
-        another DiT module of the same structure (an EMA copy) swaps the module in."""
-        from flax import nnx
-
-        from sama_jax import inference
-
-        if self._editor is None:
-            self._editor = inference.Editor(dit, self.vae, self.text_encoder, self.tokenizer,
-                                            mesh=self.mesh, rules=self.rules)
-        elif self._editor.dit is not dit:
-            if nnx.graphdef(dit) != nnx.graphdef(self._editor.dit):
-                raise ValueError("EditScores.run got a DiT of another structure than its first call's")
-            self._editor.dit = dit
-        return self._editor
 
     def run(self, dit, step: int) -> Iterator[tuple[str, float]]:
+        from sama_jax import inference
+
         del step  # the same cases and noise at every step
-        editor = self._editor_for(dit)
+        # A new Editor is cheap: its compiled sampling loop is cached per DiT structure.
+        editor = inference.Editor(dit, self.vae, self.text_encoder, self.tokenizer, mesh=self.mesh,
+                                  rules=self.rules)
         yield from score_cases(lambda frames, text: editor.edit(frames, text, self.settings).frames,
                                self.cases)
