@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(instead of --dit --vae --text-encoder --tokenizer)")
     m.add_argument("--preset", default="", help="untrained models of this preset instead of checkpoints "
                                                 "(tiny: timing and smoke runs; the edits are noise)")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="parameter and compute dtype of checkpoints and --preset models (--run: the run's)")
     m.add_argument("--mesh", default="fsdp=-1", help="mesh 'axis=size,...' over this process's devices, or 'none'")
     return p
 
