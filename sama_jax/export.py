@@ -105,13 +105,16 @@ def _without_paths(identity: Any) -> Any:
     return identity
 
 
-def check_same_run(records: dict[str, dict], settings: dict, identity: dict, out_dir: str) -> None:
-    """Refuses to add edits made with other settings or checkpoints to finished ones."""
+def check_same_run(records: dict[str, dict], settings: dict, identity: dict | None, out_dir: str) -> None:
+    """Refuses to add edits made with other settings or checkpoints (identity None: not checked) to
+    finished ones."""
     for record in records.values():
         if record.get("status") != "done":
             continue
-        for name, old, new in (("settings", record.get("settings"), settings),
-                               ("checkpoints", _without_paths(record.get("identity")), _without_paths(identity))):
+        pairs = [("settings", record.get("settings"), settings)]
+        if identity is not None:
+            pairs.append(("checkpoints", _without_paths(record.get("identity")), _without_paths(identity)))
+        for name, old, new in pairs:
             old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
             if old != new:
                 keys = sorted(set(old or {}) | set(new or {}))
@@ -609,6 +612,8 @@ def _main(_, args) -> int:
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count
     shard(cases, index, count)  # checks the pair before the models load
+    # The settings are known before the models: a refused resume costs no model load.
+    check_same_run(load_records(args.out), dataclasses.asdict(settings), None, args.out)
     start = time.perf_counter()
     editor = build_editor(args, settings, print)
     siglip = None
