@@ -238,3 +238,27 @@ def test_command_errors_are_one_line_before_models_load(synthetic_set, tmp_path,
                                     str(tmp_path), "--out", str(tmp_path / "out"), "--preset", "tiny"]) == 2
     assert "check --media-root" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_editor_adapter_passes_each_case_seed_and_keeps_the_settings():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        steps: int = 3
+        seed: int = 1
+
+    class Editor:   # the Editor's signature: edit(frames, prompt, settings, progress) -> EditResult
+        identities = {"dit": {"sha256": "x"}}
+
+        def edit(self, frames, prompt, settings, progress):
+            self.got = (prompt, settings)
+            return type("Result", (), dict(frames=frames, timings={"denoise": 0.5}))()
+
+    editor = Editor()
+    adapter = export.EditorAdapter(editor, Settings(), log=lambda line: None)
+    assert adapter.settings == {"steps": 3, "seed": 1} and adapter.identity == editor.identities
+    frames = np.zeros((1, 16, 16, 3), np.uint8)
+    result = adapter.edit(frames, "Do it.", seed=7)
+    assert editor.got == ("Do it.", Settings(steps=3, seed=7))
+    assert export._edit_frames(result)[1] == {"denoise": 0.5}
