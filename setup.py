@@ -48,6 +48,7 @@ setup(
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
             "sama-export=sama_jax.export:main",
+            "sama-edit=sama_jax.edit:main",
         ],
     },
 )

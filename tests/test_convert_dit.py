@@ -107,8 +107,8 @@ def test_bfloat16_storage_and_cli(tmp_path, torch_model, capsys):
     assert params["blocks"]["self_attn"]["q"]["kernel"].dtype == ml_dtypes.bfloat16
     assert config["num_heads"] == HEADS
     # Without --overwrite an existing output is refused; with it, replaced.
-    assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"]) == 1
-    assert "exists; pass overwrite" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan", "--overwrite",
                      "--dtype", "float32"]) == 0
     params, _ = params_io.load_params(str(out))

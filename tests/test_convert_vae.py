@@ -148,7 +148,7 @@ def test_missing_and_misshaped_tensors_are_listed(checkpoints, tmp_path, capsys)
     assert "unexpected (1)" in message and "encoder.extra.weight" in message
     assert "encoder.middle.1.proj.bias: checkpoint (7,), expected (32,)" in message
     assert not os.path.exists(tmp_path / "out")
-    assert cli.main([bad, str(tmp_path / "out"), "--kind", "vae"]) == 1
+    assert cli.main([bad, str(tmp_path / "out"), "--kind", "vae"]) == 2
     assert "decoder.upsamples.4.shortcut.weight" in capsys.readouterr().err
 
 

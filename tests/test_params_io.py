@@ -120,3 +120,41 @@ def test_an_interrupted_write_leaves_nothing_and_is_not_merged_later(tmp_path):
     params_io.save_params(path, {"fresh": np.ones(2, np.float32)}, "test", {})
     params, _ = params_io.load_params(path)
     assert set(params) == {"fresh"}
+
+
+def test_arrays_added_by_rows_load_like_the_others(tmp_path):
+    path = str(tmp_path / "ckpt")
+    big = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
+    emb = (np.arange(7 * 2, dtype=np.float32).reshape(7, 2) / 8).astype(ml_dtypes.bfloat16)
+    asked, written = [], []
+    writer = params_io.ParamsWriter(path, "test", {"n": 1},
+                                    on_written=lambda arrays, nbytes: written.append((arrays, nbytes)))
+    writer.add({"small": np.ones(3, np.float32)})
+    writer.add_by_rows(("blocks", "big"), big.shape, np.float32,
+                       lambda start, stop: asked.append((start, stop)) or big[start:stop])
+    writer.add_by_rows(("emb",), emb.shape, emb.dtype, lambda start, stop: emb[start:stop], block_rows=3)
+    writer.finalize()
+    assert asked == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert sum(n for _, n in written) == 12 + big.nbytes + emb.nbytes and sum(a for a, _ in written) == 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    params, config = params_io.load_params(path, expected_kind="test")
+    assert config == {"n": 1}
+    np.testing.assert_array_equal(params["blocks"]["big"], big)
+    assert params["emb"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(params["emb"].astype(np.float32), emb.astype(np.float32))
+    mesh = sharding.create_mesh(dict(ici=dict(fsdp=-1)))
+    target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = {"blocks": {"big": jax.ShapeDtypeStruct(big.shape, np.float32, sharding=target)},
+                "emb": jax.ShapeDtypeStruct(emb.shape, emb.dtype, sharding=target),
+                "small": jax.ShapeDtypeStruct((3,), np.float32, sharding=target)}
+    restored, _ = params_io.load_params(path, abstract=abstract)
+    np.testing.assert_array_equal(np.asarray(restored["blocks"]["big"]), big)
+
+
+def test_rows_of_the_wrong_shape_are_refused_and_nothing_is_left(tmp_path):
+    path = str(tmp_path / "ckpt")
+    with pytest.raises(params_io.ParamsCheckpointError, match=r"rows \[0, 1\) have shape \(1, 2\), expected \(1, 3\)"):
+        with params_io.ParamsWriter(path, "test", {}) as writer:
+            writer.add_by_rows(("w",), (2, 3), np.float32, lambda start, stop: np.zeros((1, 2), np.float32))
+            writer.finalize()
+    assert os.listdir(tmp_path) == []

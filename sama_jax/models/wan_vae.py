@@ -121,9 +121,31 @@ class FeatureCache:
 # ----------------------------------------------------------------------------------------------
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
+    if kernel.ndim == 5 and jax.default_backend() == "cpu":
+        return _conv3d_as_2d(x, kernel, stride, padding)
     spec = ("NDHWC", "DHWIO", "NDHWC") if kernel.ndim == 5 else ("NHWC", "HWIO", "NHWC")
     return jax.lax.conv_general_dilated(x, kernel, window_strides=tuple(stride), padding=padding,
                                         dimension_numbers=spec)
+
+
+def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
+    """A 3D convolution as the sum over its kt time taps of 2D convolutions of shifted frames.
+
+    The same arithmetic; XLA:CPU runs 3D convolutions through a generic loop, 6-8x slower than its
+    2D kernels (forward and gradient, measured at (4, 7, 64, 64, 16) with a 3x3x3 kernel)."""
+    (pad_t0, pad_t1), *spatial = padding
+    x = jnp.pad(x, ((0, 0), (pad_t0, pad_t1), (0, 0), (0, 0), (0, 0)))
+    kt, st = kernel.shape[0], stride[0]
+    b, t = x.shape[:2]
+    frames = (t - kt) // st + 1
+    out = None
+    for i in range(kt):
+        shifted = x[:, i:i + st * (frames - 1) + 1:st]
+        y = jax.lax.conv_general_dilated(shifted.reshape((b * frames,) + x.shape[2:]), kernel[i],
+                                         window_strides=tuple(stride[1:]), padding=tuple(spatial),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out.reshape((b, frames) + out.shape[1:])
 
 
 class CausalConv3d(nnx.Module):

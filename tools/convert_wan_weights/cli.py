@@ -6,11 +6,17 @@
 INPUT is a .safetensors file, a .safetensors.index.json, a directory of shards, or a .pth file.
 `--kind auto` recognises the model from its keys. Each kind lives in its own module of this package
 with `matches(source) -> bool` and `convert(source, output, options) -> dict` (a summary).
+
+Before reading INPUT: OUTPUT's parent must be writable, OUTPUT must not exist (or be a params
+checkpoint, with --overwrite), and what an interrupted earlier run left is finished or deleted
+(sama_jax/params_io.py). Expected errors print one line, `convert-wan-weights: <message>`, and
+exit with status 2; progress goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 
@@ -53,16 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors with a message that says what to change: one line, no traceback.
+EXPECTED_ERRORS = (ConversionError, params_io.ParamsCheckpointError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
+        # Everything about OUTPUT is checked before the input is read.
+        for line in params_io.check_output(args.output, args.overwrite):
+            print(f"convert-wan-weights: {line}", file=sys.stderr)
         source = TensorSource(args.input)
         kind = detect_kind(source) if args.kind == "auto" else args.kind
+        itemsize = 2 if args.dtype == "bfloat16" else 4
+        params_io.check_free_space(args.output, itemsize * sum(
+            math.prod(source.shape(key)) for key in source.keys()))
         summary = _module(kind).convert(source, args.output, args)
-    except (ConversionError, params_io.ParamsCheckpointError) as e:
-        print(f"convert-wan-weights: error: {e}", file=sys.stderr)
-        return 1
+    except EXPECTED_ERRORS as e:
+        print(f"convert-wan-weights: {e}", file=sys.stderr)
+        return 2
     print(f"converted {kind} {args.input} -> {args.output} in {time.time() - start:.1f}s: {summary}")
     return 0
 

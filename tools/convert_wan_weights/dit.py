@@ -17,29 +17,32 @@ PyTorch's default Linear init (U(+-1/sqrt(fan_in)) for weight and bias) and Laye
 semantic head with a xavier-uniform weight, N(0, 1e-3^2) bias and LayerNorm (1, 0); numpy seed
 `options.seed` (default 0).
 
-Streaming: each output parameter is built and written on its own; a per-layer parameter is stacked
-across layers directly in the stored dtype, one layer read at a time (safetensors mmap; the source
-is reopened per tensor so the mapped pages of finished tensors are released) and handed to Orbax
-without its defensive copy. Peak host memory is about one stacked parameter (the largest: ffn.0 of
-14B, 40 x 13824 x 5120) plus one layer in float32; benchmarks/convert_dit_rss.py measures it.
+Streaming: each output parameter is built and written on its own, converted straight to the stored
+dtype (torch: one copy per tensor, transposed on the way). Small parameters are written in groups;
+a parameter larger than GROUP_BYTES (every weight matrix of the 14B blocks, time_projection) goes
+through ParamsWriter.add_by_rows, a stacked one a layer at a time, each layer read through a fresh
+memory map of its shard that is dropped afterwards. Peak host memory is a few layers of the largest
+parameter (ffn.0 of 14B: 13824 x 5120 x 2 bytes = 135 MiB) whatever the depth: 1.45 GiB peak RSS
+for the full 40-layer 14B (benchmarks/convert_dit_rss.py --layers 40).
 """
 from __future__ import annotations
 
 import ctypes
 import re
-from typing import Iterator
 
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
 from sama_jax import params_io
+from tools.convert_wan_weights.progress import Progress
 from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
                                              config_json, nest, strip_prefix)
 
 KIND = "wan_dit"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.")
 SAMA_PREFIXES = ("segment_embedding.", "siglip_feat_mlp.", "semantic_head.")
-# Flush small parameters to the checkpoint in groups of about this many bytes.
+# Small parameters are flushed to the checkpoint in groups of about this many bytes; a stacked
+# parameter larger than this is written layer by layer.
 GROUP_BYTES = 64 << 20
 
 # Official name -> diffusers name, per module prefix (blocks use the 'blocks.N.' prefix).
@@ -141,12 +144,16 @@ BLOCK_PARAMS = (
 )
 
 
+# torch (out, in) -> flax kernel (in, out); Conv3d (out, in, t, h, w) -> (t, h, w, in, out).
+_PERMUTATION = {"linear": (1, 0), "conv": (2, 3, 4, 1, 0)}
+
+
 def _transform(array: np.ndarray, how: str) -> np.ndarray:
-    if how == "linear":      # torch (out, in) -> flax kernel (in, out)
-        return array.T
-    if how == "conv":        # Conv3d (out, in, t, h, w) -> (t, h, w, in, out)
-        return array.transpose(2, 3, 4, 1, 0)
-    return array
+    return array.transpose(_PERMUTATION[how]) if how in _PERMUTATION else array
+
+
+def _stored_shape(torch_shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+    return tuple(torch_shape[i] for i in _PERMUTATION[how]) if how in _PERMUTATION else tuple(torch_shape)
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -208,7 +215,7 @@ def derive_config(source: TensorSource, official_keys, shape_of, options) -> dic
             raise ConversionError(
                 f"{source.path}: cannot tell the number of attention heads of a dim-{dim} model "
                 "(not a multiple of 128); put a config.json with num_attention_heads next to the "
-                "weights or pass num_heads")
+                "weights or pass --num-heads")
         num_heads = dim // 128
     if dim % int(num_heads):
         raise ConversionError(f"{source.path}: dim {dim} is not divisible by num_heads {num_heads}")
@@ -260,27 +267,9 @@ def _merge(into: dict, tree: dict) -> None:
             into[k] = v
 
 
-def _output_arrays(open_reader, cfg, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """(our path, stored array), one parameter at a time; blocks stacked across layers."""
-    for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
-        read = open_reader()
-        yield ours, cast(_transform(read(official), how), dtype)
-    np_dtype = cast(np.zeros(0, np.float32), dtype).dtype
-    for ours, template, how in BLOCK_PARAMS:
-        stacked = None
-        for i in range(cfg["num_layers"]):
-            layer = _transform(open_reader()(template.format(i=i)), how)
-            if stacked is None:
-                stacked = np.empty((cfg["num_layers"], *layer.shape), np_dtype)
-            stacked[i] = layer
-            del layer
-        yield ours, stacked
-        del stacked
-
-
 def _return_freed_memory() -> None:
     """glibc keeps memory freed by the writer's worker threads in their malloc arenas; without a
-    trim, each parameter's write buffers stay resident and the next parameter stacks on top."""
+    trim, each group's write buffers stay resident and the next group stacks on top."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to trim
@@ -310,43 +299,62 @@ def convert(source: TensorSource, output: str, options) -> dict:
         hint = ("\n  (a base Wan2.1 checkpoint without SAMA's keys converts with --allow-base-wan)"
                 if missing_sama and not allow_base else "")
         raise ConversionError(f"{e}{hint}") from None
+    source.check_float(bare.values())
 
     rng = np.random.default_rng(getattr(options, "seed", 0) or 0)
     shapes = expected_shapes(cfg)
+    dtype = getattr(options, "dtype", "bfloat16")
+    np_dtype = cast(np.zeros(0, np.float32), dtype).dtype
     initialised = []
 
-    def open_reader():
-        # A fresh view of the checkpoint per tensor read: dropping the previous one unmaps the
-        # safetensors pages it touched, so resident file pages stay near one tensor's size instead
-        # of growing to the whole checkpoint.
-        view = TensorSource(source.path)
+    def read(official_key: str, how: str) -> np.ndarray:
+        file_key = to_file.get(official_key)
+        if file_key is None:
+            initialised.append(official_key)
+            return cast(_transform(_sama_init(official_key, shapes[official_key], cfg, rng), how), dtype)
+        return source.read(file_key, dtype, permute=_PERMUTATION.get(how))
 
-        def read(official_key):
-            file_key = to_file.get(official_key)
-            if file_key is None:
-                initialised.append(official_key)
-                return _sama_init(official_key, shapes[official_key], cfg, rng)
-            return view.get(file_key)
+    def layers(template: str, how: str):
+        return lambda start, stop: np.stack([read(template.format(i=i), how) for i in range(start, stop)]) \
+            if stop - start > 1 else read(template.format(i=start), how)[None]
 
-        return read
+    num_layers = cfg["num_layers"]
+    stored = {ours: _stored_shape(shapes[official], how) for ours, official, how in TOP_PARAMS + SAMA_PARAMS}
+    stored.update({ours: (num_layers, *_stored_shape(shapes[template.format(i=0)], how))
+                   for ours, template, how in BLOCK_PARAMS})
+    nbytes = {ours: int(np.prod(shape)) * np_dtype.itemsize for ours, shape in stored.items()}
+    progress = Progress(KIND, len(stored), sum(nbytes.values()))
+    group, group_bytes = {}, 0
 
-    dtype = getattr(options, "dtype", "bfloat16")
-    writer = params_io.ParamsWriter(output, KIND, cfg, overwrite=bool(getattr(options, "overwrite", False)))
-    group, group_bytes, total = {}, 0, 0
+    def add(writer, path: str, array: np.ndarray) -> None:
+        nonlocal group, group_bytes
+        _merge(group, nest(path.split("."), array))
+        group_bytes += array.nbytes
+        if group_bytes >= GROUP_BYTES:
+            writer.add(group)
+            group, group_bytes = {}, 0
+            _return_freed_memory()
+
     # Orbax copies host arrays before writing them unless told not to; these arrays are never
-    # modified after being handed over, and the copy would double the peak memory.
-    with ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False)):
-        for path, array in _output_arrays(open_reader, cfg, dtype):
-            total += array.size
-            _merge(group, nest(path.split("."), array))
-            group_bytes += array.nbytes
-            if group_bytes >= GROUP_BYTES:
-                writer.add(group)
-                group, group_bytes = {}, 0
-                _return_freed_memory()
-            del array
+    # modified after being handed over, and the copy would double the memory of a group.
+    no_copy = ocp.Context()
+    no_copy.memory.deepcopy_host_arrays = False
+    overwrite = bool(getattr(options, "overwrite", False))
+    with no_copy, params_io.ParamsWriter(output, KIND, cfg, overwrite, on_written=progress) as writer:
+        for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
+            if nbytes[ours] > GROUP_BYTES:   # time_projection of 14B: 315 MiB, uncompressed as one block
+                writer.add_by_rows(ours.split("."), stored[ours], np_dtype,
+                                   lambda start, stop, key=official, how=how: read(key, how)[start:stop],
+                                   block_rows=stored[ours][0])
+            else:
+                add(writer, ours, read(official, how))
+        for ours, template, how in BLOCK_PARAMS:
+            if nbytes[ours] > GROUP_BYTES:
+                writer.add_by_rows(ours.split("."), stored[ours], np_dtype, layers(template, how))
+            else:
+                add(writer, ours, layers(template, how)(0, num_layers))
         if group:
             writer.add(group)
         writer.finalize()
-    return dict(layout=layout, dtype=dtype, params=int(total), num_layers=cfg["num_layers"],
-                dim=cfg["dim"], num_heads=cfg["num_heads"], initialised=initialised)
+    return dict(layout=layout, dtype=dtype, params=int(sum(np.prod(s) for s in stored.values())),
+                num_layers=num_layers, dim=cfg["dim"], num_heads=cfg["num_heads"], initialised=initialised)

@@ -123,25 +123,31 @@ def convert(source: TensorSource, output: str, args) -> dict:
     ignored = [k for k in shapes if IGNORED.match(k)]
     check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored},
                expected_shapes(config, prefix))
+    source.check_float(k for k in shapes if k not in ignored)
 
-    config.update(dtype=args.dtype, param_dtype=args.dtype)
+    config.update(compute_dtype=args.dtype, param_dtype=args.dtype)
     get = lambda key: source.get(prefix + key)
-    writer = params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite)
-    writer.add({
-        # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
-        "patch_embedding": {
-            "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), args.dtype),
-            "bias": cast(get("embeddings.patch_embedding.bias"), args.dtype)},
-        "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), args.dtype)},
-        "post_layernorm": {"scale": cast(get("post_layernorm.weight"), args.dtype),
-                           "bias": cast(get("post_layernorm.bias"), args.dtype)},
-    })
-    for path, (key, transpose) in PER_LAYER.items():
-        stacked = np.stack([cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)),
-                                 args.dtype) for i in range(config["num_layers"])])
-        writer.add({"layers": nest(path, stacked)})
-    writer.finalize()
+    with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite) as writer:
+        _write(writer, get, config, args.dtype)
     num_params = sum(int(np.prod(s)) for s in expected_shapes(config, prefix).values())
     return dict(layout="prefixed" if prefix else "flat", num_layers=config["num_layers"],
                 hidden_size=config["hidden_size"], num_params=num_params,
                 ignored_tensors=len(ignored), dtype=args.dtype)
+
+
+def _write(writer, get, config, dtype) -> None:
+    """Embeddings and final norm in one group, then each per-layer tensor stacked over layers."""
+    writer.add({
+        # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
+        "patch_embedding": {
+            "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), dtype),
+            "bias": cast(get("embeddings.patch_embedding.bias"), dtype)},
+        "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), dtype)},
+        "post_layernorm": {"scale": cast(get("post_layernorm.weight"), dtype),
+                           "bias": cast(get("post_layernorm.bias"), dtype)},
+    })
+    for path, (key, transpose) in PER_LAYER.items():
+        stacked = np.stack([cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)),
+                                 dtype) for i in range(config["num_layers"])])
+        writer.add({"layers": nest(path, stacked)})
+    writer.finalize()

@@ -11,6 +11,10 @@ FFN mapping: official ffn.gate.0 = transformers wi_0 (the GELU branch) -> our ff
 -> ffn.fc1; ffn.fc2 = wo -> ffn.fc2. The token embedding is always read from shared.weight when present:
 some transformers 5.x saves leave encoder.embed_tokens untied (zeros), so it is never trusted over it.
 
+Memory: the token embedding (256384 x 4096) is read and written EMBEDDING_BLOCK_BYTES of rows at a
+time in the stored dtype, and a stacked per-layer weight larger than that one layer at a time
+(ParamsWriter.add_by_rows), so no whole float32 copy of either is ever held.
+
 Sizes come from tensor shapes. max_distance and eps are not stored in the weights: they come from a
 transformers config.json next to the checkpoint when there is one, else umT5-XXL's (128, 1e-6).
 """
@@ -21,10 +25,14 @@ import re
 import numpy as np
 
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
-                                             config_json, nest)
+from tools.convert_wan_weights.progress import Progress
+from tools.convert_wan_weights.source import (ConversionError, TensorSource, check_keys, config_json,
+                                             nest)
 
 KIND = "umt5"
+# Rows of the token embedding per write, and the size above which a stacked weight is written
+# layer by layer.
+EMBEDDING_BLOCK_BYTES = 64 << 20
 
 # Our parameter path under blocks/ (stacked over layers) -> (official key, transformers key).
 _ATTN = "encoder.block.{i}.layer.0.SelfAttention."
@@ -131,23 +139,40 @@ def convert(source: TensorSource, output: str, args) -> dict:
             ignored.append(UNTIED_EMBEDDING)  # tied to shared.weight; possibly left as zeros
     check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored}, expected)
 
-    config.update(dtype=args.dtype, param_dtype=args.dtype)
-    writer = params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite)
-    writer.add({"token_embedding": {"embedding": cast(source.get(embedding_key), args.dtype)},
-                "norm": {"scale": cast(source.get(GLOBAL[("norm", "scale")][col]), args.dtype)}})
-    for path, names in PER_LAYER.items():
-        # One stacked (layers, ...) array at a time, filled layer by layer in the stored dtype.
-        stacked = None
-        for i in range(config["num_layers"]):
-            tensor = source.get(names[col].format(i=i))
-            # torch Linear weights are (out, in); Flax kernels are (in, out).
-            tensor = cast(tensor.T if path[-1] == "kernel" else tensor, args.dtype)
-            if stacked is None:
-                stacked = np.empty((config["num_layers"],) + tensor.shape, tensor.dtype)
-            stacked[i] = tensor
-        writer.add({"blocks": nest(path, stacked)})
-        del stacked
-    writer.finalize()
+    source.check_float(k for k in shapes if k not in ignored)
+
+    config.update(compute_dtype=args.dtype, param_dtype=args.dtype)
+    dtype, itemsize = args.dtype, 2 if args.dtype == "bfloat16" else 4
+    num_layers = config["num_layers"]
+    vocab, dim = source.shape(embedding_key)
+    per_layer = {path: (num_layers, *reversed(source.shape(names[col].format(i=0))))
+                 if path[-1] == "kernel" else (num_layers, *source.shape(names[col].format(i=0)))
+                 for path, names in PER_LAYER.items()}
+    total = itemsize * (vocab * dim + dim + sum(int(np.prod(shape)) for shape in per_layer.values()))
+    progress = Progress(KIND, 2 + len(PER_LAYER), total)
+
+    def layer(path, names, i):
+        # torch Linear weights are (out, in); Flax kernels are (in, out).
+        return source.read(names[col].format(i=i), dtype, permute=(1, 0) if path[-1] == "kernel" else None)
+
+    with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite, on_written=progress) as writer:
+        writer.add({"norm": {"scale": source.read(GLOBAL[("norm", "scale")][col], dtype)}})
+        writer.add_by_rows(("token_embedding", "embedding"), (vocab, dim), _np_dtype(dtype),
+                           lambda start, stop: source.read(embedding_key, dtype, rows=(start, stop)),
+                           block_rows=max(1, EMBEDDING_BLOCK_BYTES // (dim * itemsize)))
+        for path, names in PER_LAYER.items():
+            if int(np.prod(per_layer[path])) * itemsize > EMBEDDING_BLOCK_BYTES:
+                writer.add_by_rows(("blocks", *path), per_layer[path], _np_dtype(dtype),
+                                   lambda start, stop, path=path, names=names: layer(path, names, start)[None])
+            else:
+                writer.add({"blocks": nest(path, np.stack([layer(path, names, i) for i in range(num_layers)]))})
+        writer.finalize()
     num_params = sum(int(np.prod(s)) for s in expected.values())
     return dict(layout=layout, num_layers=config["num_layers"], dim=config["dim"],
                 num_params=num_params, ignored_tensors=len(ignored), dtype=args.dtype)
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)

@@ -234,18 +234,20 @@ def convert(source: TensorSource, output: str, args) -> dict:
     check_keys(source.path, {k: source.shape(k) for k in source.keys()},
                {key(e): e.torch_shape for e in table})
 
-    config = dict(dataclasses.asdict(cfg), dtype=args.dtype, param_dtype=args.dtype)
-    writer = params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite)
-    # One partial save per block keeps at most one block's tensors in memory.
-    group, group_id = {}, None
-    for e in table:
-        if e.path[:-1][:3] != group_id and group:
-            writer.add(group)
-            group = {}
-        group_id = e.path[:-1][:3]
-        _nest(group, e.path, cast(to_ours(source.get(key(e)), e.layout), args.dtype))
-    writer.add(group)
-    writer.finalize()
+    source.check_float(key(e) for e in table)
+
+    config = dict(dataclasses.asdict(cfg), compute_dtype=args.dtype, param_dtype=args.dtype)
+    with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite) as writer:
+        # One partial save per block keeps at most one block's tensors in memory.
+        group, group_id = {}, None
+        for e in table:
+            if e.path[:-1][:3] != group_id and group:
+                writer.add(group)
+                group = {}
+            group_id = e.path[:-1][:3]
+            _nest(group, e.path, cast(to_ours(source.get(key(e)), e.layout), args.dtype))
+        writer.add(group)
+        writer.finalize()
     return dict(layout=layout, base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
                 num_tensors=len(table),
                 num_params=sum(int(np.prod(e.torch_shape)) for e in table), dtype=args.dtype)
