@@ -121,32 +121,47 @@ def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
     assert list(edit_scores.score_cases(lambda f, t: f, [])) == []
 
 
+def _random_module(module_fn, seed):
+    """A module with random weights set by shape (test_edit.random_params: no slow eager init)."""
+    from flax import nnx
+    from test_edit import random_params
+
+    graphdef, state = nnx.split(nnx.eval_shape(module_fn))
+    nnx.replace_by_pure_dict(state, random_params(module_fn, seed))
+    return nnx.merge(graphdef, state)
+
+
 @pytest.mark.slow
 def test_edit_scores_evaluator_with_the_editor(tmp_path):
-    """The evaluator on the tiny preset's untrained models: every metric, deterministic across runs,
-    and a second DiT module of the same structure (an EMA copy) is accepted."""
+    """The evaluator on the tiny preset's random models: every metric, deterministic across runs,
+    and another DiT module of the same structure (an EMA copy) is accepted."""
     from flax import nnx
 
     from sama_jax import conditioning, config as config_lib, text
     from sama_jax.evaluators import edit_scores
-    from sama_jax.models import wan_dit
+    from sama_jax.models import umt5, wan_dit, wan_vae
 
     config = config_lib.build_config("configs/stage1_sft.py:tiny", [
-        ("eval.edit_scores.num_cases", "2"), ("eval.num_steps", "1"), ("eval.edit_scores.height", "32"),
+        ("eval.edit_scores.num_cases", "2"), ("eval.num_steps", "2"), ("eval.edit_scores.height", "32"),
         ("eval.edit_scores.width", "32")])
     cases = edit_scores.held_out_cases(2, 1000, 5, 32, 32)
     tokenizer = text.load_tokenizer(text.build_sentencepiece_tokenizer(
         [c.instruction for c in cases] * 20 + ["[Video edit]"], str(tmp_path / "tok"), vocab_size=60))
-    rngs = nnx.Rngs(0)
-    encoders = conditioning.build_encoders(config, rngs, names=("vae", "text_encoder"))
-    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
-    dit = wan_dit.WanDiT(dit_cfg, rngs=rngs)
-    evaluator = edit_scores.EditScores(config, encoders, tokenizer)
+    model, precision = config.model, conditioning.frozen_precision(config)
+    vae = _random_module(lambda: wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision),
+                                                rngs=nnx.Rngs(0)), 1)
+    encoder = _random_module(lambda: umt5.UMT5Encoder(
+        umt5.UMT5Config.from_config(model.text_encoder, precision), rngs=nnx.Rngs(0)), 2)
+    encoders = conditioning.Encoders(vae, encoder, None, conditioning.semantic_config(config))
+    dit_fn = lambda: wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model.dit, config.precision),
+                                    rngs=nnx.Rngs(0))
+    dit = _random_module(dit_fn, 0)
+    evaluator = edit_scores.EditScores(config, mesh=None, rules=None, encoders=encoders, tokenizer=tokenizer)
     first = dict(evaluator.run(dit, 0))
     assert {f"edit_scores/{m}" for m in edit_scores.METRICS} <= set(first)
     assert all(np.isfinite(v) for v in first.values())
-    twin = wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(0))
-    nnx.update(twin, nnx.state(dit))
-    second = dict(evaluator.run(twin, 10))
+    second = dict(evaluator.run(_random_module(dit_fn, 0), 10))
     assert {k: v for k, v in second.items() if "seconds" not in k} == \
         {k: v for k, v in first.items() if "seconds" not in k}
+    other = dict(evaluator.run(_random_module(dit_fn, 5), 20))
+    assert other["edit_scores/psnr_in"] != first["edit_scores/psnr_in"]
