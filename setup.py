@@ -49,6 +49,8 @@ setup(
             "sama-precompute=sama_jax.precompute:main",
             "sama-export=sama_jax.export:main",
             "sama-edit=sama_jax.edit:main",
+            "sama-fit-vae=sama_jax.vae_fit:main",
+            "sama-demo=sama_jax.demo:main",
         ],
     },
 )
