@@ -104,8 +104,8 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=10 if tiny else 2000, num_steps=4 if tiny else 50, guidance=5.0, shift=5.0,
         sampler="euler",
-        # sama_jax.evaluators.edit_scores: held-out synthetic edits (their own generator seed; the
-        # training set uses 0) scored against their exact targets, frames x height x width.
+        # sama_jax.evaluators.edit_scores: edits of the synthetic held-out split (own generator
+        # seed) scored against their exact targets, frames x height x width.
         edit_scores=dict(num_cases=4 if tiny else 8, seed=1000, frames=5 if tiny else 17,
                          height=64 if tiny else 480, width=64 if tiny else 832),
     ))

@@ -4,9 +4,9 @@
     for name, value in evaluator.run(dit, step):     # ("edit_scores/psnr_in", 23.1), ...
         writer.write_scalars(step, {name: value})
 
-config.eval.edit_scores: num_cases cases of the synthetic generator (sama_jax.data.synthetic) drawn
-with their own seed (the training set is generated with seed 0, so these are held out), at frames x
-height x width; the sampler, steps, guidance and shift are config.eval's, the prompt prefix is
+config.eval.edit_scores: num_cases cases of the synthetic generator's held-out split (every case
+shows a (colour, shape) pair the training split never shows: sama_jax.data.synthetic.HELD_OUT_PAIRS),
+drawn with their own seed, at frames x height x width; the sampler, steps, guidance and shift are config.eval's, the prompt prefix is
 config.prompt_prefix. The edited region of each case is exact: the pixels where the lossless
 renders of source and target differ. Yields, over all cases, PSNR and SSIM inside the region
 (instruction following) and outside it (preservation), temporal_ssim and temporal_diff_rmse
@@ -42,7 +42,8 @@ class HeldOutCase:
 def held_out_cases(num_cases: int, seed: int, frames: int, height: int, width: int) -> list[HeldOutCase]:
     cases = []
     for i in range(num_cases):
-        source, target, text, record = synthetic.make_video_edit(seed, i, frames, height, width)
+        source, target, text, record = synthetic.make_video_edit(seed, i, frames, height, width,
+                                                                 held_out=True)
         cases.append(HeldOutCase(source, target, scores.edit_region(source, target, threshold=0),
                                  text, record["type"]))
     return cases
