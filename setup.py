@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "sama-mesh-info=sama_jax.mesh_info:main",
             "sama-smoke=sama_jax.smoke:main",
+            "sama-train=sama_jax.train:main",
             "convert-wan-weights=tools.convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
             "sama-build-shards=sama_jax.data.arrayrecord:main",

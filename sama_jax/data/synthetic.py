@@ -325,6 +325,39 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
     return paths
 
 
+# The embedded default of the tiny presets (sama-smoke, sama-train): small enough to make in seconds.
+DEFAULT_SIZE = dict(frames=9, height=64, width=64)
+DEFAULT_COUNTS = dict(video_edits=32, image_edits=32, clips=32)
+VAL_COUNTS = dict(video_edits=8, image_edits=8, clips=8)
+VAL_SEED = 1     # held out: a generator seed the training split never uses
+
+
+def ensure_dataset(data_dir: str, vocab_size: int) -> str:
+    """The tiny presets' data, made once under data_dir: the training split (seed 0, no
+    HELD_OUT_PAIRS object), a held-out split in data_dir/val (seed 1, each sample shows one) and a
+    SentencePiece tokenizer trained on the training texts.
+    Returns the tokenizer directory. Parts already present are kept."""
+    import glob
+
+    from sama_jax import text
+    from sama_jax.data import pretext
+
+    if not os.path.exists(os.path.join(data_dir, "video_edits.jsonl")):
+        print(f"generating the synthetic dataset in {data_dir}")
+        generate(data_dir, seed=0, **DEFAULT_COUNTS, **DEFAULT_SIZE, held_out=False)
+    val_dir = os.path.join(data_dir, "val")
+    if not os.path.exists(os.path.join(val_dir, "video_edits.jsonl")):
+        print(f"generating the held-out synthetic split in {val_dir}")
+        generate(val_dir, seed=VAL_SEED, **VAL_COUNTS, **DEFAULT_SIZE, held_out=True)
+    tokenizer_dir = os.path.join(data_dir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        texts = [s["text"] for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+                 for s in manifest_lib.read_manifest(path)]
+        texts += list(pretext.DEFAULT_TOKENS.values()) + ["[Video edit]"]
+        text.build_sentencepiece_tokenizer(texts, tokenizer_dir, vocab_size=vocab_size)
+    return tokenizer_dir
+
+
 def main(argv=None) -> int:
     return cli.run("sama-make-synthetic", lambda: _main(argv))
 
