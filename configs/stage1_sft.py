@@ -41,6 +41,11 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         residual_dtype="float32",
         attention="auto",          # auto | xla | cudnn | splash
         remat="none" if tiny else "full",   # none | full | attention
+        # Self-attention over the mesh's `context` axis (when its size > 1): ulysses (all-to-all
+        # over heads), ring (k/v blocks passed around, for too few heads), auto (ulysses if the
+        # heads divide, else ring).
+        context_parallel="auto",
+        scan_layers=True,          # nnx.scan over the blocks (False: a Python loop)
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(

@@ -105,6 +105,9 @@ def _main(config, args) -> int:
     batch_shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(train_step.batch_axes(rules))
                                 if a is not None]))
     train_step.check_config(config, batch_shards)
+    pipeline.check_data_config(config.data, int(config.seed),
+                               anchor_frames=int(config.model.semantic.num_anchor_frames),
+                               text_len=int(config.model.dit.text_len))
     if int(config.train.batch_size) % processes:
         raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the "
                           f"{processes} processes")
@@ -123,7 +126,8 @@ def _main(config, args) -> int:
         recorded["tokenizer"] = os.path.abspath(tokenizer_dir)
     elif tiny:
         # The generated dataset lives where the mixture's manifests point (data/synthetic).
-        data_dir = os.path.dirname(config.data.mixture[0].get("manifest") or "data/synthetic/x") or "."
+        data_dir = os.path.dirname(os.path.join(
+            config.data.root, config.data.mixture[0].get("manifest") or "data/synthetic/x")) or "."
         if primary:
             tokenizer_dir = synthetic.ensure_dataset(
                 data_dir, min(int(config.model.text_encoder.vocab_size), 400))
@@ -135,6 +139,8 @@ def _main(config, args) -> int:
         raise ConfigError("config.model.checkpoints.tokenizer is empty: give the umT5 tokenizer "
                           "directory (only the tiny preset generates one)")
     tokenizer = text.load_tokenizer(tokenizer_dir) if recorded.get("tokenizer") else None
+    # Every data path is checked (and named by its config key) before any model is built.
+    sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
 
     given = {n: checkpoints[n] for n in names if checkpoints[n]}
     saved = {n: os.path.join(workdir, run_dir.ENCODERS_DIR, n) for n in names
@@ -181,7 +187,7 @@ def _main(config, args) -> int:
 
     # -- Input ---------------------------------------------------------------------------------
     data = pipeline.build_pipeline(
-        config.data, pipeline.open_sources(config.data.mixture),
+        config.data, sources,
         batch_size=int(config.train.batch_size) // processes, seed=int(config.seed),
         anchor_frames=encoders.semantic.num_anchor_frames, text_len=int(config.model.dit.text_len))
     iterator = iter(data)

@@ -35,7 +35,7 @@ def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
     spec = dc.replace(pipeline.SampleSpec.from_config(config.data, seed=int(config.seed)),
                       pretext=None)
     clips = []
-    for _, source in pipeline.open_sources(config.data.mixture):
+    for _, source in pipeline.open_sources(config.data.mixture, root=config.data.root):
         for i in range(len(source)):
             if len(clips) >= limit:
                 break

@@ -30,7 +30,7 @@ class ValLoss:
             raise ConfigError(f"eval.val_loss.batch_size={cfg.batch_size} is not divisible by the "
                               f"{processes} processes")
         data = pipeline.build_pipeline(
-            config.data, pipeline.open_sources(cfg.mixture), batch_size=int(cfg.batch_size) // processes,
+            config.data, pipeline.open_sources(cfg.mixture, root=config.data.root), batch_size=int(cfg.batch_size) // processes,
             seed=int(config.seed), num_epochs=1, worker_count=0,
             anchor_frames=encoders.semantic.num_anchor_frames, text_len=int(config.model.dit.text_len))
         iterator = iter(data)
