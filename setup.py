@@ -48,6 +48,7 @@ setup(
             "sama-build-shards=sama_jax.data.arrayrecord:main",
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
+            "sama-export=sama_jax.export:main",
             "sama-edit=sama_jax.edit:main",
             "sama-fit-vae=sama_jax.vae_fit:main",
             "sama-demo=sama_jax.demo:main",

@@ -149,5 +149,9 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
             ],
             batch_size=8, batches=2, sigmas=(0.25, 0.5, 0.75),
         ),
+        # sama_jax.evaluators.edit_scores: edits of the synthetic held-out split (own generator
+        # seed) scored against their exact targets, frames x height x width.
+        edit_scores=dict(num_cases=4 if tiny else 8, seed=1000, frames=5 if tiny else 17,
+                         height=64 if tiny else 480, width=64 if tiny else 832),
     ))
     return c
