@@ -318,10 +318,14 @@ def _main(args) -> int:
             raise edit_rules.EditInputError(
                 "give --run DIR or the checkpoints (--dit --vae --text-encoder --tokenizer), not both"
             )
-        paths = inference.run_models(args.run, args.params)
+        from sama_jax import run_dir
+
+        if not run_dir.is_run_dir(args.run):
+            raise edit_rules.EditInputError(f"--run {args.run}: not a sama-train run directory (no "
+                                            f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
     else:
         paths = dict(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer)
-    inference.check_checkpoints(**paths, lora_path=args.lora_path)
+        inference.check_checkpoints(**paths, lora_path=args.lora_path)
     mesh_config = parse_mesh(args.mesh)
 
     start = time.perf_counter()
@@ -331,9 +335,13 @@ def _main(args) -> int:
         # Inference batches are 1 (2 with CFG): shard them over 'data' only, never over fsdp.
         rules = (("batch", "data"),) + sharding.DEFAULT_RULES
     precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
-    editor = inference.Editor.from_checkpoints(
-        **paths, mesh=mesh, rules=rules, precision=precision, lora_path=args.lora_path or None
-    )
+    if args.run:
+        editor = inference.Editor.from_run(args.run, use_ema=args.params == "ema", mesh=mesh,
+                                           rules=rules, lora_path=args.lora_path or None)
+    else:
+        editor = inference.Editor.from_checkpoints(
+            **paths, mesh=mesh, rules=rules, precision=precision, lora_path=args.lora_path or None
+        )
     print(
         f"models loaded in {time.perf_counter() - start:.1f} s"
         + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""),

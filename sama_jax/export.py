@@ -528,7 +528,7 @@ def build_editor(args, settings, log):
     mesh, rules = _mesh(args.mesh)
     precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
     if args.run:
-        editor = _run_editor(args.run, mesh, rules)
+        editor = inference.Editor.from_run(args.run, mesh=mesh, rules=rules)
     elif args.preset:
         editor = _untrained_editor(args.preset, args.tokenizer, precision, mesh, rules)
     else:
@@ -536,20 +536,6 @@ def build_editor(args, settings, log):
             args.dit, args.vae, args.text_encoder, args.tokenizer, mesh=mesh, rules=rules,
             precision=precision, lora_path=args.lora_path or None)
     return EditorAdapter(editor, settings, log)
-
-
-def _run_editor(workdir: str, mesh, rules):
-    from sama_jax import inference, run_dir
-
-    run = run_dir.load_run(workdir, use_ema=True, mesh=mesh, rules=rules)
-    if run.encoders.vae is None or run.encoders.text_encoder is None or run.tokenizer is None:
-        raise ValueError(f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
-                         f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer instead")
-    checkpoint = os.path.join(workdir, run_dir.CHECKPOINTS, str(run.step))
-    identity = {"run": os.path.abspath(workdir), "step": int(run.step), "weights": "ema",
-                "dit": inference.fingerprint(checkpoint) if os.path.isdir(checkpoint) else None}
-    return inference.Editor(run.dit, run.encoders.vae, run.encoders.text_encoder, run.tokenizer,
-                            mesh=mesh, rules=rules, identities=identity)
 
 
 def _untrained_editor(preset: str, tokenizer: str | None, precision: dict, mesh, rules):

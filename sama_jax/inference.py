@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from typing import Callable
@@ -211,6 +210,30 @@ class Editor:
             identities=identities,
         )
 
+    @classmethod
+    def from_run(cls, workdir: str, *, use_ema: bool = True, mesh=None, rules=None,
+                 lora_path: str | None = None) -> "Editor":
+        """A sama-train run directory (sama_jax.run_dir): its EMA (or raw) DiT, the frozen VAE and
+        text encoder it trained with and its tokenizer, in the run's own precision."""
+        from sama_jax import run_dir
+
+        if not run_dir.is_run_dir(workdir):
+            raise FileNotFoundError(f"--run {workdir}: not a sama-train run directory (no "
+                                    f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
+        run = run_dir.load_run(workdir, use_ema=use_ema, mesh=mesh, rules=rules)
+        if run.encoders.vae is None or run.encoders.text_encoder is None or run.tokenizer is None:
+            raise ValueError(f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
+                             f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer")
+        checkpoint = os.path.join(workdir, run_dir.CHECKPOINTS, str(run.step))
+        identities = {"run": os.path.abspath(workdir), "step": int(run.step),
+                      "weights": "ema" if use_ema else "raw",
+                      "dit": fingerprint(checkpoint) if os.path.isdir(checkpoint) else None}
+        if lora_path:
+            merged = lora_lib.merge_lora(run.dit, lora_lib.read_lora(lora_path), alpha=1.0)
+            identities["lora"] = dict(fingerprint(lora_path), modules=len(merged))
+        return cls(run.dit, run.encoders.vae, run.encoders.text_encoder, run.tokenizer,
+                   mesh=mesh, rules=rules, identities=identities)
+
     def _denoiser(self, settings: EditSettings) -> sampling.Denoiser:
         return denoiser_for(self._graphdef, settings.sampler, settings.cfg_mode, settings.guidance != 1.0)
 
@@ -295,31 +318,6 @@ class Editor:
             model_frames=len(clip),
             timings=timings,
         )
-
-
-RUN_MODELS = "models.json"
-
-
-def run_models(run_dir: str, params: str = "ema") -> dict[str, str]:
-    """The checkpoints of a sama-train run directory: {dit, vae, text_encoder, tokenizer}.
-
-    Contract with sama-train: <run>/models.json maps "dit_ema", "dit" (raw), "vae", "text_encoder"
-    and "tokenizer" to params checkpoints written by save_dit / the converters (paths relative to
-    the run directory, or absolute); a name it lacks defaults to <run>/models/<name>."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"--run {run_dir}: not a directory")
-    listed = {}
-    manifest = os.path.join(run_dir, RUN_MODELS)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            listed = json.load(f)
-    path = lambda name: os.path.join(run_dir, listed.get(name, os.path.join("models", name)))
-    return dict(
-        dit=path("dit_ema" if params == "ema" else "dit"),
-        vae=path("vae"),
-        text_encoder=path("text_encoder"),
-        tokenizer=path("tokenizer"),
-    )
 
 
 def check_checkpoints(**paths) -> None:

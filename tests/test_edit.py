@@ -251,31 +251,14 @@ def test_a_failed_edit_leaves_no_partial_output(ckpt, tmp_path, capsys, monkeypa
     assert os.listdir(out) == []
 
 
-def test_run_directory_models(ckpt, tmp_path, capsys):
+def test_run_directory_that_is_not_a_run_is_named_before_models_load(ckpt, tmp_path, capsys):
     root, models = ckpt
     run = tmp_path / "run"
     run.mkdir()
-    (run / "models.json").write_text(json.dumps({"dit_ema": str(root / "dit"), "vae": str(root / "vae")}))
-    paths = inference.run_models(str(run))
-    assert paths["dit"] == str(root / "dit") and paths["vae"] == str(root / "vae")
-    assert paths["text_encoder"] == str(run / "models" / "text_encoder")
-    assert inference.run_models(str(run), "raw")["dit"] == str(run / "models" / "dit")
-    rc, err = run_error(
-        [
-            "--src-video",
-            str(root / "clip.mp4"),
-            "--prompt",
-            "p",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--run",
-            str(run),
-        ]
-        + models[8:],
-        capsys,
-    )
-    assert rc == 2 and "--text-encoder " + str(run / "models" / "text_encoder") + ": does not exist" in err
-    assert "--tokenizer" in err and "--dit" not in err
+    args = ["--src-video", str(root / "clip.mp4"), "--prompt", "p", "--output-dir", str(tmp_path / "out")]
+    rc, err = run_error(args + ["--run", str(run)] + models[8:], capsys)
+    assert rc == 2 and f"--run {run}: not a sama-train run directory" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
