@@ -5,6 +5,7 @@ Install on a fresh machine (Python 3.11, CPU):
 requirements.txt pins the whole stack, test-time references included; install_requires below only
 names what the library imports, so the package also installs into an existing JAX environment.
 """
+
 from setuptools import find_packages, setup
 
 setup(

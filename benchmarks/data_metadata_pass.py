@@ -15,6 +15,7 @@ per step on top of decoding its own slice. Cases:
 and, for scale, the full decode + transforms of the same clip (prepare_sample, what a worker does).
 The clip is data_throughput.py's synthetic 480x832 pan (real-footage-like bitrate).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data_throughput import HEIGHT, WIDTH, make_clip  # noqa: E402
+
 from sama_jax.data import arrayrecord, manifest, pipeline, transforms, video_io  # noqa: E402
 
 
@@ -41,7 +43,9 @@ def per_call_ms(fn, seconds: float) -> tuple[float, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="timing per case")
     parser.add_argument("--frames", type=int, default=81)
     args = parser.parse_args(argv)
@@ -53,12 +57,17 @@ def main(argv=None):
         video_io.write_video(os.path.join(tmp, "b.mp4"), clip[:, ::-1], fps=16)
         video_io.write_image(os.path.join(tmp, "a.png"), clip[0])
         video_io.write_image(os.path.join(tmp, "b.png"), clip[1])
-        mb = os.path.getsize(os.path.join(tmp, "a.mp4")) / 2 ** 20
+        mb = os.path.getsize(os.path.join(tmp, "a.mp4")) / 2**20
         size = dict(frames=args.frames, height=HEIGHT, width=WIDTH)
         clip_record = dict(id="c", kind="t2v", target=os.path.join(tmp, "a.mp4"), text="x")
         pair = dict(id="p", kind="video_edit", source="a.mp4", target="b.mp4", text="x")
-        images = dict(id="i", kind="image_edit", source=os.path.join(tmp, "a.png"),
-                      target=os.path.join(tmp, "b.png"), text="x")
+        images = dict(
+            id="i",
+            kind="image_edit",
+            source=os.path.join(tmp, "a.png"),
+            target=os.path.join(tmp, "b.png"),
+            text="x",
+        )
         manifest.write_manifest(os.path.join(tmp, "m.jsonl"), [pair])
         arrayrecord.build_shards(os.path.join(tmp, "m.jsonl"), os.path.join(tmp, "shards"))
         shard = arrayrecord.ShardSource(os.path.join(tmp, "shards"))

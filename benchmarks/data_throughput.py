@@ -16,6 +16,7 @@ at a similar bitrate decodes at a similar speed, flat synthetic content would fl
 Anchor step times (/work/shared/reference/anchors.md, one H100, batch 1): Wan 1.3B train step with
 gradient checkpointing 8.588 s at 81 frames and 0.917 s at 17 frames (the "edit480x17" workload).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,15 @@ def make_clip(num_frames: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     big = rng.integers(0, 256, (HEIGHT // 8 + 8, (WIDTH + 4 * num_frames) // 8 + 8, 3), np.uint8)
     from PIL import Image
+
     texture = np.asarray(Image.fromarray(big).resize((big.shape[1] * 8, big.shape[0] * 8), Image.BICUBIC))
     yy, xx = np.mgrid[:HEIGHT, :WIDTH]
     frames = np.empty((num_frames, HEIGHT, WIDTH, 3), np.uint8)
     for t in range(num_frames):
-        frame = texture[:HEIGHT, 4 * t:4 * t + WIDTH].astype(np.int16)
+        frame = texture[:HEIGHT, 4 * t : 4 * t + WIDTH].astype(np.int16)
         for k, colour in enumerate(((230, 40, 40), (40, 60, 230))):
             cy, cx = 150 + 100 * k + 40 * np.sin(t / 9 + k), 100 + 7 * t + 200 * k
-            frame[(yy - cy) ** 2 + (xx - cx % WIDTH) ** 2 < 60 ** 2] = colour
+            frame[(yy - cy) ** 2 + (xx - cx % WIDTH) ** 2 < 60**2] = colour
         frame += rng.integers(-3, 4, frame.shape, dtype=np.int16)
         frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
@@ -71,12 +73,21 @@ def pipeline_rate(blob: bytes, frames: int, workers: int, seconds: float) -> Non
     """Whole pipeline (Grain worker processes, transfer to the main process, batching), wall rate."""
     import ml_collections
 
-    data = ml_collections.ConfigDict(dict(
-        num_frames=frames, pixels=HEIGHT * WIDTH, aspect_ratios=(0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0),
-        size_multiple=32, motion_alignment=True, worker_count=workers, prefetch=1))
+    data = ml_collections.ConfigDict(
+        dict(
+            num_frames=frames,
+            pixels=HEIGHT * WIDTH,
+            aspect_ratios=(0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0),
+            size_multiple=32,
+            motion_alignment=True,
+            worker_count=workers,
+            prefetch=1,
+        )
+    )
     records = [dict(id=f"c{i}", kind="t2v", text="x", target=blob, target_ext=".mp4") for i in range(8)]
-    ds = pipeline.build_pipeline(data, [(dict(weight=1.0), records)], batch_size=1, seed=0,
-                                 process_index=0, process_count=1)
+    ds = pipeline.build_pipeline(
+        data, [(dict(weight=1.0), records)], batch_size=1, seed=0, process_index=0, process_count=1
+    )
     it = iter(ds)
     # Untimed: the workers start, and the samples already waiting in their buffers (output buffer,
     # read-ahead thread, the one in hand) would otherwise count as free.
@@ -88,20 +99,27 @@ def pipeline_rate(blob: bytes, frames: int, workers: int, seconds: float) -> Non
         count += 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     it.close()
-    print(f"\nwhole pipeline, {workers} worker processes, {frames}-frame raw clips + motion alignment, "
-          f"batch 1: "
-          f"{count / wall:.2f} samples/s wall, main process {1000 * cpu / count:.0f} CPU ms/sample "
-          f"({count} samples; this machine has {os.cpu_count()} cores shared with other jobs)")
+    print(
+        f"\nwhole pipeline, {workers} worker processes, {frames}-frame raw clips + motion alignment, "
+        f"batch 1: "
+        f"{count / wall:.2f} samples/s wall, main process {1000 * cpu / count:.0f} CPU ms/sample "
+        f"({count} samples; this machine has {os.cpu_count()} cores shared with other jobs)"
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=12.0, help="timing per case")
     parser.add_argument("--frames", type=int, nargs="+", default=[81, 17])
-    parser.add_argument("--pipeline-workers", type=int, default=2,
-                        help="also run the whole Grain pipeline (raw clips of the most frames + motion "
-                             "alignment, batch 1) with this many worker processes; 0 skips it")
+    parser.add_argument(
+        "--pipeline-workers",
+        type=int,
+        default=2,
+        help="also run the whole Grain pipeline (raw clips of the most frames + motion "
+        "alignment, batch 1) with this many worker processes; 0 skips it",
+    )
     args = parser.parse_args(argv)
 
     buckets = tuple(transforms.make_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32))
@@ -112,26 +130,33 @@ def main(argv=None):
     video_io.write_video(source_path, make_clip(max_frames, 0), fps=16)
     video_io.write_video(target_path, make_clip(max_frames, 1), fps=16)
     mbps = os.path.getsize(source_path) * 8 / (max_frames / 16) / 1e6
-    print(f"clips: {max_frames} frames {HEIGHT}x{WIDTH} H.264 crf 17, {mbps:.1f} Mbit/s at 16 fps "
-          f"(made in {time.perf_counter() - t0:.0f} s); buckets: 480p paper ratios, multiple 32 "
-          f"-> {HEIGHT}x{WIDTH} clips land in {transforms.nearest_bucket(HEIGHT, WIDTH, buckets)}")
+    print(
+        f"clips: {max_frames} frames {HEIGHT}x{WIDTH} H.264 crf 17, {mbps:.1f} Mbit/s at 16 fps "
+        f"(made in {time.perf_counter() - t0:.0f} s); buckets: 480p paper ratios, multiple 32 "
+        f"-> {HEIGHT}x{WIDTH} clips land in {transforms.nearest_bucket(HEIGHT, WIDTH, buckets)}"
+    )
     blob = open(source_path, "rb").read()
 
-    print(f"\n{'case':40s} {'frames':>6s} {'samples/s/core':>15s} {'CPU ms/sample':>14s} "
-          f"{'wall samples/s':>15s} {'n':>4s}")
+    print(
+        f"\n{'case':40s} {'frames':>6s} {'samples/s/core':>15s} {'CPU ms/sample':>14s} "
+        f"{'wall samples/s':>15s} {'n':>4s}"
+    )
     results = {}
     for frames in args.frames:
         base = pipeline.SampleSpec(num_frames=frames, buckets=buckets, seed=0)
-        spec_ma = pipeline.SampleSpec(num_frames=frames, buckets=buckets, seed=0,
-                                      pretext=pretext.PretextConfig())
+        spec_ma = pipeline.SampleSpec(
+            num_frames=frames, buckets=buckets, seed=0, pretext=pretext.PretextConfig()
+        )
         edit = dict(id="e", kind="video_edit", text="x", source=source_path, target=target_path)
         clip = dict(id="c", kind="t2v", text="x", target=blob, target_ext=".mp4")
-        counter = iter(range(10 ** 9))
+        counter = iter(range(10**9))
         cases = [
             ("decode only (PyAV, 1 thread)", lambda: video_io.decode_video(blob, max_frames=frames)),
             ("stage 1 video-edit pair (2 decodes)", lambda: pipeline.prepare_sample(edit, 0, base)),
-            ("stage 0 raw clip + motion alignment",
-             lambda: pipeline.prepare_sample(clip, next(counter), spec_ma)),
+            (
+                "stage 0 raw clip + motion alignment",
+                lambda: pipeline.prepare_sample(clip, next(counter), spec_ma),
+            ),
         ]
         for name, fn in cases:
             per_s, wall_s, n = rate(fn, args.seconds)
@@ -145,8 +170,10 @@ def main(argv=None):
     per_s, wall_s, n = rate(lambda: pipeline.prepare_sample(pair, 0, spec_img), args.seconds / 3)
     print(f"{'image-edit pair (png)':40s} {1:6d} {per_s:15.2f} {1000 / per_s:14.0f} {wall_s:15.2f} {n:4d}")
 
-    print("\nhost cores to feed one accelerator (batch 1 per device, anchor step times, CPU-time rates, "
-          "linear scaling):")
+    print(
+        "\nhost cores to feed one accelerator (batch 1 per device, anchor step times, CPU-time rates, "
+        "linear scaling):"
+    )
     for frames in args.frames:
         if frames not in ANCHOR_STEP_S:
             continue

@@ -12,6 +12,7 @@ does not depend on values). FLOPs per forward as in anchors.md:
 a train step counts 3x. Prints seconds per call, TFLOP/s, MFU against --peak-tflops (800 = the
 measured H100 bf16 matmul ceiling) and the device's peak memory when it reports one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ def forward_flops(cfg: WanDiTConfig, video_tokens: int, text_tokens: int) -> flo
 
 
 def _time(fn, iters):
-    jax.block_until_ready(fn())            # compile
-    jax.block_until_ready(fn())            # warm
+    jax.block_until_ready(fn())  # compile
+    jax.block_until_ready(fn())  # warm
     start = time.perf_counter()
     for _ in range(iters):
         out = fn()
@@ -41,7 +42,9 @@ def _time(fn, iters):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="wan_1_3b", choices=presets.PRESET_NAMES)
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
     parser.add_argument("--frames", type=int, default=17)
@@ -62,34 +65,52 @@ def main() -> None:
     section = dict(presets.DIT[args.preset])
     if args.layers:
         section["num_layers"] = args.layers
-    cfg = WanDiTConfig(**section, compute_dtype=args.compute_dtype, param_dtype=args.param_dtype,
-                       residual_dtype=args.residual_dtype, attention=args.attention, remat=args.remat)
+    cfg = WanDiTConfig(
+        **section,
+        compute_dtype=args.compute_dtype,
+        param_dtype=args.param_dtype,
+        residual_dtype=args.residual_dtype,
+        attention=args.attention,
+        remat=args.remat,
+    )
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
 
     latent_shape = (1, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, cfg.in_dim)
     key = jax.random.key(0)
     target = jax.random.normal(key, latent_shape, jnp.bfloat16)
     source = None if args.no_source else jax.random.normal(jax.random.key(1), latent_shape, jnp.bfloat16)
-    semantic = (jax.random.normal(jax.random.key(2), (1, args.semantic, cfg.semantic_dim), jnp.bfloat16)
-                if args.semantic else None)
+    semantic = (
+        jax.random.normal(jax.random.key(2), (1, args.semantic, cfg.semantic_dim), jnp.bfloat16)
+        if args.semantic
+        else None
+    )
     text = jax.random.normal(jax.random.key(3), (1, cfg.text_len, cfg.text_dim), jnp.bfloat16)
     timesteps = jnp.array([500.0], jnp.float32)
-    tokens_per_video = (latent_shape[1] * latent_shape[2] * latent_shape[3]
-                        // (cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]))
+    tokens_per_video = (
+        latent_shape[1]
+        * latent_shape[2]
+        * latent_shape[3]
+        // (cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+    )
     video_tokens = tokens_per_video * (1 if source is None else 2)
 
     forward = nnx.jit(lambda m, *a: m(*a))
     seconds = _time(lambda: forward(model, target, timesteps, text, source, semantic), args.iters)
     flops = forward_flops(cfg, video_tokens + args.semantic, cfg.text_len)
     device = jax.devices()[0]
-    print(f"device {device.device_kind} ({jax.default_backend()}), preset {args.preset}, "
-          f"{cfg.num_layers} layers, dim {cfg.dim}, {video_tokens} video + {args.semantic} semantic "
-          f"tokens, {cfg.text_len} text tokens, compute {cfg.compute_dtype}, residual "
-          f"{cfg.residual_dtype}, attention {args.attention}, remat {args.remat}")
-    print(f"forward: {seconds:.4f} s, {flops / seconds / 1e12:.1f} TFLOP/s, "
-          f"MFU {100 * flops / seconds / 1e12 / args.peak_tflops:.1f}% of {args.peak_tflops:.0f}")
+    print(
+        f"device {device.device_kind} ({jax.default_backend()}), preset {args.preset}, "
+        f"{cfg.num_layers} layers, dim {cfg.dim}, {video_tokens} video + {args.semantic} semantic "
+        f"tokens, {cfg.text_len} text tokens, compute {cfg.compute_dtype}, residual "
+        f"{cfg.residual_dtype}, attention {args.attention}, remat {args.remat}"
+    )
+    print(
+        f"forward: {seconds:.4f} s, {flops / seconds / 1e12:.1f} TFLOP/s, "
+        f"MFU {100 * flops / seconds / 1e12 / args.peak_tflops:.1f}% of {args.peak_tflops:.0f}"
+    )
 
     if args.train:
+
         def loss(m, *a):
             velocity, semantic_velocity = m(*a)
             out = jnp.mean(jnp.square(velocity.astype(jnp.float32)))
@@ -99,8 +120,10 @@ def main() -> None:
 
         step = nnx.jit(nnx.grad(loss))
         seconds = _time(lambda: step(model, target, timesteps, text, source, semantic), args.iters)
-        print(f"train step (fwd+bwd): {seconds:.4f} s, {3 * flops / seconds / 1e12:.1f} TFLOP/s, "
-              f"MFU {100 * 3 * flops / seconds / 1e12 / args.peak_tflops:.1f}%")
+        print(
+            f"train step (fwd+bwd): {seconds:.4f} s, {3 * flops / seconds / 1e12:.1f} TFLOP/s, "
+            f"MFU {100 * 3 * flops / seconds / 1e12 / args.peak_tflops:.1f}%"
+        )
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")

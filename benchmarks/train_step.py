@@ -25,6 +25,7 @@ diffusers_seconds / our_seconds (> 1: we are faster), then the per-round ratios;
 machine only same-round ratios mean much. Peak memory: the device's peak where it reports one (GPU/TPU), else XLA's compiled
 memory analysis (arguments + outputs + temporaries) for ours; torch's CUDA peak for diffusers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sama_jax import flow_matching, presets
@@ -67,7 +67,7 @@ def matmul_ceiling(dtype, size: int) -> float:
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)
     dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     seconds = min(_time(lambda: dot(a, b), 3) for _ in range(2))
-    return 2 * size ** 3 / seconds / 1e12
+    return 2 * size**3 / seconds / 1e12
 
 
 def _time(fn, iters: int) -> float:
@@ -83,8 +83,12 @@ def _compiled_bytes(compiled) -> int | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
 
 
 class Ours:
@@ -98,8 +102,9 @@ class Ours:
         self.noise = jax.random.normal(keys[1], shape, dtype)
         self.source = jax.random.normal(keys[2], shape, dtype)
         self.text = jax.random.normal(keys[3], (1, cfg.text_len, cfg.text_dim), dtype)
-        self.semantic = (jax.random.normal(keys[4], (1, num_semantic, cfg.semantic_dim), dtype)
-                         if num_semantic else None)
+        self.semantic = (
+            jax.random.normal(keys[4], (1, num_semantic, cfg.semantic_dim), dtype) if num_semantic else None
+        )
         self.sigma = jnp.array([0.5], jnp.float32)
         graphdef, params = nnx.split(self.model, nnx.Param)
         self.params = params
@@ -141,11 +146,19 @@ class Diffusers:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         torch.manual_seed(0)
         self.model = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim, out_channels=cfg.out_dim,
-            text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-            num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            eps=cfg.eps).to(self.device, torch_dtype)
+            patch_size=cfg.patch_size,
+            num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim,
+            out_channels=cfg.out_dim,
+            text_dim=cfg.text_dim,
+            freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=cfg.eps,
+        ).to(self.device, torch_dtype)
         if remat != "none":
             self.model.enable_gradient_checkpointing()
         frames, height, width = grid
@@ -196,40 +209,66 @@ def diffusers_available() -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workload", default="cpu768", choices=sorted(WORKLOADS))
     parser.add_argument("--preset", default="wan_1_3b", choices=presets.PRESET_NAMES)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="parameters and compute (the residual stream stays fp32, as official Wan)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="parameters and compute (the residual stream stays fp32, as official Wan)",
+    )
     parser.add_argument("--attention", default="auto")
-    parser.add_argument("--remat", default="none", choices=("none", "full", "attention"),
-                        help="ours: this policy; diffusers: gradient checkpointing unless 'none'")
-    parser.add_argument("--no-scan", action="store_true",
-                        help="run the blocks as a Python loop (scan_layers=False) instead of nnx.scan")
+    parser.add_argument(
+        "--remat",
+        default="none",
+        choices=("none", "full", "attention"),
+        help="ours: this policy; diffusers: gradient checkpointing unless 'none'",
+    )
+    parser.add_argument(
+        "--no-scan",
+        action="store_true",
+        help="run the blocks as a Python loop (scan_layers=False) instead of nnx.scan",
+    )
     parser.add_argument("--semantic", type=int, default=0, help="SAMA semantic tokens (ours only)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating ours/diffusers rounds")
     parser.add_argument("--iters", type=int, default=2, help="calls per timing")
     parser.add_argument("--no-diffusers", action="store_true")
-    parser.add_argument("--matmul-size", type=int, default=None,
-                        help="side of the ceiling matmul (default 2048 on CPU, 8192 otherwise)")
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="side of the ceiling matmul (default 2048 on CPU, 8192 otherwise)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
     section = dict(presets.DIT[args.preset], num_layers=args.layers)
     if args.no_scan:
         section["scan_layers"] = False
-    cfg = WanDiTConfig(**section, param_dtype=args.dtype, compute_dtype=args.dtype,
-                       residual_dtype="float32", attention=args.attention, remat=args.remat)
+    cfg = WanDiTConfig(
+        **section,
+        param_dtype=args.dtype,
+        compute_dtype=args.dtype,
+        residual_dtype="float32",
+        attention=args.attention,
+        remat=args.remat,
+    )
     grid = latent_shape(args.workload)
     tokens = 2 * grid[0] * (grid[1] // cfg.patch_size[1]) * (grid[2] // cfg.patch_size[2])
     flops = forward_flops(cfg, tokens + args.semantic, cfg.text_len)
     backend = jax.default_backend()
     device = jax.devices()[0]
-    print(f"{args.workload}: {device.device_kind} ({backend}), {args.preset} width, {cfg.num_layers} "
-          f"layers, {tokens} video + {args.semantic} semantic + {cfg.text_len} text tokens, "
-          f"{args.dtype}, attention {args.attention}, remat {args.remat}"
-          f"{', no scan' if args.no_scan else ''}", flush=True)
+    print(
+        f"{args.workload}: {device.device_kind} ({backend}), {args.preset} width, {cfg.num_layers} "
+        f"layers, {tokens} video + {args.semantic} semantic + {cfg.text_len} text tokens, "
+        f"{args.dtype}, attention {args.attention}, remat {args.remat}"
+        f"{', no scan' if args.no_scan else ''}",
+        flush=True,
+    )
 
     ceiling = matmul_ceiling(args.dtype, args.matmul_size or (2048 if backend == "cpu" else 8192))
     print(f"matmul ceiling ({args.dtype}): {ceiling:.3f} TFLOP/s", flush=True)
@@ -252,30 +291,48 @@ def main(argv=None) -> int:
             times["diffusers_forward"].append(theirs.time(theirs.run_forward, args.iters))
             times["diffusers_train"].append(theirs.time(theirs.run_train, args.iters))
         round_s = time.perf_counter() - start
-        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
-            f"{k} {v[-1]:.3f} s" for k, v in times.items() if v)
-            + f"  (ETA {round_s * (args.repeats - r - 1):.0f} s)", flush=True)
+        print(
+            f"  round {r + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items() if v)
+            + f"  (ETA {round_s * (args.repeats - r - 1):.0f} s)",
+            flush=True,
+        )
 
     stats = device.memory_stats() or {}
-    result = dict(workload=args.workload, device=device.device_kind, backend=backend,
-                  preset=args.preset, layers=cfg.num_layers, dtype=args.dtype,
-                  attention=args.attention, remat=args.remat, scan_layers=not args.no_scan,
-                  video_tokens=tokens,
-                  semantic_tokens=args.semantic, text_tokens=cfg.text_len,
-                  forward_flops=flops, matmul_ceiling_tflops=ceiling,
-                  ours_peak_bytes=stats.get("peak_bytes_in_use"), ours_compiled_bytes=ours.memory,
-                  diffusers_peak_bytes=theirs.peak_bytes() if theirs else None, seconds={})
-    print(f"{'':<10}{'ours s':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'diffusers s':>13}{'TFLOP/s':>9}{'ratio':>7}")
+    result = dict(
+        workload=args.workload,
+        device=device.device_kind,
+        backend=backend,
+        preset=args.preset,
+        layers=cfg.num_layers,
+        dtype=args.dtype,
+        attention=args.attention,
+        remat=args.remat,
+        scan_layers=not args.no_scan,
+        video_tokens=tokens,
+        semantic_tokens=args.semantic,
+        text_tokens=cfg.text_len,
+        forward_flops=flops,
+        matmul_ceiling_tflops=ceiling,
+        ours_peak_bytes=stats.get("peak_bytes_in_use"),
+        ours_compiled_bytes=ours.memory,
+        diffusers_peak_bytes=theirs.peak_bytes() if theirs else None,
+        seconds={},
+    )
+    print(
+        f"{'':<10}{'ours s':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
+        f"{'diffusers s':>13}{'TFLOP/s':>9}{'ratio':>7}"
+    )
     for step, multiple in (("forward", 1), ("train", 3)):
         ours_s = min(times[f"ours_{step}"])
-        line = (f"{step:<10}{ours_s:>10.4f}{tokens / ours_s:>11.0f}"
-                f"{multiple * flops / ours_s / 1e12:>9.3f}{100 * multiple * flops / ours_s / 1e12 / ceiling:>6.1f}%")
+        line = (
+            f"{step:<10}{ours_s:>10.4f}{tokens / ours_s:>11.0f}"
+            f"{multiple * flops / ours_s / 1e12:>9.3f}{100 * multiple * flops / ours_s / 1e12 / ceiling:>6.1f}%"
+        )
         result["seconds"][f"ours_{step}"] = times[f"ours_{step}"]
         if theirs is not None:
             their_s = min(times[f"diffusers_{step}"])
-            line += (f"{their_s:>13.4f}{multiple * flops / their_s / 1e12:>9.3f}"
-                     f"{their_s / ours_s:>6.2f}x")
+            line += f"{their_s:>13.4f}{multiple * flops / their_s / 1e12:>9.3f}{their_s / ours_s:>6.2f}x"
             result["seconds"][f"diffusers_{step}"] = times[f"diffusers_{step}"]
             result[f"ratio_{step}"] = their_s / ours_s
             rounds = [t / o for t, o in zip(times[f"diffusers_{step}"], times[f"ours_{step}"])]
@@ -284,8 +341,10 @@ def main(argv=None) -> int:
         print(line)
     if result["ours_peak_bytes"]:
         print(f"ours peak device memory: {result['ours_peak_bytes'] / 2**30:.2f} GiB")
-    print("ours compiled memory (args+outputs+temps): " + ", ".join(
-        f"{k} {v / 2**30:.2f} GiB" for k, v in ours.memory.items() if v is not None))
+    print(
+        "ours compiled memory (args+outputs+temps): "
+        + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in ours.memory.items() if v is not None)
+    )
     if result["diffusers_peak_bytes"]:
         print(f"diffusers peak CUDA memory: {result['diffusers_peak_bytes'] / 2**30:.2f} GiB")
     if args.json:

@@ -11,6 +11,7 @@ linearly to 24 layers (the embedding lookup and the final norm are negligible ne
 The vocabulary is cut to --vocab rows (a lookup costs the same at any vocabulary size); the full
 model's parameter memory is computed from the real sizes and printed alongside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,12 @@ from sama_jax.models.umt5 import UMT5Config, UMT5Encoder
 
 
 def num_params(cfg: UMT5Config) -> int:
-    per_layer = 4 * cfg.dim ** 2 + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim + cfg.num_buckets * cfg.num_heads
+    per_layer = 4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim + cfg.num_buckets * cfg.num_heads
     return cfg.vocab_size * cfg.dim + cfg.num_layers * per_layer + cfg.dim
 
 
 def flops_per_prompt_layer(cfg: UMT5Config, length: int) -> float:
-    dense = 2 * length * (4 * cfg.dim ** 2 + 3 * cfg.dim * cfg.ffn_dim)
+    dense = 2 * length * (4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_dim)
     attention = 2 * 2 * length * length * cfg.dim
     return dense + attention
 
@@ -58,29 +59,50 @@ def reference_encoder(cfg: UMT5Config, dtype: str):
     from transformers import UMT5EncoderModel
 
     torch_dtype = dict(bfloat16=torch.bfloat16, float32=torch.float32)[dtype]
-    model = UMT5EncoderModel(HFConfig(
-        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.ffn_dim,
-        num_layers=cfg.num_layers, num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
-        relative_attention_max_distance=cfg.max_distance, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0)).to(torch_dtype).eval()
+    model = (
+        UMT5EncoderModel(
+            HFConfig(
+                vocab_size=cfg.vocab_size,
+                d_model=cfg.dim,
+                d_kv=cfg.head_dim,
+                d_ff=cfg.ffn_dim,
+                num_layers=cfg.num_layers,
+                num_heads=cfg.num_heads,
+                relative_attention_num_buckets=cfg.num_buckets,
+                relative_attention_max_distance=cfg.max_distance,
+                feed_forward_proj="gated-gelu",
+                dropout_rate=0.0,
+            )
+        )
+        .to(torch_dtype)
+        .eval()
+    )
 
     def encode(ids, mask):
         with torch.no_grad():
             model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
 
-    return encode, f"cpu, transformers UMT5EncoderModel (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    return (
+        encode,
+        f"cpu, transformers UMT5EncoderModel (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference", action="store_true",
-                        help="time transformers' UMT5EncoderModel (PyTorch) instead, same sizes")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="time transformers' UMT5EncoderModel (PyTorch) instead, same sizes",
+    )
     args = parser.parse_args()
 
     full = UMT5Config(**presets.TEXT_ENCODER["wan_14b"], compute_dtype=args.dtype, param_dtype=args.dtype)
@@ -109,17 +131,24 @@ def main() -> None:
     flops = flops_per_prompt_layer(cfg, args.length) * args.batch * args.layers
     bytes_per = jnp.dtype(args.dtype).itemsize
     print(f"device: {device}")
-    print(f"config: {args.layers} of {full.num_layers} layers at full width (dim {cfg.dim}, ffn {cfg.ffn_dim}, "
-          f"heads {cfg.num_heads}), {args.dtype}, batch {args.batch} x {args.length} tokens")
+    print(
+        f"config: {args.layers} of {full.num_layers} layers at full width (dim {cfg.dim}, ffn {cfg.ffn_dim}, "
+        f"heads {cfg.num_heads}), {args.dtype}, batch {args.batch} x {args.length} tokens"
+    )
     print(f"first run (compile for jax): {compile_s:.2f} s; runs: {', '.join(f'{t:.3f}' for t in times)} s")
-    print(f"measured: {best:.3f} s per batch, {per_layer:.3f} s per layer, "
-          f"{flops / best / 1e9:.1f} GFLOP/s")
-    print(f"extrapolated to {full.num_layers} layers: {per_layer * full.num_layers:.2f} s per batch, "
-          f"{per_layer * full.num_layers / args.batch:.2f} s per prompt")
-    print(f"full umT5-XXL parameters: {num_params(full) / 1e9:.3f} B = "
-          f"{num_params(full) * bytes_per / 2**30:.2f} GiB in {args.dtype}")
-    print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
-          f"({num_params(cfg) / 1e9:.3f} B parameters built)")
+    print(f"measured: {best:.3f} s per batch, {per_layer:.3f} s per layer, {flops / best / 1e9:.1f} GFLOP/s")
+    print(
+        f"extrapolated to {full.num_layers} layers: {per_layer * full.num_layers:.2f} s per batch, "
+        f"{per_layer * full.num_layers / args.batch:.2f} s per prompt"
+    )
+    print(
+        f"full umT5-XXL parameters: {num_params(full) / 1e9:.3f} B = "
+        f"{num_params(full) * bytes_per / 2**30:.2f} GiB in {args.dtype}"
+    )
+    print(
+        f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+        f"({num_params(cfg) / 1e9:.3f} B parameters built)"
+    )
 
 
 if __name__ == "__main__":

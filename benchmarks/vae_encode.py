@@ -12,6 +12,7 @@ XLA's buffer sizes: how memory scales with T, without running it (81 frames at 4
 take tens of minutes on 2 CPU cores). Steady-state time per frame = (t(T2) - t(T1)) / (T2 - T1)
 from the two largest measured T's; 81 frames = t(1) + 80 such frames.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,29 +73,38 @@ def time_diffusers(args) -> None:
             start = time.perf_counter()
             model.encode(video)
             elapsed = time.perf_counter() - start
-        print(f"diffusers T={frames:3d}: {elapsed:7.2f} s ({elapsed / frames:.2f} s/frame), "
-              f"torch threads {torch.get_num_threads()}, peak RSS {peak_rss_gib():.2f} GiB")
+        print(
+            f"diffusers T={frames:3d}: {elapsed:7.2f} s ({elapsed / frames:.2f} s/frame), "
+            f"torch threads {torch.get_num_threads()}, peak RSS {peak_rss_gib():.2f} GiB"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, nargs="*", default=[1, 5, 9])
     parser.add_argument("--plan", type=int, nargs="*", default=[9, 33, 81])
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--diffusers", action="store_true",
-                        help="also time diffusers' AutoencoderKLWan (PyTorch, same shapes, dtype)")
+    parser.add_argument(
+        "--diffusers",
+        action="store_true",
+        help="also time diffusers' AutoencoderKLWan (PyTorch, same shapes, dtype)",
+    )
     args = parser.parse_args()
 
     cfg = wan_vae.WanVAEConfig(compute_dtype=args.dtype, param_dtype=args.dtype)
-    print(f"device {jax.devices()[0].device_kind} x{jax.device_count()}, {args.dtype}, "
-          f"{args.height}x{args.width}, base_dim {cfg.base_dim}")
+    print(
+        f"device {jax.devices()[0].device_kind} x{jax.device_count()}, {args.dtype}, "
+        f"{args.height}x{args.width}, base_dim {cfg.base_dim}"
+    )
     start = time.perf_counter()
     vae = random_vae(cfg)
-    print(f"random full-size VAE built in {time.perf_counter() - start:.1f}s, "
-          f"peak RSS {peak_rss_gib():.2f} GiB")
+    print(
+        f"random full-size VAE built in {time.perf_counter() - start:.1f}s, peak RSS {peak_rss_gib():.2f} GiB"
+    )
     graphdef, state = nnx.split(vae)
     encode = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v))
 
@@ -104,24 +114,27 @@ def main() -> None:
     for frames in args.plan:
         video = jax.ShapeDtypeStruct(shape(frames), jnp.dtype(args.dtype))
         memory = encode.lower(state, video).compile().memory_analysis()
-        print(f"plan T={frames:3d}: XLA temp {memory.temp_size_in_bytes / 2**30:.2f} GiB, "
-              f"argument {memory.argument_size_in_bytes / 2**30:.2f} GiB, "
-              f"output {memory.output_size_in_bytes / 2**20:.1f} MiB")
+        print(
+            f"plan T={frames:3d}: XLA temp {memory.temp_size_in_bytes / 2**30:.2f} GiB, "
+            f"argument {memory.argument_size_in_bytes / 2**30:.2f} GiB, "
+            f"output {memory.output_size_in_bytes / 2**20:.1f} MiB"
+        )
 
     times = {}
     for frames in sorted(args.frames):
-        video = jnp.asarray(np.random.default_rng(frames).uniform(-1, 1, shape(frames)),
-                            args.dtype)
+        video = jnp.asarray(np.random.default_rng(frames).uniform(-1, 1, shape(frames)), args.dtype)
         compiled = encode.lower(state, video).compile()  # compiled ahead: the run is not
         start = time.perf_counter()
         latents = jax.block_until_ready(compiled(state, video))
         times[frames] = time.perf_counter() - start
         device_peak = device_peak_gib()
-        print(f"run  T={frames:3d}: {times[frames]:7.2f} s ({times[frames] / frames:.2f} s/frame; "
-              f"one run after compiling), latents {tuple(latents.shape)}, "
-              f"XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB, "
-              f"peak RSS {peak_rss_gib():.2f} GiB"
-              + (f", device peak {device_peak:.2f} GiB" if device_peak is not None else ""))
+        print(
+            f"run  T={frames:3d}: {times[frames]:7.2f} s ({times[frames] / frames:.2f} s/frame; "
+            f"one run after compiling), latents {tuple(latents.shape)}, "
+            f"XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB, "
+            f"peak RSS {peak_rss_gib():.2f} GiB"
+            + (f", device peak {device_peak:.2f} GiB" if device_peak is not None else "")
+        )
     if args.diffusers:
         time_diffusers(args)
     measured = sorted(times)
@@ -130,8 +143,10 @@ def main() -> None:
         per_frame = (times[t2] - times[t1]) / (t2 - t1)
         first_frame = times[1] if 1 in times else None
         estimate = (first_frame if first_frame is not None else per_frame) + 80 * per_frame
-        print(f"steady state: {per_frame:.2f} s/frame ({4 * per_frame:.2f} s per 4-frame chunk); "
-              f"81 frames extrapolated: {estimate:.0f} s")
+        print(
+            f"steady state: {per_frame:.2f} s/frame ({4 * per_frame:.2f} s per 4-frame chunk); "
+            f"81 frames extrapolated: {estimate:.0f} s"
+        )
 
 
 if __name__ == "__main__":

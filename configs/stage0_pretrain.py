@@ -8,6 +8,7 @@ Run (after `pip install -r requirements.txt -e .`):
 Same sections as configs/stage1_sft.py; this file changes the stage, the data mixture and the
 motion-alignment transforms applied to the source of raw clips.
 """
+
 import os
 
 import ml_collections
@@ -30,17 +31,20 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         dict(kind="t2v", manifest="data/synthetic/val/clips.jsonl", weight=0.5),
     ]
     c.data.motion_alignment = True
-    c.data.pretext = ml_collections.ConfigDict(dict(
-        # Mixing weights none:cube:speed:shuffle = 1:2:3:4 (paper).
-        weights=dict(none=1.0, cube=2.0, speed=3.0, shuffle=4.0),
-        cube_mask_ratio=0.3,
-        cube_mode="spatial",      # spatial | full_frame (the released code's variant)
-        speed_factor=2.0,
-        speed_mode="fixed",       # fixed | alternate (the released code's alternation)
-        shuffle_grid=(2, 2, 2),   # (t, h, w); the released code uses (4, 4, 4)
-        # Prepended to the caption; the released code names none. "none" = plain text-to-video.
-        tokens=dict(none="", cube="[cube inpainting]", speed="[speed perturbation]",
-                    shuffle="[tube shuffle]"),
-        none_source="black",      # black (no source content) | copy (source = the clip)
-    ))
+    c.data.pretext = ml_collections.ConfigDict(
+        dict(
+            # Mixing weights none:cube:speed:shuffle = 1:2:3:4 (paper).
+            weights=dict(none=1.0, cube=2.0, speed=3.0, shuffle=4.0),
+            cube_mask_ratio=0.3,
+            cube_mode="spatial",  # spatial | full_frame (the released code's variant)
+            speed_factor=2.0,
+            speed_mode="fixed",  # fixed | alternate (the released code's alternation)
+            shuffle_grid=(2, 2, 2),  # (t, h, w); the released code uses (4, 4, 4)
+            # Prepended to the caption; the released code names none. "none" = plain text-to-video.
+            tokens=dict(
+                none="", cube="[cube inpainting]", speed="[speed perturbation]", shuffle="[tube shuffle]"
+            ),
+            none_source="black",  # black (no source content) | copy (source = the clip)
+        )
+    )
     return c

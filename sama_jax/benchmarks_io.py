@@ -24,6 +24,7 @@ vie       a case list (.csv, .json list of objects, or .jsonl) read by configura
 manifest  our JSONL manifests (sama_jax.data.manifest), video_edit and image_edit samples; the target
           is the ground truth the scores use. Out: <out>/<id>.mp4 (image edits: <id>.png).
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,14 +53,14 @@ class BenchmarkError(ValueError):
 
 @dataclasses.dataclass
 class Case:
-    case_id: str          # unique within the run: records and resumes key on it
-    source: str           # path of the source video (or image)
+    case_id: str  # unique within the run: records and resumes key on it
+    source: str  # path of the source video (or image)
     instruction: str
-    edit_type: str        # the benchmark's category, for per-type aggregates ("" when none)
-    output: str           # output path relative to --out
-    where: str            # "file:line" of the case, for messages
-    target: str | None = None    # ground-truth edit (manifests), for the scores
-    row: dict = dataclasses.field(default_factory=dict)   # the input row as read
+    edit_type: str  # the benchmark's category, for per-type aggregates ("" when none)
+    output: str  # output path relative to --out
+    where: str  # "file:line" of the case, for messages
+    target: str | None = None  # ground-truth edit (manifests), for the scores
+    row: dict = dataclasses.field(default_factory=dict)  # the input row as read
 
 
 def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -74,8 +75,10 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
 def _require_columns(path: str, header, wanted, how: str) -> None:
     missing = [c for c in wanted if c not in header]
     if missing:
-        raise BenchmarkError(f"{path}: no column {', '.join(repr(c) for c in missing)}; columns found: "
-                             f"{', '.join(repr(c) for c in header) or 'none'} ({how})")
+        raise BenchmarkError(
+            f"{path}: no column {', '.join(repr(c) for c in missing)}; columns found: "
+            f"{', '.join(repr(c) for c in header) or 'none'} ({how})"
+        )
 
 
 def _check_unique(cases: list[Case]) -> list[Case]:
@@ -84,8 +87,10 @@ def _check_unique(cases: list[Case]) -> list[Case]:
         if case.case_id in ids:
             raise BenchmarkError(f"{case.where}: case {case.case_id!r} is also {ids[case.case_id]}")
         if case.output in outputs:
-            raise BenchmarkError(f"{case.where}: writes {case.output}, as {outputs[case.output]} does: "
-                                 "the benchmark's file naming cannot tell them apart")
+            raise BenchmarkError(
+                f"{case.where}: writes {case.output}, as {outputs[case.output]} does: "
+                "the benchmark's file naming cannot tell them apart"
+            )
         ids[case.case_id], outputs[case.output] = case.where, case.where
     if not cases:
         raise BenchmarkError("the case list has no cases")
@@ -108,17 +113,27 @@ def read_openve(path: str, media_root: str) -> list[Case]:
             raise BenchmarkError(f"{where}: empty original_video or prompt")
         name = openve_output_name(video)
         if name == os.path.basename(video):
-            raise BenchmarkError(f"{where}: original_video {video!r} does not end in .mp4, so the "
-                                 "scorer's '<name>_edited.mp4' rule has no name for its edit")
-        cases.append(Case(case_id=name, source=os.path.join(media_root, video), instruction=prompt,
-                          edit_type=row["edited_type"].strip(), output=name, where=where, row=row))
+            raise BenchmarkError(
+                f"{where}: original_video {video!r} does not end in .mp4, so the "
+                "scorer's '<name>_edited.mp4' rule has no name for its edit"
+            )
+        cases.append(
+            Case(
+                case_id=name,
+                source=os.path.join(media_root, video),
+                instruction=prompt,
+                edit_type=row["edited_type"].strip(),
+                output=name,
+                where=where,
+                row=row,
+            )
+        )
     return _check_unique(cases)
 
 
 def reco_output_name(video: str, instruction: str) -> str:
     """ReCo's edited file name: {video stem}_{p}.mp4 (tools' rule, including its ':' -> ' ')."""
-    p = (instruction.replace(" ", "_").replace(".", "").replace(",", "")
-         .replace(":", " ")[:RECO_NAME_CHARS])
+    p = instruction.replace(" ", "_").replace(".", "").replace(",", "").replace(":", " ")[:RECO_NAME_CHARS]
     return f"{os.path.splitext(os.path.basename(video))[0]}_{p}.mp4"
 
 
@@ -141,8 +156,17 @@ def read_reco(path: str, media_root: str) -> list[Case]:
                 in_task = os.path.join(media_root, task, video)
                 source = in_task if os.path.exists(in_task) else os.path.join(media_root, video)
                 output = f"{task}/{reco_output_name(video, instruction)}"
-                cases.append(Case(case_id=output, source=source, instruction=instruction, edit_type=task,
-                                  output=output, where=where, row={"video": video, "task": task}))
+                cases.append(
+                    Case(
+                        case_id=output,
+                        source=source,
+                        instruction=instruction,
+                        edit_type=task,
+                        output=output,
+                        where=where,
+                        row={"video": video, "task": task},
+                    )
+                )
     return _check_unique(cases)
 
 
@@ -157,8 +181,10 @@ def _read_rows(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
         try:
             if ext == ".json":
                 items = json.load(f)
-                if isinstance(items, dict):   # {id: row} is also common
-                    items = [dict(row, id=key) if isinstance(row, dict) else row for key, row in items.items()]
+                if isinstance(items, dict):  # {id: row} is also common
+                    items = [
+                        dict(row, id=key) if isinstance(row, dict) else row for key, row in items.items()
+                    ]
                 rows = list(enumerate(items, 1))
             else:
                 rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
@@ -176,21 +202,36 @@ def read_vie(path: str, media_root: str, columns: dict | None = None) -> list[Ca
     columns = dict(VIE_COLUMNS, **given)
     header, rows = _read_rows(path)
     if "type" not in given and columns["type"] not in header:
-        columns["type"] = ""   # the default category column is optional; a named one is required
+        columns["type"] = ""  # the default category column is optional; a named one is required
     wanted = [columns["video"], columns["prompt"]] + [columns[k] for k in ("type", "id") if columns[k]]
-    _require_columns(path, header, wanted, "choose them with --vie-columns video=...,prompt=...,type=...,id=...")
+    _require_columns(
+        path, header, wanted, "choose them with --vie-columns video=...,prompt=...,type=...,id=..."
+    )
     cases = []
     for line, row in rows:
         where = f"{path}:{line}"
-        video, prompt = str(row.get(columns["video"]) or "").strip(), str(row.get(columns["prompt"]) or "").strip()
+        video, prompt = (
+            str(row.get(columns["video"]) or "").strip(),
+            str(row.get(columns["prompt"]) or "").strip(),
+        )
         if not video or not prompt:
             raise BenchmarkError(f"{where}: empty {columns['video']!r} or {columns['prompt']!r}")
-        name = str(row[columns["id"]]).strip() if columns["id"] else os.path.splitext(os.path.basename(video))[0]
+        name = (
+            str(row[columns["id"]]).strip() if columns["id"] else os.path.splitext(os.path.basename(video))[0]
+        )
         if not name or "/" in name or name.startswith("."):
             raise BenchmarkError(f"{where}: {name!r} cannot name an output file")
-        cases.append(Case(case_id=name, source=os.path.join(media_root, video), instruction=prompt,
-                          edit_type=str(row.get(columns["type"], "") or "").strip() if columns["type"] else "",
-                          output=f"{name}.mp4", where=where, row=row))
+        cases.append(
+            Case(
+                case_id=name,
+                source=os.path.join(media_root, video),
+                instruction=prompt,
+                edit_type=str(row.get(columns["type"], "") or "").strip() if columns["type"] else "",
+                output=f"{name}.mp4",
+                where=where,
+                row=row,
+            )
+        )
     return _check_unique(cases)
 
 
@@ -201,17 +242,29 @@ def read_manifest_cases(path: str, media_root: str | None = None) -> list[Case]:
     for number, sample in enumerate(manifest_lib.read_manifest(path), 1):
         if sample["kind"] not in ("video_edit", "image_edit"):
             continue
-        resolve = ((lambda p: os.path.join(media_root, p)) if media_root
-                   else (lambda p: manifest_lib.resolve(path, p)))
+        resolve = (
+            (lambda p: os.path.join(media_root, p))
+            if media_root
+            else (lambda p: manifest_lib.resolve(path, p))
+        )
         edit = sample.get("edit") if isinstance(sample.get("edit"), dict) else {}
         edit_type = str(edit.get("type") or sample.get("edit_type") or sample.get("task") or "")
         sid = str(sample["id"])
         if "/" in sid or sid.startswith("."):
             raise BenchmarkError(f"{path}: sample {number}: id {sid!r} cannot name an output file")
         ext = ".png" if sample["kind"] == "image_edit" else ".mp4"
-        cases.append(Case(case_id=sid, source=resolve(sample["source"]), instruction=sample["text"],
-                          edit_type=edit_type, output=sid + ext, where=f"{path}: sample {number}",
-                          target=resolve(sample["target"]), row=sample))
+        cases.append(
+            Case(
+                case_id=sid,
+                source=resolve(sample["source"]),
+                instruction=sample["text"],
+                edit_type=edit_type,
+                output=sid + ext,
+                where=f"{path}: sample {number}",
+                target=resolve(sample["target"]),
+                row=sample,
+            )
+        )
     if not cases:
         raise BenchmarkError(f"{path}: no video_edit or image_edit samples")
     return _check_unique(cases)
@@ -223,14 +276,16 @@ def parse_columns(text: str) -> dict:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in VIE_COLUMNS:
-            raise BenchmarkError(f"--vie-columns {text!r}: expected key=column pairs with keys "
-                                 f"{', '.join(VIE_COLUMNS)}")
+            raise BenchmarkError(
+                f"--vie-columns {text!r}: expected key=column pairs with keys {', '.join(VIE_COLUMNS)}"
+            )
         out[key.strip()] = value.strip()
     return out
 
 
-def read_cases(benchmark: str, path: str, media_root: str | None = None,
-               vie_columns: dict | None = None) -> list[Case]:
+def read_cases(
+    benchmark: str, path: str, media_root: str | None = None, vie_columns: dict | None = None
+) -> list[Case]:
     if benchmark not in BENCHMARKS:
         raise BenchmarkError(f"--benchmark {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     if not os.path.exists(path):
@@ -282,14 +337,22 @@ def write_listing(benchmark: str, out_dir: str, cases: list[Case], done: set) ->
     path = os.path.join(out_dir, LISTING_NAME)
     finished = [c for c in cases if c.case_id in done]
     if benchmark == "openve":
-        rows = [dict(edited_type=c.edit_type, prompt=c.instruction, original_video=c.row["original_video"],
-                     edited_result_path=os.path.abspath(os.path.join(out_dir, c.output))) for c in finished]
+        rows = [
+            dict(
+                edited_type=c.edit_type,
+                prompt=c.instruction,
+                original_video=c.row["original_video"],
+                edited_result_path=os.path.abspath(os.path.join(out_dir, c.output)),
+            )
+            for c in finished
+        ]
         _write_csv(path, OPENVE_LISTING, rows)
         return path
     if benchmark == "vie":
         header = list(dict.fromkeys(k for c in cases for k in c.row)) + ["edited_result_path"]
-        rows = [dict(c.row, edited_result_path=os.path.abspath(os.path.join(out_dir, c.output)))
-                for c in finished]
+        rows = [
+            dict(c.row, edited_result_path=os.path.abspath(os.path.join(out_dir, c.output))) for c in finished
+        ]
         _write_csv(path, header, rows)
         return path
     return None

@@ -8,6 +8,7 @@
 Errors the user can act on (a bad config key, a missing file, a refused overwrite...) print as one
 line, `PROG: error: MESSAGE`, and exit with status 2; SAMA_TRACEBACK=1 shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,20 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, config
     --config and its overrides, then the command's own flags with `parser` (so --help works
     without a config)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser.add_argument("--cpu-devices", "--cpu_devices", type=int, default=0, metavar="N",
-                        help="simulate N CPU devices (a mesh on a laptop); must come before jax starts")
+    parser.add_argument(
+        "--cpu-devices",
+        "--cpu_devices",
+        type=int,
+        default=0,
+        metavar="N",
+        help="simulate N CPU devices (a mesh on a laptop); must come before jax starts",
+    )
     if config:
-        parser.add_argument("--config", metavar="FILE.py[:ARG]",
-                            help="config file and its get_config argument; override fields with "
-                                 "--config.a.b=value")
+        parser.add_argument(
+            "--config",
+            metavar="FILE.py[:ARG]",
+            help="config file and its get_config argument; override fields with --config.a.b=value",
+        )
     spec, overrides, rest = config_lib.split_config_args(argv)
     args = parser.parse_args(rest + ([f"--config={spec}"] if config and spec else []))
     if args.cpu_devices:

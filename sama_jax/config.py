@@ -5,6 +5,7 @@ argument passed to its `get_config(arg)`; `--config.a.b=value` overrides a field
 to the type of the field it replaces; an override of a key the config does not have is an error that
 names the key and the keys that do exist at that level.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,7 +28,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(
-        "_sama_config_" + os.path.basename(path).removesuffix(".py"), path)
+        "_sama_config_" + os.path.basename(path).removesuffix(".py"), path
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -65,8 +67,7 @@ def _parse_value(text: str, old, key: str):
         except (ValueError, SyntaxError):
             return text
     except (ValueError, SyntaxError) as e:
-        raise ConfigError(
-            f"config override {key}={text!r}: cannot parse as {type(old).__name__}") from e
+        raise ConfigError(f"config override {key}={text!r}: cannot parse as {type(old).__name__}") from e
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
@@ -81,8 +82,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         where = ".".join(parents) or "<top level>"
         known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        raise ConfigError(
-            f"unknown config key '{dotted_key}': '{leaf}' is not in {where} (known: {known})")
+        raise ConfigError(f"unknown config key '{dotted_key}': '{leaf}' is not in {where} (known: {known})")
     old = node[leaf]
     if isinstance(old, ml_collections.ConfigDict):
         raise ConfigError(f"config key '{dotted_key}' is a section; override one of its fields")
@@ -107,7 +107,7 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, 
             else:
                 spec = arg.split("=", 1)[1]
         elif arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
+            key, eq, value = arg[len("--config.") :].partition("=")
             if not eq:
                 i += 1
                 if i >= len(args):
@@ -153,16 +153,18 @@ def simulate_cpu_devices(argv: Sequence[str]) -> list[str]:
 
             if xla_bridge.backends_are_initialized():
                 raise ConfigError("--cpu-devices must be handled before jax starts its backends")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={count}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+        ).strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-        if "jax" in sys.modules:   # imported already: its platform setting was read from the env
+        if "jax" in sys.modules:  # imported already: its platform setting was read from the env
             sys.modules["jax"].config.update("jax_platforms", "cpu")
     return rest
 
 
-def dataclass_from_section(cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None,
-                           where: str = ""):
+def dataclass_from_section(
+    cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None, where: str = ""
+):
     """A model config dataclass from a config section, rejecting keys the class does not have.
 
     `precision` (a config's precision section) sets those of its fields the class has (param_dtype,

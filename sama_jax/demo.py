@@ -20,6 +20,7 @@ Rerunning continues from what is done: finished phases are skipped and the comma
 resume (sama-train from its last checkpoint, sama-export from its finished cases). --quick runs a
 few steps of everything (the test of this command).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,18 @@ class DemoError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sama-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="runs/demo", help="everything the demo makes (resumable)")
     parser.add_argument("--quick", action="store_true", help="a few steps of every phase")
     for name, value in FULL.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                            help=f"default {value} ({QUICK[name]} with --quick)")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"default {value} ({QUICK[name]} with --quick)",
+        )
     return parser
 
 
@@ -94,8 +100,10 @@ class Demo:
         print("+ " + " ".join(shlex.quote(a) for a in argv[2:]), flush=True)
         rc = subprocess.call(argv)
         if rc:
-            raise DemoError(f"{module} exited with status {rc}; fix the cause and rerun sama-demo "
-                               f"(finished phases are kept)")
+            raise DemoError(
+                f"{module} exited with status {rc}; fix the cause and rerun sama-demo "
+                f"(finished phases are kept)"
+            )
 
     def common_overrides(self) -> list[str]:
         return [f"--config.data.root={self.workdir}", f"--config.model.checkpoints.vae={self.path('vae')}"]
@@ -110,40 +118,83 @@ class Demo:
         return dict(train=self.data_dir, held_out=os.path.dirname(self.held_out))
 
     def vae(self) -> dict:
-        self.command("sama_jax.vae_fit", f"--config={CONFIGS}/stage1_sft.py:tiny",
-                     f"--config.data.root={self.workdir}", "--out", self.path("vae"),
-                     "--steps", str(self.steps["vae_steps"]))
+        self.command(
+            "sama_jax.vae_fit",
+            f"--config={CONFIGS}/stage1_sft.py:tiny",
+            f"--config.data.root={self.workdir}",
+            "--out",
+            self.path("vae"),
+            "--steps",
+            str(self.steps["vae_steps"]),
+        )
         with open(self.path("vae", "fit.json")) as f:
             return json.load(f)
 
     def stage0(self) -> dict:
-        self.command("sama_jax.train", f"--config={CONFIGS}/stage0_pretrain.py:tiny",
-                     f"--workdir={self.path('stage0')}", *self.common_overrides(),
-                     f"--config.train.steps={self.steps['stage0_steps']}")
+        self.command(
+            "sama_jax.train",
+            f"--config={CONFIGS}/stage0_pretrain.py:tiny",
+            f"--workdir={self.path('stage0')}",
+            *self.common_overrides(),
+            f"--config.train.steps={self.steps['stage0_steps']}",
+        )
         return dict(workdir=self.path("stage0"), steps=self.steps["stage0_steps"])
 
     def stage1(self) -> dict:
-        self.command("sama_jax.train", f"--config={CONFIGS}/stage1_sft.py:tiny",
-                     f"--workdir={self.path('stage1')}", *self.common_overrides(),
-                     f"--config.checkpoint.init_from={self.path('stage0')}",
-                     f"--config.train.steps={self.steps['stage1_steps']}")
+        self.command(
+            "sama_jax.train",
+            f"--config={CONFIGS}/stage1_sft.py:tiny",
+            f"--workdir={self.path('stage1')}",
+            *self.common_overrides(),
+            f"--config.checkpoint.init_from={self.path('stage0')}",
+            f"--config.train.steps={self.steps['stage1_steps']}",
+        )
         return dict(workdir=self.path("stage1"), steps=self.steps["stage1_steps"])
 
     def export(self) -> dict:
         from sama_jax import run_dir
 
-        edit = ["--benchmark", "manifest", "--cases", self.held_out, "--limit", str(self.steps["cases"]),
-                "--steps", str(self.steps["edit_steps"]), "--height", "64", "--width", "64",
-                "--exact-size", "--prompt-prefix", "--mesh", "none"]
-        self.command("sama_jax.export", *edit, "--out", self.path("export", "trained"),
-                     "--run", self.path("stage1"))
+        edit = [
+            "--benchmark",
+            "manifest",
+            "--cases",
+            self.held_out,
+            "--limit",
+            str(self.steps["cases"]),
+            "--steps",
+            str(self.steps["edit_steps"]),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--exact-size",
+            "--prompt-prefix",
+            "--mesh",
+            "none",
+        ]
+        self.command(
+            "sama_jax.export", *edit, "--out", self.path("export", "trained"), "--run", self.path("stage1")
+        )
         untrained = self.path("untrained_dit")
         paths = run_dir.read_encoder_paths(self.path("stage1"))
         if not os.path.isdir(untrained):
             save_untrained_dit(self.path("stage1"), untrained)
-        self.command("sama_jax.export", *edit, "--out", self.path("export", "untrained"),
-                     "--dit", untrained, "--vae", paths["vae"], "--text-encoder", paths["text_encoder"],
-                     "--tokenizer", paths["tokenizer"], "--dtype", "float32")
+        self.command(
+            "sama_jax.export",
+            *edit,
+            "--out",
+            self.path("export", "untrained"),
+            "--dit",
+            untrained,
+            "--vae",
+            paths["vae"],
+            "--text-encoder",
+            paths["text_encoder"],
+            "--tokenizer",
+            paths["tokenizer"],
+            "--dtype",
+            "float32",
+        )
         return dict(trained=self.path("export", "trained"), untrained=self.path("export", "untrained"))
 
     def report(self, times: dict) -> dict:
@@ -157,14 +208,19 @@ class Demo:
         copy_rows, copy_cases = [], {}
         for case_id, row in per_case["trained"].items():
             source, target = self.case_videos(case_id)
-            scores = scores_lib.score_edit(source[:len(target)], target, source)
+            scores = scores_lib.score_edit(source[: len(target)], target, source)
             copy_rows.append((row["edit_type"], scores))
             copy_cases[case_id] = dict(edit_type=row["edit_type"], **scores)
         tables["copy"], per_case["copy"] = scores_lib.aggregate(copy_rows), copy_cases
         vae = self.done("vae") or {}
-        report = dict(tables=tables, per_case=per_case, vae_ceiling_psnr=vae.get("psnr_held_out"),
-                      phase_seconds=times, steps=self.steps,
-                      targets=targets_met(tables))
+        report = dict(
+            tables=tables,
+            per_case=per_case,
+            vae_ceiling_psnr=vae.get("psnr_held_out"),
+            phase_seconds=times,
+            steps=self.steps,
+            targets=targets_met(tables),
+        )
         with open(self.path("report.json"), "w") as f:
             json.dump(report, f, indent=1)
         text = format_table(report)
@@ -173,8 +229,9 @@ class Demo:
         print(text)
         self.write_sheet(list(per_case["trained"]))
         self.write_html(list(per_case["trained"]), text)
-        return dict(report=self.path("report.json"), sheet=self.path("sheet.png"),
-                    page=self.path("index.html"))
+        return dict(
+            report=self.path("report.json"), sheet=self.path("sheet.png"), page=self.path("index.html")
+        )
 
     # -- pictures ---------------------------------------------------------------------------------
     def case_videos(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +240,9 @@ class Demo:
 
         for sample in manifest_lib.read_manifest(self.held_out):
             if sample["id"] == case_id:
-                read = lambda p: video_io.decode_media(manifest_lib.resolve(self.held_out, p),
-                                                       os.path.splitext(p)[1])
+                read = lambda p: video_io.decode_media(
+                    manifest_lib.resolve(self.held_out, p), os.path.splitext(p)[1]
+                )
                 return read(sample["source"]), read(sample["target"])
         raise KeyError(case_id)
 
@@ -218,18 +276,24 @@ class Demo:
         rows = []
         for case_id in case_ids:
             sample = samples[case_id]
-            videos = [manifest_lib.resolve(self.held_out, sample["source"]),
-                      manifest_lib.resolve(self.held_out, sample["target"]),
-                      self.path("export", "trained", case_id + ".mp4"),
-                      self.path("export", "untrained", case_id + ".mp4")]
-            cells = "".join(f'<td><video src="{html.escape(rel(v))}" autoplay loop muted width="192">'
-                            f"</video></td>" for v in videos)
+            videos = [
+                manifest_lib.resolve(self.held_out, sample["source"]),
+                manifest_lib.resolve(self.held_out, sample["target"]),
+                self.path("export", "trained", case_id + ".mp4"),
+                self.path("export", "untrained", case_id + ".mp4"),
+            ]
+            cells = "".join(
+                f'<td><video src="{html.escape(rel(v))}" autoplay loop muted width="192"></video></td>'
+                for v in videos
+            )
             rows.append(f"<tr><td>{html.escape(case_id)}<br>{html.escape(sample['text'])}</td>{cells}</tr>")
-        page = ("<!doctype html><meta charset=utf-8><title>sama-demo</title>"
-                "<h1>sama-demo: held-out synthetic edits</h1>"
-                f"<pre>{html.escape(table)}</pre><img src=sheet.png style='max-width:100%'>"
-                "<table><tr><th>case</th><th>source</th><th>ground truth</th><th>trained</th>"
-                "<th>untrained</th></tr>" + "".join(rows) + "</table>")
+        page = (
+            "<!doctype html><meta charset=utf-8><title>sama-demo</title>"
+            "<h1>sama-demo: held-out synthetic edits</h1>"
+            f"<pre>{html.escape(table)}</pre><img src=sheet.png style='max-width:100%'>"
+            "<table><tr><th>case</th><th>source</th><th>ground truth</th><th>trained</th>"
+            "<th>untrained</th></tr>" + "".join(rows) + "</table>"
+        )
         with open(self.path("index.html"), "w") as f:
             f.write(page)
 
@@ -259,8 +323,9 @@ def save_untrained_dit(run: str, out: str) -> None:
     from sama_jax.models import wan_dit
 
     config = run_dir.read_config(run)
-    model = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision),
-                           rngs=nnx.Rngs(int(config.seed)))
+    model = wan_dit.WanDiT(
+        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision), rngs=nnx.Rngs(int(config.seed))
+    )
     wan_dit.save_dit(out, model)
 
 
@@ -275,17 +340,21 @@ def targets_met(tables: dict) -> dict:
         out[edit_type] = dict(
             beats_copy_inside=t["psnr_in"] > c.get("psnr_in", float("inf")),
             beats_untrained_inside=t["psnr_in"] > u.get("psnr_in", float("inf")),
-            outside_within_3db_of_copy=t.get("psnr_out", 0) >= c.get("psnr_out", 0) - 3.0)
+            outside_within_3db_of_copy=t.get("psnr_out", 0) >= c.get("psnr_out", 0) - 3.0,
+        )
     return out
 
 
 def format_table(report: dict) -> str:
     tables = report["tables"]
     types = [t for t in (*EDIT_TYPES, "all") if t in tables["trained"]]
-    head = f"{'edit type':<10} {'cases':>5} | " + " | ".join(
-        f"{m + ' in':>16}" for m in MODELS) + " | " + " | ".join(f"{m + ' out':>16}" for m in MODELS)
-    lines = ["PSNR dB / SSIM, inside and outside the edited region (held-out cases)", head,
-             "-" * len(head)]
+    head = (
+        f"{'edit type':<10} {'cases':>5} | "
+        + " | ".join(f"{m + ' in':>16}" for m in MODELS)
+        + " | "
+        + " | ".join(f"{m + ' out':>16}" for m in MODELS)
+    )
+    lines = ["PSNR dB / SSIM, inside and outside the edited region (held-out cases)", head, "-" * len(head)]
     for t in types:
         cells = []
         for where in ("in", "out"):
@@ -295,7 +364,9 @@ def format_table(report: dict) -> str:
                 cells.append(f"{p:7.2f} / {s:6.3f}" if p is not None and s is not None else f"{'-':>16}")
         lines.append(f"{t:<10} {tables['trained'][t]['cases']:>5} | " + " | ".join(cells))
     if report.get("vae_ceiling_psnr") is not None:
-        lines.append(f"VAE reconstruction PSNR (the ceiling of any edit): {report['vae_ceiling_psnr']:.2f} dB")
+        lines.append(
+            f"VAE reconstruction PSNR (the ceiling of any edit): {report['vae_ceiling_psnr']:.2f} dB"
+        )
     lines.append("phase seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["phase_seconds"].items()))
     missed = [f"{t}: {k}" for t, flags in report["targets"].items() for k, ok in flags.items() if not ok]
     lines.append("targets: all met" if not missed else "targets missed: " + "; ".join(missed))

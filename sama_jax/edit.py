@@ -321,8 +321,10 @@ def _main(args) -> int:
         from sama_jax import run_dir
 
         if not run_dir.is_run_dir(args.run):
-            raise edit_rules.EditInputError(f"--run {args.run}: not a sama-train run directory (no "
-                                            f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
+            raise edit_rules.EditInputError(
+                f"--run {args.run}: not a sama-train run directory (no "
+                f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)"
+            )
     else:
         paths = dict(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer)
         inference.check_checkpoints(**paths, lora_path=args.lora_path)
@@ -336,8 +338,9 @@ def _main(args) -> int:
         rules = (("batch", "data"),) + sharding.DEFAULT_RULES
     precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
     if args.run:
-        editor = inference.Editor.from_run(args.run, use_ema=args.params == "ema", mesh=mesh,
-                                           rules=rules, lora_path=args.lora_path or None)
+        editor = inference.Editor.from_run(
+            args.run, use_ema=args.params == "ema", mesh=mesh, rules=rules, lora_path=args.lora_path or None
+        )
     else:
         editor = inference.Editor.from_checkpoints(
             **paths, mesh=mesh, rules=rules, precision=precision, lora_path=args.lora_path or None

@@ -30,6 +30,7 @@ never mixed or replaced. Cases are split across processes: process I of N takes 
 (--process-index/--process-count, default jax's process index and count: on a TPU pod every host
 runs the same command and edits its share on its own devices).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ RECORDS_DIR = "records"
 PREVIEWS_DIR = "previews"
 SHEET_COLUMNS = 8
 SHEET_HEIGHT = 96
-DEFAULT_FPS = 20.0   # the released inference's --fps: used when a source has none
+DEFAULT_FPS = 20.0  # the released inference's --fps: used when a source has none
 
 
 # ----------------------------------------------------------------------------- records
@@ -122,7 +123,8 @@ def check_same_run(records: dict[str, dict], settings: dict, identity: dict | No
                 raise FileExistsError(
                     f"{out_dir} holds edits made with other {name} (case {record['case_id']}: {diff} "
                     f"{(old or {}).get(diff)!r}, now {(new or {}).get(diff)!r}); export into a new --out "
-                    "(finished results are never replaced)")
+                    "(finished results are never replaced)"
+                )
 
 
 # ----------------------------------------------------------------------------- one case
@@ -134,7 +136,9 @@ def shard(cases: list, process_index: int, process_count: int) -> list:
     return cases[process_index::process_count]
 
 
-def contact_sheet(rows: list[np.ndarray], columns: int = SHEET_COLUMNS, height: int = SHEET_HEIGHT) -> np.ndarray:
+def contact_sheet(
+    rows: list[np.ndarray], columns: int = SHEET_COLUMNS, height: int = SHEET_HEIGHT
+) -> np.ndarray:
     """One row of evenly spaced frames per video (source | ground truth | edit), at the first
     video's size scaled to `height` px."""
     count = min(len(v) for v in rows)
@@ -146,7 +150,7 @@ def contact_sheet(rows: list[np.ndarray], columns: int = SHEET_COLUMNS, height: 
     for r, video in enumerate(rows):
         thumbs = scores_lib.resize_frames(video[idx], th, tw)
         for c in range(len(idx)):
-            sheet[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = thumbs[c]
+            sheet[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = thumbs[c]
     return sheet
 
 
@@ -169,9 +173,19 @@ def _source_info(case: benchmarks_io.Case, frames: np.ndarray) -> dict:
     return video_io.video_info(case.source)
 
 
-def edit_case(case: benchmarks_io.Case, editor, *, benchmark: str, out_dir: str, seed: int,
-              max_frames: int | None, fps: float, crf: int, region_threshold: float,
-              siglip=None) -> dict:
+def edit_case(
+    case: benchmarks_io.Case,
+    editor,
+    *,
+    benchmark: str,
+    out_dir: str,
+    seed: int,
+    max_frames: int | None,
+    fps: float,
+    crf: int,
+    region_threshold: float,
+    siglip=None,
+) -> dict:
     """Edits one case and writes its output and preview; returns the fields of its done record.
     Raises on any failure (the caller records it)."""
     from sama_jax.data import video_io
@@ -196,8 +210,7 @@ def edit_case(case: benchmarks_io.Case, editor, *, benchmark: str, out_dir: str,
     start = time.perf_counter()
     case_scores = None
     if target is not None:
-        case_scores = scores_lib.score_edit(edited, target, source[:len(target)],
-                                            threshold=region_threshold)
+        case_scores = scores_lib.score_edit(edited, target, source[: len(target)], threshold=region_threshold)
         if siglip is not None:
             case_scores["siglip_consistency"] = scores_lib.siglip_consistency(siglip, edited)
             case_scores["siglip_consistency_target"] = scores_lib.siglip_consistency(siglip, target)
@@ -216,17 +229,23 @@ def edit_case(case: benchmarks_io.Case, editor, *, benchmark: str, out_dir: str,
     else:
         video_io.write_video(path, edited, out_fps, crf=crf)
     timings["write"] = time.perf_counter() - start
-    return dict(output_bytes=os.path.getsize(path), fps=out_fps,
-                frames=dict(source=int(info["frames"]), used=int(len(source)), output=int(len(edited))),
-                size=dict(source=[int(info["height"]), int(info["width"])], output=[int(s) for s in size]),
-                scores=case_scores, preview=f"{PREVIEWS_DIR}/{preview_name(case.case_id)}",
-                timings=timings)
+    return dict(
+        output_bytes=os.path.getsize(path),
+        fps=out_fps,
+        frames=dict(source=int(info["frames"]), used=int(len(source)), output=int(len(edited))),
+        size=dict(source=[int(info["height"]), int(info["width"])], output=[int(s) for s in size]),
+        scores=case_scores,
+        preview=f"{PREVIEWS_DIR}/{preview_name(case.case_id)}",
+        timings=timings,
+    )
 
 
 def _failure(error: BaseException) -> dict:
     reason = getattr(error, "reason", None) or type(error).__name__
-    return dict(error=str(error).strip().splitlines()[0][:2000] if str(error).strip() else type(error).__name__,
-                reason=reason)
+    return dict(
+        error=str(error).strip().splitlines()[0][:2000] if str(error).strip() else type(error).__name__,
+        reason=reason,
+    )
 
 
 def _now() -> str:
@@ -235,18 +254,34 @@ def _now() -> str:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 # ----------------------------------------------------------------------------- a run
 
 
-def run_export(cases: list[benchmarks_io.Case], editor, out_dir: str, *, benchmark: str, seed: int,
-               settings: dict, identity: dict, process_index: int = 0, process_count: int = 1,
-               max_frames: int | None = None, fps: float = DEFAULT_FPS, crf: int = 17,
-               region_threshold: float = scores_lib.REGION_THRESHOLD, siglip=None,
-               log: Callable[[str], None] = print) -> dict:
+def run_export(
+    cases: list[benchmarks_io.Case],
+    editor,
+    out_dir: str,
+    *,
+    benchmark: str,
+    seed: int,
+    settings: dict,
+    identity: dict,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_frames: int | None = None,
+    fps: float = DEFAULT_FPS,
+    crf: int = 17,
+    region_threshold: float = scores_lib.REGION_THRESHOLD,
+    siglip=None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Edits this process's share of the cases that are not finished; returns this process's
     summary, and finalizes the run (finalize) when every case has a record.
 
@@ -258,22 +293,45 @@ def run_export(cases: list[benchmarks_io.Case], editor, out_dir: str, *, benchma
     mine = shard(cases, process_index, process_count)
     todo = [c for c in mine if not is_finished(records.get(c.case_id), out_dir)]
     skipped = len(mine) - len(todo)
-    log(f"sama-export: process {process_index}/{process_count}: {len(mine)} of {len(cases)} cases, "
-        f"{skipped} finished already, {len(todo)} to edit -> {out_dir}")
+    log(
+        f"sama-export: process {process_index}/{process_count}: {len(mine)} of {len(cases)} cases, "
+        f"{skipped} finished already, {len(todo)} to edit -> {out_dir}"
+    )
     path = record_path(out_dir, process_index, process_count)
-    common = dict(benchmark=benchmark, seed=seed, settings=settings, identity=identity,
-                  process=f"{process_index}/{process_count}", host=socket.gethostname())
+    common = dict(
+        benchmark=benchmark,
+        seed=seed,
+        settings=settings,
+        identity=identity,
+        process=f"{process_index}/{process_count}",
+        host=socket.gethostname(),
+    )
     done, failed, seconds = 0, 0, []
     began = time.perf_counter()
     for n, case in enumerate(todo, 1):
         start = time.perf_counter()
-        record = dict(case_id=case.case_id, instruction=case.instruction, edit_type=case.edit_type,
-                      source=os.path.abspath(case.source), target=case.target and os.path.abspath(case.target),
-                      output=case.output, **common)
+        record = dict(
+            case_id=case.case_id,
+            instruction=case.instruction,
+            edit_type=case.edit_type,
+            source=os.path.abspath(case.source),
+            target=case.target and os.path.abspath(case.target),
+            output=case.output,
+            **common,
+        )
         try:
-            fields = edit_case(case, editor, benchmark=benchmark, out_dir=out_dir, seed=seed,
-                               max_frames=max_frames, fps=fps, crf=crf,
-                               region_threshold=region_threshold, siglip=siglip)
+            fields = edit_case(
+                case,
+                editor,
+                benchmark=benchmark,
+                out_dir=out_dir,
+                seed=seed,
+                max_frames=max_frames,
+                fps=fps,
+                crf=crf,
+                region_threshold=region_threshold,
+                siglip=siglip,
+            )
         except Exception as e:  # any failure of one case is that case's: record it and go on
             failed += 1
             record.update(status="failed", **_failure(e))
@@ -294,27 +352,49 @@ def run_export(cases: list[benchmarks_io.Case], editor, out_dir: str, *, benchma
         if case.target and fields["scores"]:
             s = fields["scores"]
             note = f" psnr in/out {_fmt(s['psnr_in'])}/{_fmt(s['psnr_out'])} dB"
-        log(f"[{n}/{len(todo)}] {case.case_id}: done in {seconds[-1]:.1f} s{note} | "
-            f"{rate:.2f} cases/min, ETA {_duration(per_case * (len(todo) - n))}")
-    summary = dict(process=f"{process_index}/{process_count}", cases=len(mine), done=done,
-                   skipped=skipped, failed=failed, seconds=time.perf_counter() - began,
-                   seconds_per_case=float(np.mean(seconds)) if seconds else None,
-                   seconds_per_case_after_first=float(np.mean(seconds[1:])) if len(seconds) > 1 else None)
-    per_case = "" if not seconds else (
-        f", {summary['seconds_per_case']:.2f} s per case" + (
-            f" ({summary['seconds_per_case_after_first']:.2f} s after the first, "
-            f"{60 / summary['seconds_per_case_after_first']:.2f} cases/min)"
-            if summary["seconds_per_case_after_first"] else ""))
-    log(f"sama-export: process {process_index}/{process_count}: {done} done, {skipped} skipped, "
-        f"{failed} failed of {len(mine)}{per_case}")
+        log(
+            f"[{n}/{len(todo)}] {case.case_id}: done in {seconds[-1]:.1f} s{note} | "
+            f"{rate:.2f} cases/min, ETA {_duration(per_case * (len(todo) - n))}"
+        )
+    summary = dict(
+        process=f"{process_index}/{process_count}",
+        cases=len(mine),
+        done=done,
+        skipped=skipped,
+        failed=failed,
+        seconds=time.perf_counter() - began,
+        seconds_per_case=float(np.mean(seconds)) if seconds else None,
+        seconds_per_case_after_first=float(np.mean(seconds[1:])) if len(seconds) > 1 else None,
+    )
+    per_case = (
+        ""
+        if not seconds
+        else (
+            f", {summary['seconds_per_case']:.2f} s per case"
+            + (
+                f" ({summary['seconds_per_case_after_first']:.2f} s after the first, "
+                f"{60 / summary['seconds_per_case_after_first']:.2f} cases/min)"
+                if summary["seconds_per_case_after_first"]
+                else ""
+            )
+        )
+    )
+    log(
+        f"sama-export: process {process_index}/{process_count}: {done} done, {skipped} skipped, "
+        f"{failed} failed of {len(mine)}{per_case}"
+    )
     final = finalize(out_dir, benchmark, cases)
     if final is None:
         missing = sum(1 for c in cases if c.case_id not in load_records(out_dir))
-        log(f"sama-export: {missing} cases of other processes have no record yet; the last process "
-            "to finish writes the run's listing, scores and report")
+        log(
+            f"sama-export: {missing} cases of other processes have no record yet; the last process "
+            "to finish writes the run's listing, scores and report"
+        )
     else:
-        log(f"sama-export: run complete: {final['done']} done, {final['failed']} failed of "
-            f"{final['cases']} -> {os.path.join(out_dir, 'summary.json')}")
+        log(
+            f"sama-export: run complete: {final['done']} done, {final['failed']} failed of "
+            f"{final['cases']} -> {os.path.join(out_dir, 'summary.json')}"
+        )
     summary["run"] = final
     return summary
 
@@ -345,56 +425,88 @@ def finalize(out_dir: str, benchmark: str, cases: list[benchmarks_io.Case]) -> d
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, os.path.join(out_dir, "records.jsonl"))
     listing = benchmarks_io.write_listing(benchmark, out_dir, cases, done)
-    scored = [(r["edit_type"] or "none", r["scores"]) for r in ordered
-              if r["case_id"] in done and r.get("scores")]
+    scored = [
+        (r["edit_type"] or "none", r["scores"]) for r in ordered if r["case_id"] in done and r.get("scores")
+    ]
     table = scores_lib.aggregate(scored) if scored else {}
     if scored:
-        _write_json(os.path.join(out_dir, "scores.json"), dict(
-            per_edit_type=table, per_case={r["case_id"]: dict(edit_type=r["edit_type"], **r["scores"])
-                                           for r in ordered if r["case_id"] in done and r.get("scores")},
-            notes=f"PSNR in dB on 0-255; means count PSNR above {scores_lib.PSNR_CAP} (identical: inf) "
-                  f"as {scores_lib.PSNR_CAP}; scores are of the edit before H.264 encoding"))
+        _write_json(
+            os.path.join(out_dir, "scores.json"),
+            dict(
+                per_edit_type=table,
+                per_case={
+                    r["case_id"]: dict(edit_type=r["edit_type"], **r["scores"])
+                    for r in ordered
+                    if r["case_id"] in done and r.get("scores")
+                },
+                notes=f"PSNR in dB on 0-255; means count PSNR above {scores_lib.PSNR_CAP} (identical: inf) "
+                f"as {scores_lib.PSNR_CAP}; scores are of the edit before H.264 encoding",
+            ),
+        )
     seconds = [r["timings"]["total"] for r in ordered if r["case_id"] in done]
     failures: dict[str, int] = {}
     for r in ordered:
         if r["status"] != "done":
             failures[r.get("reason", "unknown")] = failures.get(r.get("reason", "unknown"), 0) + 1
-    summary = dict(benchmark=benchmark, cases=len(cases), done=len(done), failed=len(cases) - len(done),
-                   failure_reasons=failures, seconds_per_case=float(np.mean(seconds)) if seconds else None,
-                   listing=listing and os.path.basename(listing),
-                   scores="scores.json" if scored else None, report="report.html")
+    summary = dict(
+        benchmark=benchmark,
+        cases=len(cases),
+        done=len(done),
+        failed=len(cases) - len(done),
+        failure_reasons=failures,
+        seconds_per_case=float(np.mean(seconds)) if seconds else None,
+        listing=listing and os.path.basename(listing),
+        scores="scores.json" if scored else None,
+        report="report.html",
+    )
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     _write_report(os.path.join(out_dir, "report.html"), benchmark, ordered, done, table)
     return summary
 
 
-REPORT_METRICS = ("psnr_in", "ssim_in", "psnr_out", "ssim_out", "temporal_ssim", "temporal_diff_rmse",
-                  "siglip_consistency")
+REPORT_METRICS = (
+    "psnr_in",
+    "ssim_in",
+    "psnr_out",
+    "ssim_out",
+    "temporal_ssim",
+    "temporal_diff_rmse",
+    "siglip_consistency",
+)
 
 
 def _write_report(path: str, benchmark: str, records: list[dict], done: set, table: dict) -> None:
     """A small static page: per-type means, then one row per case with its preview."""
     e = html.escape
-    parts = [f"<!doctype html><meta charset=utf-8><title>sama-export {e(benchmark)}</title>",
-             "<style>body{font:14px sans-serif}td,th{padding:2px 8px;text-align:left}"
-             "img{max-width:100%}</style>",
-             f"<h1>{e(benchmark)}: {len(done)} of {len(records)} cases edited</h1>"]
+    parts = [
+        f"<!doctype html><meta charset=utf-8><title>sama-export {e(benchmark)}</title>",
+        "<style>body{font:14px sans-serif}td,th{padding:2px 8px;text-align:left}img{max-width:100%}</style>",
+        f"<h1>{e(benchmark)}: {len(done)} of {len(records)} cases edited</h1>",
+    ]
     if table:
         metrics = [m for m in REPORT_METRICS if any(m in row for row in table.values())]
-        parts.append("<h2>Scores per edit type</h2><table><tr><th>edit type</th><th>cases</th>"
-                     + "".join(f"<th>{m}</th>" for m in metrics) + "</tr>")
+        parts.append(
+            "<h2>Scores per edit type</h2><table><tr><th>edit type</th><th>cases</th>"
+            + "".join(f"<th>{m}</th>" for m in metrics)
+            + "</tr>"
+        )
         for edit_type, row in table.items():
-            parts.append(f"<tr><td>{e(edit_type)}</td><td>{row['cases']}</td>"
-                         + "".join(f"<td>{_fmt(row.get(m))}</td>" for m in metrics) + "</tr>")
+            parts.append(
+                f"<tr><td>{e(edit_type)}</td><td>{row['cases']}</td>"
+                + "".join(f"<td>{_fmt(row.get(m))}</td>" for m in metrics)
+                + "</tr>"
+            )
         parts.append("</table>")
     parts.append("<h2>Cases</h2><p>preview rows: source | ground truth (when known) | edit</p><table>")
     for r in records:
         status = "done" if r["case_id"] in done else f"{r['status']}: {r.get('error', 'output missing')}"
         s = r.get("scores") or {}
         score_text = " ".join(f"{m} {_fmt(s.get(m))}" for m in REPORT_METRICS if m in s)
-        image = (f"<img src='{e(r['preview'])}'>" if r["case_id"] in done and r.get("preview") else "")
-        parts.append(f"<tr><td><b>{e(r['case_id'])}</b> [{e(r['edit_type'])}]<br>{e(r['instruction'])}<br>"
-                     f"{e(status)}<br>{e(score_text)}</td><td>{image}</td></tr>")
+        image = f"<img src='{e(r['preview'])}'>" if r["case_id"] in done and r.get("preview") else ""
+        parts.append(
+            f"<tr><td><b>{e(r['case_id'])}</b> [{e(r['edit_type'])}]<br>{e(r['instruction'])}<br>"
+            f"{e(status)}<br>{e(score_text)}</td><td>{image}</td></tr>"
+        )
     parts.append("</table>")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -419,31 +531,49 @@ class EditorAdapter:
         def progress(step, steps, seconds):
             # Only long edits report their steps: a tiny edit's per-case line is enough.
             if time.perf_counter() - began > 30 and (step % max(1, steps // 5) == 0 or step == steps):
-                self.log(f"  denoising step {step}/{steps}, {seconds:.0f} s, "
-                         f"ETA {seconds / step * (steps - step):.0f} s")
+                self.log(
+                    f"  denoising step {step}/{steps}, {seconds:.0f} s, "
+                    f"ETA {seconds / step * (steps - step):.0f} s"
+                )
 
         return self.editor.edit(frames, instruction, dataclasses.replace(self._settings, seed=seed), progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sama-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sama-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     b = p.add_argument_group("benchmark")
     b.add_argument("--benchmark", required=True, choices=benchmarks_io.BENCHMARKS)
-    b.add_argument("--cases", required=True,
-                   help="openve: benchmark_videos.csv; reco: configs/ folder or a {task}.txt; "
-                        "vie: .csv/.json/.jsonl case list; manifest: a JSONL manifest")
-    b.add_argument("--media-root", default=None,
-                   help="folder the case list's video paths are relative to (default: the case list's folder)")
+    b.add_argument(
+        "--cases",
+        required=True,
+        help="openve: benchmark_videos.csv; reco: configs/ folder or a {task}.txt; "
+        "vie: .csv/.json/.jsonl case list; manifest: a JSONL manifest",
+    )
+    b.add_argument(
+        "--media-root",
+        default=None,
+        help="folder the case list's video paths are relative to (default: the case list's folder)",
+    )
     b.add_argument("--out", required=True, help="output folder (resumed when it holds a run)")
-    b.add_argument("--vie-columns", default="",
-                   help="VIE-Bench column names, e.g. 'video=src_video,prompt=instruction,type=category,id=id' "
-                        f"(default {','.join(f'{k}={v}' for k, v in benchmarks_io.VIE_COLUMNS.items())})")
+    b.add_argument(
+        "--vie-columns",
+        default="",
+        help="VIE-Bench column names, e.g. 'video=src_video,prompt=instruction,type=category,id=id' "
+        f"(default {','.join(f'{k}={v}' for k, v in benchmarks_io.VIE_COLUMNS.items())})",
+    )
     b.add_argument("--limit", type=int, default=0, help="only the first N cases (0: all)")
     b.add_argument("--process-index", type=int, default=None, help="this process's share (default: jax's)")
-    b.add_argument("--process-count", type=int, default=None, help="processes sharing the cases (default: jax's)")
-    b.add_argument("--region-threshold", type=float, default=scores_lib.REGION_THRESHOLD,
-                   help="|source - target| above this marks the edited region for the scores")
+    b.add_argument(
+        "--process-count", type=int, default=None, help="processes sharing the cases (default: jax's)"
+    )
+    b.add_argument(
+        "--region-threshold",
+        type=float,
+        default=scores_lib.REGION_THRESHOLD,
+        help="|source - target| above this marks the edited region for the scores",
+    )
     b.add_argument("--siglip", default="", help="SigLIP params checkpoint: adds SigLIP frame consistency")
     e = p.add_argument_group("editing (sama-edit's flags)")
     e.add_argument("--seed", type=int, default=1, help="seed of every case's noise")
@@ -453,15 +583,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="euler", choices=("euler", "unipc"))
     e.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"))
     e.add_argument("--latent-dtype", default=None, choices=("bfloat16", "float32"))
-    e.add_argument("--semantic-tokens", type=int, default=None,
-                   help="semantic tokens denoised with the video (default: 65, the released model's; "
-                        "with --preset, the preset's)")
+    e.add_argument(
+        "--semantic-tokens",
+        type=int,
+        default=None,
+        help="semantic tokens denoised with the video (default: 65, the released model's; "
+        "with --preset, the preset's)",
+    )
     e.add_argument("--max-frames", type=int, default=81)
     e.add_argument("--height", type=int, default=480, help="pixel budget (with --width) for the buckets")
     e.add_argument("--width", type=int, default=832)
     e.add_argument("--exact-size", action="store_true", help="edit at exactly --height x --width")
     e.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode")
-    e.add_argument("--prompt-prefix", action="store_true", help="'[Video edit] ' + prompt, negative '[Video edit]'")
+    e.add_argument(
+        "--prompt-prefix", action="store_true", help="'[Video edit] ' + prompt, negative '[Video edit]'"
+    )
     e.add_argument("--keep-padding", action="store_true", help="keep the frames repeated up to 4k+1")
     e.add_argument("--fps", type=float, default=DEFAULT_FPS, help="output fps when a source has none")
     e.add_argument("--crf", type=int, default=17, help="H.264 quality of the outputs")
@@ -471,13 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-encoder", help="umT5 params checkpoint")
     m.add_argument("--tokenizer", help="tokenizer directory")
     m.add_argument("--lora-path", default="", help="LoRA (released key format) merged with alpha 1.0")
-    m.add_argument("--run", default="", help="a sama-train run directory: its EMA DiT, encoders and tokenizer "
-                                             "(instead of --dit --vae --text-encoder --tokenizer)")
-    m.add_argument("--preset", default="", help="untrained models of this preset instead of checkpoints "
-                                                "(tiny: timing and smoke runs; the edits are noise)")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="parameter and compute dtype of checkpoints and --preset models (--run: the run's)")
-    m.add_argument("--mesh", default="fsdp=-1", help="mesh 'axis=size,...' over this process's devices, or 'none'")
+    m.add_argument(
+        "--run",
+        default="",
+        help="a sama-train run directory: its EMA DiT, encoders and tokenizer "
+        "(instead of --dit --vae --text-encoder --tokenizer)",
+    )
+    m.add_argument(
+        "--preset",
+        default="",
+        help="untrained models of this preset instead of checkpoints "
+        "(tiny: timing and smoke runs; the edits are noise)",
+    )
+    m.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="parameter and compute dtype of checkpoints and --preset models (--run: the run's)",
+    )
+    m.add_argument(
+        "--mesh", default="fsdp=-1", help="mesh 'axis=size,...' over this process's devices, or 'none'"
+    )
     return p
 
 
@@ -487,20 +637,33 @@ def edit_settings(args):
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     semantic_tokens = args.semantic_tokens
-    if semantic_tokens is None:   # the model's own count
+    if semantic_tokens is None:  # the model's own count
         semantic_tokens = 65
         if args.run:
             from sama_jax import run_dir
 
-            semantic_tokens = semantic.SemanticConfig(**run_dir.read_config(args.run).model.semantic).num_tokens
+            semantic_tokens = semantic.SemanticConfig(
+                **run_dir.read_config(args.run).model.semantic
+            ).num_tokens
         elif args.preset:
             semantic_tokens = semantic.SemanticConfig(**presets.model_config(args.preset).semantic).num_tokens
     return inference.EditSettings(
-        steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
-        cfg_mode=args.cfg_mode, seed=args.seed, max_frames=args.max_frames, height=args.height,
-        width=args.width, exact_size=args.exact_size, tiled=args.tiled,
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=args.shift,
+        sampler=args.sampler,
+        cfg_mode=args.cfg_mode,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        height=args.height,
+        width=args.width,
+        exact_size=args.exact_size,
+        tiled=args.tiled,
         prompt_prefix=edit_rules.PROMPT_PREFIX if args.prompt_prefix else "",
-        keep_padding=args.keep_padding, latent_dtype=args.latent_dtype, semantic_tokens=semantic_tokens)
+        keep_padding=args.keep_padding,
+        latent_dtype=args.latent_dtype,
+        semantic_tokens=semantic_tokens,
+    )
 
 
 def _mesh(text: str):
@@ -533,8 +696,15 @@ def build_editor(args, settings, log):
         editor = _untrained_editor(args.preset, args.tokenizer, precision, mesh, rules)
     else:
         editor = inference.Editor.from_checkpoints(
-            args.dit, args.vae, args.text_encoder, args.tokenizer, mesh=mesh, rules=rules,
-            precision=precision, lora_path=args.lora_path or None)
+            args.dit,
+            args.vae,
+            args.text_encoder,
+            args.tokenizer,
+            mesh=mesh,
+            rules=rules,
+            precision=precision,
+            lora_path=args.lora_path or None,
+        )
     return EditorAdapter(editor, settings, log)
 
 
@@ -545,8 +715,10 @@ def _untrained_editor(preset: str, tokenizer: str | None, precision: dict, mesh,
     from sama_jax.models import umt5, wan_dit, wan_vae
 
     if not tokenizer or not os.path.isdir(tokenizer):
-        raise FileNotFoundError(f"--preset {preset} needs --tokenizer DIR (e.g. the synthetic set's "
-                                f"tokenizer, made by sama-smoke), got {tokenizer!r}")
+        raise FileNotFoundError(
+            f"--preset {preset} needs --tokenizer DIR (e.g. the synthetic set's "
+            f"tokenizer, made by sama-smoke), got {tokenizer!r}"
+        )
     model = presets.model_config(preset)
     rngs = nnx.Rngs(0)
     dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model.dit, precision), rngs=rngs)
@@ -555,17 +727,26 @@ def _untrained_editor(preset: str, tokenizer: str | None, precision: dict, mesh,
     if mesh is not None:
         for module in (dit, vae, encoder):
             sharding.shard_module(module, mesh, rules)
-    return inference.Editor(dit, vae, encoder, text.load_tokenizer(tokenizer), mesh=mesh, rules=rules,
-                            identities={"preset": preset, "weights": "untrained (nnx.Rngs(0))"})
+    return inference.Editor(
+        dit,
+        vae,
+        encoder,
+        text.load_tokenizer(tokenizer),
+        mesh=mesh,
+        rules=rules,
+        identities={"preset": preset, "weights": "untrained (nnx.Rngs(0))"},
+    )
 
 
 def check_sources(cases: list[benchmarks_io.Case], media_root: str | None) -> None:
     """One line before any model loads when no source exists at all (a wrong --media-root); single
     missing sources become failed cases."""
     if not any(os.path.exists(c.source) for c in cases):
-        raise FileNotFoundError(f"none of the {len(cases)} source videos exists (first: {cases[0].source}, "
-                                f"from {cases[0].where}): check --media-root "
-                                f"({media_root or 'default: the case list folder'})")
+        raise FileNotFoundError(
+            f"none of the {len(cases)} source videos exists (first: {cases[0].source}, "
+            f"from {cases[0].where}): check --media-root "
+            f"({media_root or 'default: the case list folder'})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,17 +758,24 @@ def _main(_, args) -> int:
         from sama_jax import run_dir
 
         if not run_dir.is_run_dir(args.run):
-            raise FileNotFoundError(f"--run {args.run}: not a sama-train run directory (no "
-                                    f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
+            raise FileNotFoundError(
+                f"--run {args.run}: not a sama-train run directory (no "
+                f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)"
+            )
     elif not args.preset:
         from sama_jax import inference
 
-        inference.check_checkpoints(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
-                                    tokenizer=args.tokenizer, lora_path=args.lora_path)
+        inference.check_checkpoints(
+            dit=args.dit,
+            vae=args.vae,
+            text_encoder=args.text_encoder,
+            tokenizer=args.tokenizer,
+            lora_path=args.lora_path,
+        )
     columns = benchmarks_io.parse_columns(args.vie_columns)
     cases = benchmarks_io.read_cases(args.benchmark, args.cases, args.media_root, columns)
     if args.limit > 0:
-        cases = cases[:args.limit]
+        cases = cases[: args.limit]
     check_sources(cases, args.media_root)
     settings = edit_settings(args)
     if args.siglip and not os.path.exists(args.siglip):
@@ -608,11 +796,23 @@ def _main(_, args) -> int:
 
         siglip = siglip_lib.load_siglip(args.siglip)
     print(f"sama-export: models ready in {time.perf_counter() - start:.1f} s", flush=True)
-    summary = run_export(cases, editor, args.out, benchmark=args.benchmark, seed=args.seed,
-                         settings=editor.settings, identity=editor.identity, process_index=index,
-                         process_count=count, max_frames=args.max_frames, fps=args.fps, crf=args.crf,
-                         region_threshold=args.region_threshold, siglip=siglip,
-                         log=lambda line: print(line, flush=True))
+    summary = run_export(
+        cases,
+        editor,
+        args.out,
+        benchmark=args.benchmark,
+        seed=args.seed,
+        settings=editor.settings,
+        identity=editor.identity,
+        process_index=index,
+        process_count=count,
+        max_frames=args.max_frames,
+        fps=args.fps,
+        crf=args.crf,
+        region_threshold=args.region_threshold,
+        siglip=siglip,
+        log=lambda line: print(line, flush=True),
+    )
     return 1 if summary["failed"] else 0
 
 

@@ -9,6 +9,7 @@ sama-build-shards packs them into records, the data pipeline carries them into b
     target_latents  (1+k, H/8, W/8, 16) normalised Wan VAE latents of the target
     source_latents  the same for the source (edit samples only)
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import urllib.parse
 import numpy as np
 
 NAMES = ("text", "semantic", "target_latents", "source_latents")
-MEDIA_NAMES = NAMES[1:]   # need the sample's decoded frames
+MEDIA_NAMES = NAMES[1:]  # need the sample's decoded frames
 BATCH_PREFIX = "features/"  # batch keys of precomputed features
 
 

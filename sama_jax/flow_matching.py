@@ -6,6 +6,7 @@ the video latents and SAMA's semantic tokens of a sample. SAMA's loss:
     L = MSE(v_pred, v) + w * L1(sem_pred, sem_v),   w = 0.1
 optionally with the released trainer's per-sample weighting of the MSE (gaussian_bump_weight).
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,7 +35,8 @@ def gaussian_bump_weight(timesteps: jax.Array, shift: float) -> jax.Array:
     to mean 1 over the 1000 shifted training timesteps (FlowMatchScheduler, training=True; the
     minimum and mean are taken on that grid, w is then evaluated at the sampled t)."""
     grid = NUM_TRAIN_TIMESTEPS * np.asarray(
-        shift_sigma(np.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], shift))
+        shift_sigma(np.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], shift)
+    )
     low = _bump(grid).min()
     scale = NUM_TRAIN_TIMESTEPS / (_bump(grid) - low).sum()
     t = jnp.asarray(timesteps, jnp.float32)
@@ -47,8 +49,9 @@ def add_noise(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
     return ((1.0 - s) * x0.astype(jnp.float32) + s * noise.astype(jnp.float32)).astype(x0.dtype)
 
 
-def _masked_mean(per_element: jax.Array, valid: jax.Array | None,
-                 sample_weight: jax.Array | None = None) -> jax.Array:
+def _masked_mean(
+    per_element: jax.Array, valid: jax.Array | None, sample_weight: jax.Array | None = None
+) -> jax.Array:
     """Mean over everything, counting only samples with valid=True (the data pipeline marks slots it
     had to pad); all-invalid batches give 0, not NaN. sample_weight scales each sample's mean."""
     per_sample = jnp.mean(per_element.reshape(per_element.shape[0], -1), axis=1)
@@ -60,8 +63,17 @@ def _masked_mean(per_element: jax.Array, valid: jax.Array | None,
     return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def sama_loss(velocity, noise, x0, semantic_velocity=None, semantic_noise=None, semantic_x0=None,
-              semantic_weight: float = 0.1, valid=None, fm_weight=None) -> tuple[jax.Array, dict]:
+def sama_loss(
+    velocity,
+    noise,
+    x0,
+    semantic_velocity=None,
+    semantic_noise=None,
+    semantic_x0=None,
+    semantic_weight: float = 0.1,
+    valid=None,
+    fm_weight=None,
+) -> tuple[jax.Array, dict]:
     """L_FM + semantic_weight * L1 on the semantic tokens' velocity, computed in fp32.
 
     valid: optional (B,) bool; samples with False contribute nothing.

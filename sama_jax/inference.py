@@ -211,28 +211,43 @@ class Editor:
         )
 
     @classmethod
-    def from_run(cls, workdir: str, *, use_ema: bool = True, mesh=None, rules=None,
-                 lora_path: str | None = None) -> "Editor":
+    def from_run(
+        cls, workdir: str, *, use_ema: bool = True, mesh=None, rules=None, lora_path: str | None = None
+    ) -> "Editor":
         """A sama-train run directory (sama_jax.run_dir): its EMA (or raw) DiT, the frozen VAE and
         text encoder it trained with and its tokenizer, in the run's own precision."""
         from sama_jax import run_dir
 
         if not run_dir.is_run_dir(workdir):
-            raise FileNotFoundError(f"--run {workdir}: not a sama-train run directory (no "
-                                    f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)")
+            raise FileNotFoundError(
+                f"--run {workdir}: not a sama-train run directory (no "
+                f"{run_dir.CONFIG_FILE} and {run_dir.CHECKPOINTS}/)"
+            )
         run = run_dir.load_run(workdir, use_ema=use_ema, mesh=mesh, rules=rules)
         if run.encoders.vae is None or run.encoders.text_encoder is None or run.tokenizer is None:
-            raise ValueError(f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
-                             f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer")
+            raise ValueError(
+                f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
+                f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer"
+            )
         checkpoint = os.path.join(workdir, run_dir.CHECKPOINTS, str(run.step))
-        identities = {"run": os.path.abspath(workdir), "step": int(run.step),
-                      "weights": "ema" if use_ema else "raw",
-                      "dit": fingerprint(checkpoint) if os.path.isdir(checkpoint) else None}
+        identities = {
+            "run": os.path.abspath(workdir),
+            "step": int(run.step),
+            "weights": "ema" if use_ema else "raw",
+            "dit": fingerprint(checkpoint) if os.path.isdir(checkpoint) else None,
+        }
         if lora_path:
             merged = lora_lib.merge_lora(run.dit, lora_lib.read_lora(lora_path), alpha=1.0)
             identities["lora"] = dict(fingerprint(lora_path), modules=len(merged))
-        return cls(run.dit, run.encoders.vae, run.encoders.text_encoder, run.tokenizer,
-                   mesh=mesh, rules=rules, identities=identities)
+        return cls(
+            run.dit,
+            run.encoders.vae,
+            run.encoders.text_encoder,
+            run.tokenizer,
+            mesh=mesh,
+            rules=rules,
+            identities=identities,
+        )
 
     def _denoiser(self, settings: EditSettings) -> sampling.Denoiser:
         return denoiser_for(self._graphdef, settings.sampler, settings.cfg_mode, settings.guidance != 1.0)

@@ -5,6 +5,7 @@
 Prints the mesh, where each logical axis lands, and the largest difference between a sharded jitted
 two-layer MLP on a batch and the same computation on one device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ from sama_jax import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sama-mesh-info", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-mesh-info", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     return cli.run("sama-mesh-info", lambda: _main(*cli.parse(parser, argv)))
 
 
@@ -34,8 +36,10 @@ def _main(config, args) -> int:
 
     rng = np.random.default_rng(config.seed)
     width = 8 * mesh.size
-    params = {"w1": rng.standard_normal((width, 2 * width), np.float32) / np.sqrt(width),
-              "w2": rng.standard_normal((2 * width, width), np.float32) / np.sqrt(2 * width)}
+    params = {
+        "w1": rng.standard_normal((width, 2 * width), np.float32) / np.sqrt(width),
+        "w2": rng.standard_normal((2 * width, width), np.float32) / np.sqrt(2 * width),
+    }
     batch = rng.standard_normal((mesh.size, 4 * mesh.size, width), np.float32)
 
     def mlp(p, x):
@@ -46,7 +50,9 @@ def _main(config, args) -> int:
     param_specs = {"w1": ("embed", "mlp"), "w2": ("mlp", "embed")}
     param_shardings = jax.tree.map(
         lambda names: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh_spec(names, rules)),
-        param_specs, is_leaf=lambda x: isinstance(x, tuple))
+        param_specs,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     sharded_params = jax.device_put(params, param_shardings)
     sharded_batch = sharding.shard_batch(batch, mesh, rules, ("batch", "length", "act_embed"))
     with sharding.use_mesh(mesh, rules):

@@ -5,6 +5,7 @@ after global-norm clipping; and the fp32 EMA of the parameters.
     lr = optim.learning_rate(config)(step)
     ema = optim.ema_update(ema, params, decay)     # in the step, after the update
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,8 +25,9 @@ def learning_rate(config) -> optax.Schedule:
     if sched.decay not in DECAYS:
         raise ConfigError(f"schedule.decay={sched.decay!r}: use one of {DECAYS}")
     if warmup < 0 or (warmup >= steps and sched.decay == "cosine"):
-        raise ConfigError(f"schedule.warmup_steps={warmup} must be in [0, train.steps={steps}) "
-                          "for a cosine decay")
+        raise ConfigError(
+            f"schedule.warmup_steps={warmup} must be in [0, train.steps={steps}) for a cosine decay"
+        )
     if sched.decay == "constant":
         after = optax.constant_schedule(lr)
     else:
@@ -41,8 +43,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
         raise ConfigError(f"optimizer.name={opt.name!r}: only 'adamw' is implemented")
     return optax.chain(
         optax.clip_by_global_norm(float(opt.grad_clip_norm)),
-        optax.adamw(learning_rate(config), b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
-                    weight_decay=float(opt.weight_decay)))
+        optax.adamw(
+            learning_rate(config),
+            b1=float(opt.b1),
+            b2=float(opt.b2),
+            eps=float(opt.eps),
+            weight_decay=float(opt.weight_decay),
+        ),
+    )
 
 
 def ema_init(params):

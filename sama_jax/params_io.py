@@ -19,6 +19,7 @@ At every instant the old or the new complete checkpoint is at OUT or named by th
 interrupted replacement and deletes abandoned partials (and the OUT.old / OUT.replacement leftovers
 of earlier versions of this module).
 """
+
 from __future__ import annotations
 
 import collections
@@ -61,8 +62,10 @@ def _read_journal(path: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise ParamsCheckpointError(f"{_journal(path)}: unreadable replacement journal ({e}); "
-                                    "it is written atomically, so something else changed it") from e
+        raise ParamsCheckpointError(
+            f"{_journal(path)}: unreadable replacement journal ({e}); "
+            "it is written atomically, so something else changed it"
+        ) from e
 
 
 def _is_params_checkpoint(path: str) -> bool:
@@ -81,8 +84,7 @@ def resolve(path: str) -> str:
     if journal is not None and not os.path.isdir(path):
         new = os.path.join(os.path.dirname(os.path.abspath(path)), journal["new"])
         if os.path.isdir(new):
-            logging.warning("%s: reading %s, the new checkpoint of an interrupted replacement",
-                            path, new)
+            logging.warning("%s: reading %s, the new checkpoint of an interrupted replacement", path, new)
             return new
     return path
 
@@ -94,7 +96,7 @@ def recover(path: str) -> list[str]:
     parent = os.path.dirname(path)
     done = []
     journal = _read_journal(path)
-    if journal is not None:   # the new checkpoint is complete: finish putting it in place
+    if journal is not None:  # the new checkpoint is complete: finish putting it in place
         new, old = os.path.join(parent, journal["new"]), os.path.join(parent, journal["old"])
         if os.path.isdir(new):
             if os.path.lexists(path):
@@ -105,7 +107,7 @@ def recover(path: str) -> list[str]:
             if os.path.isdir(path):
                 shutil.rmtree(old)
                 done.append(f"deleted the replaced checkpoint {old}")
-            else:   # the new checkpoint was deleted by hand: keep the old one
+            else:  # the new checkpoint was deleted by hand: keep the old one
                 os.rename(old, path)
                 done.append(f"restored {path} from {old}")
         os.remove(_journal(path))
@@ -119,8 +121,11 @@ def recover(path: str) -> list[str]:
             os.rename(legacy_old, path)
             done.append(f"restored {path} from {legacy_old}")
     # Without a journal, partial writes were never complete: nothing refers to them.
-    stale = [p for pattern in (".partial-*", ".partial_save", JOURNAL_SUFFIX + ".partial-*")
-             for p in glob.glob(glob.escape(path) + pattern)]
+    stale = [
+        p
+        for pattern in (".partial-*", ".partial_save", JOURNAL_SUFFIX + ".partial-*")
+        for p in glob.glob(glob.escape(path) + pattern)
+    ]
     stale += [p for p in (legacy_old, legacy_new, legacy_new + ".partial_save") if os.path.lexists(p)]
     for leftover in stale:
         if os.path.isdir(leftover):
@@ -144,13 +149,16 @@ def check_output(path: str, overwrite: bool) -> list[str]:
     done = recover(path)
     if os.path.lexists(path):
         if not os.path.isdir(path):
-            raise ParamsCheckpointError(f"{path} exists and is not a checkpoint directory; "
-                                        "remove it or choose another output")
+            raise ParamsCheckpointError(
+                f"{path} exists and is not a checkpoint directory; remove it or choose another output"
+            )
         if not overwrite:
             raise ParamsCheckpointError(f"{path} exists; pass --overwrite to replace it")
         if os.listdir(path) and not _is_params_checkpoint(path):
-            raise ParamsCheckpointError(f"{path} is not a params checkpoint; --overwrite only "
-                                        "replaces one: remove it yourself or choose another output")
+            raise ParamsCheckpointError(
+                f"{path} is not a params checkpoint; --overwrite only "
+                "replaces one: remove it yourself or choose another output"
+            )
     return done
 
 
@@ -160,16 +168,24 @@ def check_free_space(path: str, nbytes: int) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(parent).free
     if nbytes > free:
-        raise ParamsCheckpointError(f"{parent}: the checkpoint needs about {nbytes / 2**30:.1f} GiB, "
-                                    f"only {free / 2**30:.1f} GiB are free")
+        raise ParamsCheckpointError(
+            f"{parent}: the checkpoint needs about {nbytes / 2**30:.1f} GiB, "
+            f"only {free / 2**30:.1f} GiB are free"
+        )
 
 
 class ParamsWriter:
     """Writes a params checkpoint incrementally: `add` groups of arrays and `add_by_rows` large
     arrays, then `finalize`. `on_written(arrays, nbytes)` is called as data reaches the disk."""
 
-    def __init__(self, path: str, kind: str, config: Mapping[str, Any], overwrite: bool = False,
-                 on_written: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        config: Mapping[str, Any],
+        overwrite: bool = False,
+        on_written: Callable[[int, int], None] | None = None,
+    ):
         self.path = os.path.abspath(path)
         check_output(self.path, overwrite)
         self._id = uuid.uuid4().hex[:8]
@@ -197,8 +213,14 @@ class ParamsWriter:
         leaves = jax.tree.leaves(tree)
         self._on_written(len(leaves), sum(np.asarray(leaf).nbytes for leaf in leaves))
 
-    def add_by_rows(self, keys: Sequence[str], shape: Sequence[int], dtype,
-                    rows: Callable[[int, int], np.ndarray], block_rows: int = 1) -> None:
+    def add_by_rows(
+        self,
+        keys: Sequence[str],
+        shape: Sequence[int],
+        dtype,
+        rows: Callable[[int, int], np.ndarray],
+        block_rows: int = 1,
+    ) -> None:
         """Adds the array `keys` (a path in the tree) of `shape` and `dtype`, written at finalize
         `block_rows` rows at a time: `rows(start, stop)` -> the array's rows [start, stop)."""
         shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
@@ -218,31 +240,45 @@ class ParamsWriter:
     def _write_rows(self, keys, shape, dtype, block_rows, rows) -> None:
         import tensorstore as ts
 
-        spec = {"driver": "zarr3", "kvstore": {
-            "driver": "ocdbt", "base": f"file://{self._target}/{PYTREE_DIR}/", "path": ".".join(keys) + "/"}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {
+                "driver": "ocdbt",
+                "base": f"file://{self._target}/{PYTREE_DIR}/",
+                "path": ".".join(keys) + "/",
+            },
+        }
         # One chunk per block, stored uncompressed: zstd saves ~20% on bf16 weights but makes the
         # write (and every load) 2-3x slower. Replaces the placeholder Orbax wrote.
-        metadata = {"shape": list(shape), "data_type": dtype.name, "fill_value": 0,
-                    "chunk_grid": {"name": "regular",
-                                   "configuration": {"chunk_shape": [block_rows, *shape[1:]]}},
-                    "chunk_key_encoding": {"name": "default"},
-                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}
-        try:   # the placeholder must be where Orbax will look for the array
+        metadata = {
+            "shape": list(shape),
+            "data_type": dtype.name,
+            "fill_value": 0,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [block_rows, *shape[1:]]}},
+            "chunk_key_encoding": {"name": "default"},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        }
+        try:  # the placeholder must be where Orbax will look for the array
             ts.open(spec, open=True).result()
         except ValueError as e:
-            raise ParamsCheckpointError(f"{self._target}: Orbax did not store {'.'.join(keys)} under "
-                                        f"{PYTREE_DIR}/ as params_io expects (Orbax layout changed?): {e}") from e
+            raise ParamsCheckpointError(
+                f"{self._target}: Orbax did not store {'.'.join(keys)} under "
+                f"{PYTREE_DIR}/ as params_io expects (Orbax layout changed?): {e}"
+            ) from e
         store = ts.open(dict(spec, metadata=metadata), create=True, delete_existing=True).result()
         pending = collections.deque()
         for start in range(0, shape[0], block_rows):
             stop = min(start + block_rows, shape[0])
             block = np.ascontiguousarray(rows(start, stop), dtype)
             if block.shape != (stop - start, *shape[1:]):
-                raise ParamsCheckpointError(f"{'/'.join(keys)}: rows [{start}, {stop}) have shape "
-                                            f"{block.shape}, expected {(stop - start, *shape[1:])}")
+                raise ParamsCheckpointError(
+                    f"{'/'.join(keys)}: rows [{start}, {stop}) have shape "
+                    f"{block.shape}, expected {(stop - start, *shape[1:])}"
+                )
             # The block is not modified after this, so TensorStore may write it without a copy.
-            pending.append((store[start:stop].write(block, can_reference_source_data_indefinitely=True),
-                            block.nbytes))
+            pending.append(
+                (store[start:stop].write(block, can_reference_source_data_indefinitely=True), block.nbytes)
+            )
             if len(pending) >= WRITES_IN_FLIGHT:
                 self._wait(pending.popleft())
         while pending:
@@ -285,8 +321,9 @@ class ParamsWriter:
                 shutil.rmtree(partial)
 
 
-def save_params(path: str, params: Mapping[str, Any], kind: str, config: Mapping[str, Any],
-                overwrite: bool = False) -> None:
+def save_params(
+    path: str, params: Mapping[str, Any], kind: str, config: Mapping[str, Any], overwrite: bool = False
+) -> None:
     """Writes a whole parameter tree at once (small models, tests)."""
     writer = ParamsWriter(path, kind, config, overwrite=overwrite)
     writer.add(jax.tree.map(np.asarray, params))
@@ -303,8 +340,9 @@ def read_metadata(path: str) -> tuple[str, dict]:
     except Exception as e:  # noqa: BLE001 - orbax raises layout/IO errors of several types
         raise ParamsCheckpointError(f"{path} is not a complete Orbax checkpoint: {e}") from e
     if "kind" not in meta or "config" not in meta:
-        raise ParamsCheckpointError(f"{path} is an Orbax checkpoint but not a sama_jax params "
-                                    "checkpoint (no kind/config metadata)")
+        raise ParamsCheckpointError(
+            f"{path} is an Orbax checkpoint but not a sama_jax params checkpoint (no kind/config metadata)"
+        )
     return meta["kind"], meta["config"]
 
 
@@ -360,21 +398,26 @@ def load_module(path: str, kind: str, build: Callable[[dict], Any], mesh=None, r
     stored = _flatten(ocp.metadata(path).metadata)
     problems = [f"missing {k}" for k in sorted(set(expected) - set(stored))]
     problems += [f"unexpected {k}" for k in sorted(set(stored) - set(expected))]
-    problems += [f"{k}: checkpoint {tuple(stored[k].shape)}, model {tuple(expected[k].shape)}"
-                 for k in sorted(set(stored) & set(expected))
-                 if tuple(stored[k].shape) != tuple(expected[k].shape)]
+    problems += [
+        f"{k}: checkpoint {tuple(stored[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(stored) & set(expected))
+        if tuple(stored[k].shape) != tuple(expected[k].shape)
+    ]
     if problems:
         raise ParamsCheckpointError(
-            f"{path} does not fit the {kind} model built from its config:\n  " + "\n  ".join(problems))
+            f"{path} does not fit the {kind} model built from its config:\n  " + "\n  ".join(problems)
+        )
     if mesh is not None:
-        placements = _flatten(nnx.to_pure_dict(
-            sharding.state_shardings(state, mesh, rules or sharding.DEFAULT_RULES)))
+        placements = _flatten(
+            nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules or sharding.DEFAULT_RULES))
+        )
         sharding.check_divisible(expected, placements)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         placements = {k: device for k in expected}
-    target = _unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placements[k])
-                         for k, v in expected.items()})
+    target = _unflatten(
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placements[k]) for k, v in expected.items()}
+    )
     params, _ = load_params(path, expected_kind=kind, abstract=target)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -406,12 +449,21 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 # Run-time fields a stored config may carry next to the architecture ("dtype": older converters'
 # name for the compute dtype). They describe how a run computes, not the weights.
-PRECISION_KEYS = ("param_dtype", "compute_dtype", "dtype", "residual_dtype", "attention", "remat",
-                  "context_parallel", "scan_layers")
+PRECISION_KEYS = (
+    "param_dtype",
+    "compute_dtype",
+    "dtype",
+    "residual_dtype",
+    "attention",
+    "remat",
+    "context_parallel",
+    "scan_layers",
+)
 
 
-def split_precision(stored: Mapping[str, Any], precision: Mapping[str, Any] | None = None
-                    ) -> tuple[dict, dict]:
+def split_precision(
+    stored: Mapping[str, Any], precision: Mapping[str, Any] | None = None
+) -> tuple[dict, dict]:
     """A stored checkpoint config -> (architecture fields, precision fields). The checkpoint's own
     dtypes are the defaults; `precision` (a config's precision section) overrides them."""
     architecture = {k: v for k, v in stored.items() if k not in PRECISION_KEYS}

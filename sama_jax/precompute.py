@@ -26,6 +26,7 @@ disk, so an interrupted run resumes; settings.json must match the current run (e
 its id and path and skipped; a summary ends the run. Exit status: 0 all done, 1 some items failed,
 2 bad arguments, config, manifest or settings (nothing computed for that manifest).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,6 @@ import time
 from typing import Sequence
 
 import numpy as np
-
 from flax import nnx
 
 from sama_jax import cli, conditioning, features
@@ -71,10 +71,15 @@ def check_settings(manifest_path: str, name: str, settings: dict, overwrite: boo
         with open(path) as f:
             stored = json.load(f)
         if stored != settings:
-            diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings)
-                    if stored.get(k) != settings.get(k)}
-            raise ValueError(f"{os.path.dirname(path)} holds '{name}' features made with other "
-                             f"settings (stored, now): {diff}; pass --overwrite to recompute them")
+            diff = {
+                k: (stored.get(k), settings.get(k))
+                for k in set(stored) | set(settings)
+                if stored.get(k) != settings.get(k)
+            }
+            raise ValueError(
+                f"{os.path.dirname(path)} holds '{name}' features made with other "
+                f"settings (stored, now): {diff}; pass --overwrite to recompute them"
+            )
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -87,9 +92,18 @@ class Precomputer:
     """Loads the encoders once (sama_jax.conditioning, the run's precision policy) and writes the
     features of one manifest at a time."""
 
-    def __init__(self, config, text_encoder: str | None, tokenizer: str | None, siglip: str | None,
-                 vae: str | None, batch_size: int = 8, dtype: str = "float32",
-                 prompt_prefix: str | None = None, overwrite: bool = False):
+    def __init__(
+        self,
+        config,
+        text_encoder: str | None,
+        tokenizer: str | None,
+        siglip: str | None,
+        vae: str | None,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        prompt_prefix: str | None = None,
+        overwrite: bool = False,
+    ):
         self.config = config
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
@@ -98,8 +112,8 @@ class Precomputer:
         self.prompt_prefix = config.prompt_prefix if prompt_prefix is None else prompt_prefix
         # Deterministic per-sample frames: the training transform without the random pretext.
         spec = pipeline.SampleSpec.from_config(
-            config.data, seed=int(config.seed),
-            anchor_frames=int(config.model.semantic.num_anchor_frames))
+            config.data, seed=int(config.seed), anchor_frames=int(config.model.semantic.num_anchor_frames)
+        )
         self.spec = dataclasses.replace(spec, pretext=None)
         paths = {"text_encoder": text_encoder, "siglip": siglip, "vae": vae}
         names = tuple(name for name, path in paths.items() if path)
@@ -114,18 +128,29 @@ class Precomputer:
         self._encode_semantic = nnx.jit(conditioning.encode_semantic, static_argnums=2)
         self.settings = {}
         if text_encoder:
-            self.settings["text"] = dict(checkpoint=os.path.abspath(text_encoder),
-                                         text_len=self.text_len, tokenizer=os.path.abspath(tokenizer),
-                                         prompt_prefix=self.prompt_prefix, dtype=self.dtype.name)
-        media = dict(num_frames=self.spec.num_frames, frame_stride=self.spec.frame_stride,
-                     fps=self.spec.fps, buckets=[list(b) for b in self.spec.buckets])
+            self.settings["text"] = dict(
+                checkpoint=os.path.abspath(text_encoder),
+                text_len=self.text_len,
+                tokenizer=os.path.abspath(tokenizer),
+                prompt_prefix=self.prompt_prefix,
+                dtype=self.dtype.name,
+            )
+        media = dict(
+            num_frames=self.spec.num_frames,
+            frame_stride=self.spec.frame_stride,
+            fps=self.spec.fps,
+            buckets=[list(b) for b in self.spec.buckets],
+        )
         if siglip:
-            self.settings["semantic"] = dict(checkpoint=os.path.abspath(siglip), dtype=self.dtype.name,
-                                             **dict(config.model.semantic), **media)
+            self.settings["semantic"] = dict(
+                checkpoint=os.path.abspath(siglip),
+                dtype=self.dtype.name,
+                **dict(config.model.semantic),
+                **media,
+            )
         if vae:
             for name in ("target_latents", "source_latents"):
-                self.settings[name] = dict(checkpoint=os.path.abspath(vae), dtype=self.dtype.name,
-                                           **media)
+                self.settings[name] = dict(checkpoint=os.path.abspath(vae), dtype=self.dtype.name, **media)
 
     def run(self, manifest_path: str) -> Summary:
         source = pipeline.ManifestSource(manifest_path)
@@ -135,8 +160,7 @@ class Precomputer:
         records = [source[i] for i in range(len(source))]
         name = os.path.basename(manifest_path)
         if "text" in self.settings:
-            self._run_text(manifest_path, records, summary,
-                           Progress(len(records), unit="texts", logger=log))
+            self._run_text(manifest_path, records, summary, Progress(len(records), unit="texts", logger=log))
         media_names = [n for n in MEDIA_FEATURES if n in self.settings]
         if media_names:
             progress = Progress(len(records), unit="samples", logger=log)
@@ -153,12 +177,13 @@ class Precomputer:
             return None
         return path
 
-    def _run_text(self, manifest_path: str, records: list[dict], summary: Summary,
-                  progress: Progress) -> None:
+    def _run_text(
+        self, manifest_path: str, records: list[dict], summary: Summary, progress: Progress
+    ) -> None:
         todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", summary))]
         progress.advance(len(records) - len(todo))
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
+            chunk = todo[start : start + self.batch_size]
             texts = [conditioning.prompt(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
             # One compiled shape: the last chunk is padded with empty prompts.
             texts += [""] * (self.batch_size - len(texts))
@@ -180,7 +205,7 @@ class Precomputer:
         for name in names:
             if name == "source_latents" and record["kind"] == "t2v":
                 continue  # the source of a raw clip is made at train time (motion alignment)
-            if (path := self._todo(manifest_path, record, name, summary)):
+            if path := self._todo(manifest_path, record, name, summary):
                 paths[name] = path
         if not paths:
             return
@@ -194,8 +219,9 @@ class Precomputer:
         for name, path in paths.items():
             try:
                 if name == "semantic":
-                    value = self._encode_semantic(self.encoders.vision, sample["anchors"][None],
-                                                  self.encoders.semantic)[0]
+                    value = self._encode_semantic(
+                        self.encoders.vision, sample["anchors"][None], self.encoders.semantic
+                    )[0]
                 else:
                     frames = sample["target" if name == "target_latents" else "source"]
                     value = self._encode_video(self.encoders.vae, frames[None])[0]
@@ -208,6 +234,7 @@ class Precomputer:
 @dataclasses.dataclass
 class Summary:
     """What one manifest's run did: features written and already on disk by name, failed items."""
+
     manifest: str
     samples: int
     written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -215,33 +242,47 @@ class Summary:
     failed: list = dataclasses.field(default_factory=list)
 
     def fail(self, record: dict, features: str, path: str, error: Exception) -> None:
-        item = dict(id=str(record.get("id")), features=features, path=str(path),
-                    error=f"{type(error).__name__}: {error}")
+        item = dict(
+            id=str(record.get("id")),
+            features=features,
+            path=str(path),
+            error=f"{type(error).__name__}: {error}",
+        )
         self.failed.append(item)
-        log.warning("precompute: %s failed for %s (%s): %s", features, item["id"], item["path"],
-                    item["error"])
+        log.warning(
+            "precompute: %s failed for %s (%s): %s", features, item["id"], item["path"], item["error"]
+        )
 
     def report(self) -> str:
-        lines = [f"{self.manifest}: {self.samples} samples; written {dict(self.written)}; "
-                 f"already done {dict(self.already_done)}; failed {len(self.failed)}"]
+        lines = [
+            f"{self.manifest}: {self.samples} samples; written {dict(self.written)}; "
+            f"already done {dict(self.already_done)}; failed {len(self.failed)}"
+        ]
         lines += [f"  FAILED {f['id']} [{f['features']}] {f['path']}: {f['error']}" for f in self.failed]
         return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sama-precompute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", action="append", default=[],
-                        help="manifest (JSONL); repeatable; default: the config's data mixture")
+    parser = argparse.ArgumentParser(
+        prog="sama-precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        help="manifest (JSONL); repeatable; default: the config's data mixture",
+    )
     parser.add_argument("--text-encoder", help="umT5 params checkpoint (convert-wan-weights --kind umt5)")
     parser.add_argument("--tokenizer", help="local umT5 tokenizer directory")
     parser.add_argument("--siglip", help="SigLIP params checkpoint: writes semantic tokens")
     parser.add_argument("--vae", help="Wan VAE params checkpoint: writes target/source latents")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per umT5 call")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"),
-                        help="stored dtype of the features")
-    parser.add_argument("--prompt-prefix", default=None,
-                        help="prepended to every text (default: config.prompt_prefix)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16"), help="stored dtype of the features"
+    )
+    parser.add_argument(
+        "--prompt-prefix", default=None, help="prepended to every text (default: config.prompt_prefix)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="recompute features already on disk")
     return parser
 
@@ -254,9 +295,17 @@ def _main(config, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifests = args.manifest or [entry["manifest"] for entry in config.data.mixture]
     start = time.time()
-    worker = Precomputer(config, args.text_encoder, args.tokenizer, args.siglip, args.vae,
-                         batch_size=args.batch_size, dtype=args.dtype,
-                         prompt_prefix=args.prompt_prefix, overwrite=args.overwrite)
+    worker = Precomputer(
+        config,
+        args.text_encoder,
+        args.tokenizer,
+        args.siglip,
+        args.vae,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        prompt_prefix=args.prompt_prefix,
+        overwrite=args.overwrite,
+    )
     summaries = [worker.run(path) for path in manifests]
     failed = sum(len(s.failed) for s in summaries)
     for s in summaries:

@@ -1,16 +1,17 @@
 """A training run directory: everything needed to continue the run or to edit with it.
 
-    WORKDIR/config.json        the resolved config (a resumed run must match it, key by key)
-    WORKDIR/checkpoints/<step>/  Orbax items params, ema, opt_state, train, data, config
-    WORKDIR/encoders.json      the frozen encoders and tokenizer the run used: {vae, text_encoder,
-                               siglip, tokenizer} -> path (relative paths are inside WORKDIR)
-    WORKDIR/encoders/<name>/   params checkpoints of generated encoders (tiny preset: random ones)
-    WORKDIR/tokenizer/         the generated tokenizer (tiny preset)
-    WORKDIR/events.out.tfevents.*   TensorBoard metrics (clu)
+WORKDIR/config.json        the resolved config (a resumed run must match it, key by key)
+WORKDIR/checkpoints/<step>/  Orbax items params, ema, opt_state, train, data, config
+WORKDIR/encoders.json      the frozen encoders and tokenizer the run used: {vae, text_encoder,
+                           siglip, tokenizer} -> path (relative paths are inside WORKDIR)
+WORKDIR/encoders/<name>/   params checkpoints of generated encoders (tiny preset: random ones)
+WORKDIR/tokenizer/         the generated tokenizer (tiny preset)
+WORKDIR/events.out.tfevents.*   TensorBoard metrics (clu)
 
-    run = run_dir.load_run("runs/x", use_ema=True, mesh=mesh, rules=rules)
-    run.config, run.dit, run.encoders, run.tokenizer, run.step
+run = run_dir.load_run("runs/x", use_ema=True, mesh=mesh, rules=rules)
+run.config, run.dit, run.encoders, run.tokenizer, run.step
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ class Run(NamedTuple):
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
-        os.path.join(path, CHECKPOINTS))
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, CHECKPOINTS))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,9 +80,11 @@ def _flat(tree: Any, prefix: str = "") -> dict:
 def config_differences(old: Mapping, new: Mapping) -> list[str]:
     """'key: old -> new' for every differing leaf of two config JSONs."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b))
-            if k not in IGNORED_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in IGNORED_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
 
 
 def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
@@ -96,8 +98,10 @@ def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
         if differences and not allow_change:
             raise ConfigError(
                 f"{workdir} holds a run with another config ({len(differences)} differing keys: "
-                + "; ".join(differences) + "); use another --workdir, or --allow-config-change to "
-                "continue this run with the new config")
+                + "; ".join(differences)
+                + "); use another --workdir, or --allow-config-change to "
+                "continue this run with the new config"
+            )
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -116,8 +120,11 @@ def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, confi
 
     from sama_jax.models import siglip, umt5, wan_vae
 
-    kinds = {"vae": (wan_vae.KIND, config.model.vae), "text_encoder": (umt5.KIND, config.model.text_encoder),
-             "siglip": (siglip.KIND, config.model.siglip)}
+    kinds = {
+        "vae": (wan_vae.KIND, config.model.vae),
+        "text_encoder": (umt5.KIND, config.model.text_encoder),
+        "siglip": (siglip.KIND, config.model.siglip),
+    }
     modules = {"vae": encoders.vae, "text_encoder": encoders.text_encoder, "siglip": encoders.vision}
     paths = {}
     for name, module in modules.items():
@@ -126,8 +133,10 @@ def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, confi
         relative = os.path.join(ENCODERS_DIR, name)
         target = os.path.join(workdir, relative)
         if not os.path.isdir(target):
-            params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                                  nnx.to_pure_dict(nnx.state(module)))
+            params = jax.tree.map(
+                lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                nnx.to_pure_dict(nnx.state(module)),
+            )
             kind, section = kinds[name]
             # Collective in Orbax (every process calls it; process 0 writes host arrays).
             params_io.save_params(target, params, kind, section.to_dict())
@@ -172,8 +181,7 @@ def abstract_params(dit_config, mesh=None, rules=None):
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, params)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params, shardings)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
     return graphdef, params, rest
 
 
@@ -194,8 +202,10 @@ def restore_params(workdir: str, params_abstract, *, use_ema: bool, step: int | 
     if step is None:
         raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint")
     item = "ema" if use_ema else "params"
-    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, np.float32 if use_ema else x.dtype, sharding=x.sharding), params_abstract)
+    stored = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, np.float32 if use_ema else x.dtype, sharding=x.sharding),
+        params_abstract,
+    )
     params = checkpointer.restore_tree(step, item, stored)
     checkpointer.close()
     return jax.tree.map(lambda p, a: p.astype(a.dtype), params, params_abstract), step
@@ -211,7 +221,8 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Ru
     config = read_config(workdir)
     rules = rules if rules is not None else sharding.axis_rules(config.sharding_rules)
     graphdef, params_abstract, rest = abstract_params(
-        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision), mesh, rules)
+        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision), mesh, rules
+    )
     params, step = restore_params(workdir, params_abstract, use_ema=use_ema)
     dit = nnx.merge(graphdef, params, rest)
     paths = read_encoder_paths(workdir)

@@ -20,6 +20,7 @@ SigLIP consistency (siglip_consistency, when SigLIP weights are given): the mean
 consecutive frames' SigLIP embeddings, each the mean of the vision tower's last hidden states (the
 global token SAMA's semantic anchoring uses; our port has no attention-pooling head).
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,9 @@ def _check(video: np.ndarray, name: str) -> np.ndarray:
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"cannot compare videos of shapes {a.shape} and {b.shape}: align them first "
-                         "(scores.align)")
+        raise ValueError(
+            f"cannot compare videos of shapes {a.shape} and {b.shape}: align them first (scores.align)"
+        )
 
 
 def _mask(mask: np.ndarray | None, shape: tuple) -> np.ndarray:
@@ -73,13 +75,14 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float 
         return None
     diff = a.astype(np.float64)[m] - b.astype(np.float64)[m]
     mse = float(np.mean(diff * diff))
-    return math.inf if mse == 0 else 10.0 * math.log10(DATA_RANGE ** 2 / mse)
+    return math.inf if mse == 0 else 10.0 * math.log10(DATA_RANGE**2 / mse)
 
 
 def _blur(x: np.ndarray) -> np.ndarray:
     """Gaussian filter over H and W of (T, H, W, C), each frame and channel on its own."""
-    return ndimage.gaussian_filter(x, sigma=(0, SSIM_SIGMA, SSIM_SIGMA, 0), truncate=SSIM_TRUNCATE,
-                                   mode="reflect")
+    return ndimage.gaussian_filter(
+        x, sigma=(0, SSIM_SIGMA, SSIM_SIGMA, 0), truncate=SSIM_TRUNCATE, mode="reflect"
+    )
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,12 +94,13 @@ def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     var_a = _blur(a * a) - mu_a * mu_a
     var_b = _blur(b * b) - mu_b * mu_b
     cov = _blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean(axis=-1)
 
 
-def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None,
-         precomputed_map: np.ndarray | None = None) -> float | None:
+def ssim(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, precomputed_map: np.ndarray | None = None
+) -> float | None:
     """Mean SSIM over the masked pixels; 1.0 when equal, None for an empty mask."""
     s = ssim_map(a, b) if precomputed_map is None else precomputed_map
     m = _mask(mask, s.shape + (3,))
@@ -136,9 +140,12 @@ def resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
     video = _check(video, "video")
     if video.shape[1:3] == (height, width):
         return video
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize((width, height),
-                                                                                Image.BICUBIC))
-                     for f in video])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize((width, height), Image.BICUBIC))
+            for f in video
+        ]
+    )
 
 
 def align(edit: np.ndarray, *references: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -150,8 +157,13 @@ def align(edit: np.ndarray, *references: np.ndarray) -> tuple[np.ndarray, ...]:
     return (resize_frames(edit[:count], h, w),) + tuple(v[:count] for v in references)
 
 
-def score_edit(edit: np.ndarray, target: np.ndarray, source: np.ndarray | None = None,
-               region: np.ndarray | None = None, threshold: float = REGION_THRESHOLD) -> dict:
+def score_edit(
+    edit: np.ndarray,
+    target: np.ndarray,
+    source: np.ndarray | None = None,
+    region: np.ndarray | None = None,
+    threshold: float = REGION_THRESHOLD,
+) -> dict:
     """All scores of one edit against its ground truth. The region is given, or found from source vs
     target (edit_region); the edit is aligned to the target first."""
     if source is None and region is None:
@@ -160,16 +172,21 @@ def score_edit(edit: np.ndarray, target: np.ndarray, source: np.ndarray | None =
     edit, target, *rest = align(edit, *refs)
     if region is None:
         region = edit_region(rest[0], target, threshold)
-    region = np.asarray(region, bool)[:len(edit)]
+    region = np.asarray(region, bool)[: len(edit)]
     outside = ~region
     s = ssim_map(edit, target)
     return {
-        "psnr_in": psnr(edit, target, region), "ssim_in": ssim(edit, target, region, s),
-        "psnr_out": psnr(edit, target, outside), "ssim_out": ssim(edit, target, outside, s),
-        "psnr": psnr(edit, target), "ssim": float(s.mean()),
-        "temporal_ssim": temporal_ssim(edit), "temporal_ssim_target": temporal_ssim(target),
+        "psnr_in": psnr(edit, target, region),
+        "ssim_in": ssim(edit, target, region, s),
+        "psnr_out": psnr(edit, target, outside),
+        "ssim_out": ssim(edit, target, outside, s),
+        "psnr": psnr(edit, target),
+        "ssim": float(s.mean()),
+        "temporal_ssim": temporal_ssim(edit),
+        "temporal_ssim_target": temporal_ssim(target),
         "temporal_diff_rmse": temporal_diff_rmse(edit, target),
-        "region_fraction": float(region.mean()), "frames": int(len(edit)),
+        "region_fraction": float(region.mean()),
+        "frames": int(len(edit)),
     }
 
 
@@ -219,8 +236,9 @@ def siglip_embeddings(model, video: np.ndarray, batch: int = 16) -> np.ndarray:
     """(T, hidden) float32: per frame, the mean of SigLIP's last hidden states, L2-normalised."""
     video = _check(video, "video")
     embed = _siglip_embed()
-    return np.concatenate([np.asarray(embed(model, video[i:i + batch]))
-                           for i in range(0, len(video), batch)])
+    return np.concatenate(
+        [np.asarray(embed(model, video[i : i + batch])) for i in range(0, len(video), batch)]
+    )
 
 
 def siglip_consistency(model, video: np.ndarray) -> float | None:

@@ -14,6 +14,7 @@ SigLIPFirstFrameEncoder; N > 1 spreads the anchors evenly over the clip, first a
 pool_grid g, global_token: "mean" (mean of all patch features of the frame), "max" (channel-wise max
 over patches) or "none" (no global token).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,7 @@ class SemanticConfig:
 
     @property
     def tokens_per_frame(self) -> int:
-        return self.pool_grid ** 2 + (self.global_token != "none")
+        return self.pool_grid**2 + (self.global_token != "none")
 
     @property
     def num_tokens(self) -> int:
@@ -70,19 +71,20 @@ def adaptive_avg_pool(grid: jax.Array, out: int) -> jax.Array:
     """(..., G, G, C) -> (..., out, out, C), separable adaptive average pooling in fp32."""
     rows = jnp.asarray(adaptive_pool_matrix(grid.shape[-3], out))
     cols = jnp.asarray(adaptive_pool_matrix(grid.shape[-2], out))
-    return jnp.einsum("ih,jw,...hwc->...ijc", rows, cols, grid.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "ih,jw,...hwc->...ijc", rows, cols, grid.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def tokens_from_features(features: jax.Array, cfg: SemanticConfig) -> jax.Array:
     """SigLIP patch features (B, N, G*G, C) -> (B, N * tokens_per_frame, C)."""
     b, n, patches, c = features.shape
-    g = int(round(patches ** 0.5))
+    g = int(round(patches**0.5))
     if g * g != patches:
         raise ValueError(f"{patches} patch features do not form a square grid")
     features = features.astype(jnp.float32)
     local = adaptive_avg_pool(features.reshape(b, n, g, g, c), cfg.pool_grid)
-    tokens = [local.reshape(b, n, cfg.pool_grid ** 2, c)]
+    tokens = [local.reshape(b, n, cfg.pool_grid**2, c)]
     if cfg.global_token == "mean":
         tokens.append(features.mean(axis=2, keepdims=True))
     elif cfg.global_token == "max":
@@ -90,8 +92,9 @@ def tokens_from_features(features: jax.Array, cfg: SemanticConfig) -> jax.Array:
     return jnp.concatenate(tokens, axis=2).reshape(b, n * cfg.tokens_per_frame, c)
 
 
-def semantic_tokens_from_anchors(model: siglip_lib.SiglipVisionModel, anchors: jax.Array,
-                                 cfg: SemanticConfig) -> jax.Array:
+def semantic_tokens_from_anchors(
+    model: siglip_lib.SiglipVisionModel, anchors: jax.Array, cfg: SemanticConfig
+) -> jax.Array:
     """Anchor frames (B, N, H, W, 3), uint8 or float in [0, 255] (the data pipeline's `anchors`)
     -> semantic tokens (B, N * tokens_per_frame, hidden).
 
@@ -100,14 +103,14 @@ def semantic_tokens_from_anchors(model: siglip_lib.SiglipVisionModel, anchors: j
     b, n = anchors.shape[:2]
     if n != cfg.num_anchor_frames:
         raise ValueError(f"got {n} anchor frames, the semantic config asks for {cfg.num_anchor_frames}")
-    pixels = siglip_lib.preprocess(jnp.asarray(anchors).reshape((b * n,) + anchors.shape[2:]),
-                                   model.cfg.image_size)
+    pixels = siglip_lib.preprocess(
+        jnp.asarray(anchors).reshape((b * n,) + anchors.shape[2:]), model.cfg.image_size
+    )
     features = model(pixels)
     return tokens_from_features(features.reshape(b, n, -1, features.shape[-1]), cfg)
 
 
-def semantic_tokens(model: siglip_lib.SiglipVisionModel, video: jax.Array,
-                    cfg: SemanticConfig) -> jax.Array:
+def semantic_tokens(model: siglip_lib.SiglipVisionModel, video: jax.Array, cfg: SemanticConfig) -> jax.Array:
     """Whole video (B, T, H, W, 3) -> semantic tokens of its anchor frames (anchor_frame_indices)."""
     frames = jnp.asarray(video)[:, anchor_frame_indices(video.shape[1], cfg.num_anchor_frames)]
     return semantic_tokens_from_anchors(model, frames, cfg)

@@ -15,6 +15,7 @@ Logical names used by the models:
   layers           the stacked-layer dimension of scanned parameters
   conv_in, conv_out, spatial   VAE convolution channels and activations' spatial dimensions
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,12 +69,14 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple
         if num_devices % known:
             raise ShardingError(
                 f"cannot fill mesh axis '{MESH_AXES[fill[0]]}': {num_devices} devices are not "
-                f"divisible by the other axes' product {known}")
+                f"divisible by the other axes' product {known}"
+            )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ShardingError(
             f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, but {num_devices} "
-            "are available")
+            "are available"
+        )
     return tuple(sizes)
 
 
@@ -109,7 +112,7 @@ def axis_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
     for name, target in rules_config:
         if isinstance(target, list):
             target = tuple(target)
-        for axis in (target if isinstance(target, tuple) else (target,)):
+        for axis in target if isinstance(target, tuple) else (target,):
             if axis is not None and axis not in MESH_AXES:
                 raise ShardingError(f"rule ({name!r}, {target!r}) names unknown mesh axis {axis!r}")
         out.append((name, target))
@@ -143,8 +146,9 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules) -> Partiti
         if name not in table:
             raise ShardingError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
         target = table[name]
-        axes = tuple(a for a in (target if isinstance(target, tuple) else (target,))
-                     if a is not None and a not in used)
+        axes = tuple(
+            a for a in (target if isinstance(target, tuple) else (target,)) if a is not None and a not in used
+        )
         used.update(axes)
         out.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*out)
@@ -154,7 +158,9 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
     """A pytree of logical PartitionSpecs (e.g. nnx.get_partition_spec(state)) -> NamedShardings."""
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, logical_to_mesh_spec(tuple(spec), rules)),
-        logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def check_divisible(shapes: Any, shardings: Any) -> None:
@@ -169,8 +175,10 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
                 continue
             parts = math.prod(mesh_shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
             if size % parts:
-                problems.append(f"{jax.tree_util.keystr(path)}: dim {dim} of size {size} is not "
-                                f"divisible by mesh axes {axes} = {parts}")
+                problems.append(
+                    f"{jax.tree_util.keystr(path)}: dim {dim} of size {size} is not "
+                    f"divisible by mesh axes {axes} = {parts}"
+                )
 
     jax.tree_util.tree_map_with_path(check, shapes, shardings)
     if problems:
@@ -184,8 +192,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules, key: str = "train.batch
     parts = math.prod(dict(mesh.shape)[a] for a in axes)
     if batch_size < 1 or batch_size % parts:
         sizes = " x ".join(f"{a}={dict(mesh.shape)[a]}" for a in axes) or "none"
-        raise ShardingError(f"{key}={batch_size} must be a positive multiple of {parts}: the batch is "
-                            f"split over the mesh axes {sizes} (config.mesh.ici / sharding_rules)")
+        raise ShardingError(
+            f"{key}={batch_size} must be a positive multiple of {parts}: the batch is "
+            f"split over the mesh axes {sizes} (config.mesh.ici / sharding_rules)"
+        )
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
@@ -216,8 +226,7 @@ def shard_batch(batch: Any, mesh: Mesh, rules, logical_axes: Any = None) -> Any:
         sharding = NamedSharding(mesh, logical_to_mesh_spec(names, rules))
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
-    return jax.tree.map(put, batch, logical_axes,
-                        is_leaf=lambda x: isinstance(x, (np.ndarray, jax.Array)))
+    return jax.tree.map(put, batch, logical_axes, is_leaf=lambda x: isinstance(x, (np.ndarray, jax.Array)))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ per sample, runs the DiT on [source | semantic | target] and prints SAMA's loss 
 gradient with respect to the DiT parameters. No update is applied: this checks that the pieces
 compose, shard and differentiate (sama-train trains).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from sama_jax import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sama-smoke", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-smoke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=3, help="batches to run")
     return parser
 
@@ -44,15 +46,19 @@ def _main(config, args) -> int:
 
     model_cfg = config.model
     # Everything checkable before a model is built: the data config, the mesh, the batch split.
-    pipeline.check_data_config(config.data, config.seed,
-                               anchor_frames=model_cfg.semantic.num_anchor_frames,
-                               text_len=model_cfg.dit.text_len)
+    pipeline.check_data_config(
+        config.data,
+        config.seed,
+        anchor_frames=model_cfg.semantic.num_anchor_frames,
+        text_len=model_cfg.dit.text_len,
+    )
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.axis_rules(config.sharding_rules)
     sharding.check_batch_size(config.train.batch_size, mesh, rules)
     data_dir = os.path.dirname(os.path.join(config.data.root, config.data.mixture[0]["manifest"]))
     tokenizer = text.load_tokenizer(
-        synthetic.ensure_dataset(data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
+        synthetic.ensure_dataset(data_dir, min(model_cfg.text_encoder.vocab_size, 400))
+    )
     sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
@@ -64,10 +70,14 @@ def _main(config, args) -> int:
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(dit, nnx.Param)))
     print(f"SAMA DiT '{model_cfg.preset}': {num_params:,} parameters")
 
-    data = pipeline.build_pipeline(config.data, sources, batch_size=config.train.batch_size,
-                                   seed=config.seed,
-                                   anchor_frames=encoders.semantic.num_anchor_frames,
-                                   text_len=model_cfg.dit.text_len)
+    data = pipeline.build_pipeline(
+        config.data,
+        sources,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        anchor_frames=encoders.semantic.num_anchor_frames,
+        text_len=model_cfg.dit.text_len,
+    )
     shift, semantic_weight = config.train.timestep_shift, config.train.semantic_loss_weight
 
     @nnx.jit
@@ -81,12 +91,23 @@ def _main(config, args) -> int:
         semantic_t = flow_matching.add_noise(inputs.semantic_x0, semantic_noise, sigma)
 
         def loss_fn(dit):
-            velocity, semantic_velocity = dit(x_t, flow_matching.NUM_TRAIN_TIMESTEPS * sigma,
-                                              inputs.context, source_latents=inputs.source_latents,
-                                              semantic_tokens=semantic_t)
-            return flow_matching.sama_loss(velocity, noise, inputs.x0, semantic_velocity,
-                                           semantic_noise, inputs.semantic_x0, semantic_weight,
-                                           valid=batch["valid"])
+            velocity, semantic_velocity = dit(
+                x_t,
+                flow_matching.NUM_TRAIN_TIMESTEPS * sigma,
+                inputs.context,
+                source_latents=inputs.source_latents,
+                semantic_tokens=semantic_t,
+            )
+            return flow_matching.sama_loss(
+                velocity,
+                noise,
+                inputs.x0,
+                semantic_velocity,
+                semantic_noise,
+                inputs.semantic_x0,
+                semantic_weight,
+                valid=batch["valid"],
+            )
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(dit)
         return dict(metrics, grad_norm=optax.global_norm(grads))
@@ -98,15 +119,18 @@ def _main(config, args) -> int:
         arrays = conditioning.host_arrays(batch, tokenizer, config)
         start = time.time()
         with sharding.use_mesh(mesh, rules):
-            metrics = loss_and_grad_norm(dit, encoders, sharding.shard_batch(arrays, mesh, rules),
-                                         jax.random.fold_in(key, step))
+            metrics = loss_and_grad_norm(
+                dit, encoders, sharding.shard_batch(arrays, mesh, rules), jax.random.fold_in(key, step)
+            )
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(list(metrics.values()))):
             print(f"step {step}: non-finite metrics {metrics}")
             return 1
-        print(f"step {step}: {batch['kind'][0]} batch {tuple(batch['target'].shape)} "
-              + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-              + f" ({time.time() - start:.1f}s)")
+        print(
+            f"step {step}: {batch['kind'][0]} batch {tuple(batch['target'].shape)} "
+            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            + f" ({time.time() - start:.1f}s)"
+        )
     print(f"skipped samples: {iterator.skip_summary()}")
     return 0
 

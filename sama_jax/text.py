@@ -10,6 +10,7 @@ to text_len with the pad id, truncated to text_len. The encoder attends only to 
 outputs past the true length are set to zero, which is what the DiT's cross-attention sees (the
 official pipeline slices to the length and zero-pads back to text_len).
 """
+
 from __future__ import annotations
 
 import html
@@ -38,8 +39,10 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path} (pass the local directory "
-                                "holding the umT5 tokenizer files, e.g. <wan root>/google/umt5-xxl)")
+        raise FileNotFoundError(
+            f"tokenizer directory not found: {path} (pass the local directory "
+            "holding the umT5 tokenizer files, e.g. <wan root>/google/umt5-xxl)"
+        )
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -50,9 +53,15 @@ def tokenize(tokenizer, texts: Sequence[str], text_len: int) -> tuple[np.ndarray
     """Texts, cleaned, tokenized, padded/truncated -> ids, mask: int32 (B, text_len) each."""
     if isinstance(texts, str):
         raise TypeError("tokenize takes a sequence of texts, not one string")
-    batch = tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,
-                      max_length=text_len, add_special_tokens=True, return_attention_mask=True,
-                      return_tensors="np")
+    batch = tokenizer(
+        [clean_text(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=text_len,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="np",
+    )
     return batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
 
 
@@ -92,13 +101,31 @@ def build_sentencepiece_tokenizer(texts: Sequence[str], path: str, vocab_size: i
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([clean_text(t) for t in texts]), model_writer=model,
-        vocab_size=vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter([clean_text(t) for t in texts]),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "spiece.model"), "wb") as f:
         f.write(model.getvalue())
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=512,
-                       pad_token="<pad>", eos_token="</s>", unk_token="<unk>"), f)
+        json.dump(
+            dict(
+                tokenizer_class="T5Tokenizer",
+                extra_ids=0,
+                model_max_length=512,
+                pad_token="<pad>",
+                eos_token="</s>",
+                unk_token="<unk>",
+            ),
+            f,
+        )
     return path

@@ -10,6 +10,7 @@ then measures the per-channel mean and std of its latents over those clips and s
 checkpoint's latents_mean / latents_std, so normalised latents are ~N(0, 1) as Wan's are. The
 result is an ordinary params checkpoint that `load_vae` (and model.checkpoints.vae) reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,7 @@ def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
 
     from sama_jax.data import pipeline
 
-    spec = dc.replace(pipeline.SampleSpec.from_config(config.data, seed=int(config.seed)),
-                      pretext=None)
+    spec = dc.replace(pipeline.SampleSpec.from_config(config.data, seed=int(config.seed)), pretext=None)
     clips = []
     for _, source in pipeline.open_sources(config.data.mixture, root=config.data.root):
         for i in range(len(source)):
@@ -58,11 +58,12 @@ def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def fit(config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
-        log=print) -> dict:
+def fit(
+    config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-3, seed: int = 0, log=print
+) -> dict:
     """Fits, calibrates and saves the VAE of config.model.vae; returns {psnr, seconds, ...}."""
     import jax
     import jax.numpy as jnp
@@ -76,12 +77,12 @@ def fit(config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-
     num_frames = int(config.data.num_frames)
     clips = training_clips(config, num_frames)
     held_out = clips[: max(1, len(clips) // 8)]
-    train = clips[len(held_out):] if len(clips) > len(held_out) else clips
-    cfg = wan_vae.WanVAEConfig.from_config(config.model.vae, dict(compute_dtype="float32",
-                                                                   param_dtype="float32"))
+    train = clips[len(held_out) :] if len(clips) > len(held_out) else clips
+    cfg = wan_vae.WanVAEConfig.from_config(
+        config.model.vae, dict(compute_dtype="float32", param_dtype="float32")
+    )
     vae = wan_vae.WanVAE(cfg, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(vae, optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05)),
-                              wrt=nnx.Param)
+    optimizer = nnx.Optimizer(vae, optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05)), wrt=nnx.Param)
 
     def reconstruct(vae, video):
         # Whole clips, not the cached chunk loop: the same function (the chunked path equals it to
@@ -96,7 +97,7 @@ def fit(config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-
         def loss_fn(vae):
             y, x, mu = reconstruct(vae, video)
             # A small pull on the latents keeps their scale bounded (a plain autoencoder has no KL).
-            return jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x)) + 1e-4 * jnp.mean(mu ** 2)
+            return jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x)) + 1e-4 * jnp.mean(mu**2)
 
         loss, grads = nnx.value_and_grad(loss_fn)(vae)
         optimizer.update(vae, grads)
@@ -114,33 +115,46 @@ def fit(config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-
         if step == 0 or time.time() - last > 10 or step == steps - 1:
             last = time.time()
             eta = (time.time() - start) / (step + 1) * (steps - step - 1)
-            log(f"sama-fit-vae: step {step + 1}/{steps} loss {float(loss):.4f} "
-                f"({time.time() - start:.0f}s, ETA {eta:.0f}s)")
+            log(
+                f"sama-fit-vae: step {step + 1}/{steps} loss {float(loss):.4f} "
+                f"({time.time() - start:.0f}s, ETA {eta:.0f}s)"
+            )
 
     recon, mus = [], []
     for i in range(0, len(clips), batch_size):
-        frames, mu = decode_mean(vae, jnp.asarray(clips[i:i + batch_size]))
+        frames, mu = decode_mean(vae, jnp.asarray(clips[i : i + batch_size]))
         recon.append(np.asarray(frames))
         mus.append(np.asarray(mu).reshape(-1, cfg.z_dim))
     mus = np.concatenate(mus)
     recon = np.concatenate(recon).round().astype(np.uint8)
-    calibrated = dataclasses.replace(cfg, latents_mean=tuple(float(m) for m in mus.mean(0)),
-                                     latents_std=tuple(float(s) + 1e-6 for s in mus.std(0)))
+    calibrated = dataclasses.replace(
+        cfg,
+        latents_mean=tuple(float(m) for m in mus.mean(0)),
+        latents_std=tuple(float(s) + 1e-6 for s in mus.std(0)),
+    )
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
-    architecture = {k: v for k, v in dataclasses.asdict(calibrated).items()
-                    if k not in params_io.PRECISION_KEYS}
+    architecture = {
+        k: v for k, v in dataclasses.asdict(calibrated).items() if k not in params_io.PRECISION_KEYS
+    }
     params_io.save_params(out, params, wan_vae.KIND, architecture, overwrite=True)
-    report = dict(psnr_train=psnr(recon[len(held_out):], train) if len(clips) > len(held_out) else None,
-                  psnr_held_out=psnr(recon[:len(held_out)], held_out), clips=len(clips), steps=steps,
-                  frames=num_frames, size=list(clips.shape[2:4]), seconds=round(time.time() - start, 1))
+    report = dict(
+        psnr_train=psnr(recon[len(held_out) :], train) if len(clips) > len(held_out) else None,
+        psnr_held_out=psnr(recon[: len(held_out)], held_out),
+        clips=len(clips),
+        steps=steps,
+        frames=num_frames,
+        size=list(clips.shape[2:4]),
+        seconds=round(time.time() - start, 1),
+    )
     with open(os.path.join(out, "fit.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sama-fit-vae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-fit-vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output params checkpoint directory")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -150,10 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config, args):
-        report = fit(config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     seed=int(config.seed))
-        print(f"sama-fit-vae: wrote {args.out}: reconstruction PSNR {report['psnr_held_out']:.2f} dB "
-              f"on held-out clips, {report['seconds']}s")
+        report = fit(
+            config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=int(config.seed)
+        )
+        print(
+            f"sama-fit-vae: wrote {args.out}: reconstruction PSNR {report['psnr_held_out']:.2f} dB "
+            f"on held-out clips, {report['seconds']}s"
+        )
         return 0
 
     return cli.run("sama-fit-vae", lambda: run(*cli.parse(build_parser(), argv)))

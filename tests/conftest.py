@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported anywhere, so it happens here at import time of the
 conftest, which pytest loads before any test module.
 """
+
 import os
 import random
 

@@ -3,6 +3,7 @@
 Flat frames whose grey level encodes the frame index: H.264 keeps flat frames within a level or two,
 so frame sampling can be checked through the codec.
 """
+
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """ArrayRecord shards: build, read back through Grain, resume, skip and count bad items."""
+
 import json
 import os
 import pickle
@@ -16,18 +17,27 @@ T, H, W = 5, 32, 48
 def dataset(tmp_path_factory):
     """A manifest of good synthetic samples of all three kinds plus one bad item of each reason."""
     root = tmp_path_factory.mktemp("data")
-    paths = synthetic.generate(str(root), seed=3, video_edits=3, image_edits=2, clips=2, frames=T,
-                               height=H, width=W, fps=8)
-    samples = [s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])]
+    paths = synthetic.generate(
+        str(root), seed=3, video_edits=3, image_edits=2, clips=2, frames=T, height=H, width=W, fps=8
+    )
+    samples = [
+        s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])
+    ]
     good = synthetic.render(synthetic.random_scene(np.random.default_rng(0), H, W), T, H, W)
     blob = open(root / samples[0]["source"], "rb").read()
     (root / "bad").mkdir()
     (root / "bad/empty.mp4").write_bytes(b"")
-    (root / "bad/cut.mp4").write_bytes(blob[:len(blob) // 2])
+    (root / "bad/cut.mp4").write_bytes(blob[: len(blob) // 2])
     (root / "bad/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     video_io.write_video(root / "bad/short.mp4", good[:2], fps=8)
     bad = [
-        dict(id="bad_missing", kind="video_edit", source="bad/nowhere.mp4", target=samples[0]["target"], text="x"),
+        dict(
+            id="bad_missing",
+            kind="video_edit",
+            source="bad/nowhere.mp4",
+            target=samples[0]["target"],
+            text="x",
+        ),
         dict(id="bad_empty", kind="t2v", target="bad/empty.mp4", text="x"),
         dict(id="bad_cut", kind="video_edit", source=samples[0]["source"], target="bad/cut.mp4", text="x"),
         dict(id="bad_png", kind="image_edit", source="bad/broken.png", target=samples[3]["target"], text="x"),
@@ -79,15 +89,23 @@ def test_build_read_back_and_skip_counts(dataset, tmp_path):
                 assert record["source"] == f.read()
         assert record["features"] == {} and record["meta"]["origin"] == "synthetic"
     video = records[0]
-    assert (video["target_ext"], video["frames"], video["height"], video["width"], video["fps"]) == (".mp4", T, H, W, 8.0)
+    assert (video["target_ext"], video["frames"], video["height"], video["width"], video["fps"]) == (
+        ".mp4",
+        T,
+        H,
+        W,
+        8.0,
+    )
     assert (video["source_frames"], video["source_height"], video["source_width"]) == (T, H, W)
     assert video["meta"]["edit"] == json.loads(open(path).readline())["edit"]
     assert video_io.decode_media(video["target"], video["target_ext"]).shape == (T, H, W, 3)
     image = records[3]
     assert image["kind"] == "image_edit" and image["target_ext"] == ".png" and image["frames"] == 1
     assert (image["source_frames"], image["source_height"], image["source_width"]) == (1, H, W)
-    np.testing.assert_array_equal(video_io.decode_media(image["source"], image["source_ext"])[0],
-                                  synthetic.make_image_edit(3, 0, H, W)[0])
+    np.testing.assert_array_equal(
+        video_io.decode_media(image["source"], image["source_ext"])[0],
+        synthetic.make_image_edit(3, 0, H, W)[0],
+    )
 
     # The documented schema, read with Grain's own source, and through a Grain dataset and a pickle
     # (what worker processes do).
@@ -152,12 +170,15 @@ def test_decode_check_and_features(dataset, tmp_path):
 
 def test_cli_and_bad_arguments(dataset, tmp_path, capsys):
     path, _, _ = dataset
-    arrayrecord.main(["--manifest", path, "--out", str(tmp_path / "s"), "--samples-per-shard", "5",
-                      "--min-frames", "3"])
+    arrayrecord.main(
+        ["--manifest", path, "--out", str(tmp_path / "s"), "--samples-per-shard", "5", "--min-frames", "3"]
+    )
     out = capsys.readouterr().out
     assert "7 of 12 samples in 3 shards" in out and "skipped 5" in out and "bad_cut: truncated" in out
     # Shards built by two worker processes are the same as those built in order.
-    parallel = arrayrecord.build_shards(path, str(tmp_path / "p"), samples_per_shard=5, min_frames=3, workers=2)
+    parallel = arrayrecord.build_shards(
+        path, str(tmp_path / "p"), samples_per_shard=5, min_frames=3, workers=2
+    )
     sequential = json.load(open(tmp_path / "s" / arrayrecord.INDEX))
     for key in ("shards", "records", "skipped", "skipped_counts"):
         assert parallel[key] == sequential[key]

@@ -19,10 +19,18 @@ def test_every_config_loads_with_every_preset(name, preset):
 
 
 def test_overrides_are_parsed_to_the_type_they_replace():
-    config, rest = load_config([
-        f"--config={CONFIGS}/stage0_pretrain.py:tiny", "--config.train.batch_size=8",
-        "--config.optimizer.lr", "3e-4", "--config.checkpoint.async_save=true",
-        "--config.data.pretext.shuffle_grid=(4,4,4)", "--config.workdir=/tmp/x", "--other=1"])
+    config, rest = load_config(
+        [
+            f"--config={CONFIGS}/stage0_pretrain.py:tiny",
+            "--config.train.batch_size=8",
+            "--config.optimizer.lr",
+            "3e-4",
+            "--config.checkpoint.async_save=true",
+            "--config.data.pretext.shuffle_grid=(4,4,4)",
+            "--config.workdir=/tmp/x",
+            "--other=1",
+        ]
+    )
     assert config.train.batch_size == 8 and isinstance(config.train.batch_size, int)
     assert config.optimizer.lr == pytest.approx(3e-4)
     assert config.checkpoint.async_save is True
@@ -38,12 +46,15 @@ def test_14b_preset_has_the_paper_sizes():
     assert config.model.siglip.hidden_size == 1152 and config.model.text_encoder.dim == 4096
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.bogus=1", "unknown config key 'train.bogus'"),
-    ("--config.nosuch.field=1", "unknown config key 'nosuch.field'"),
-    ("--config.train.batch_size=abc", "cannot parse as int"),
-    ("--config.train=3", "is a section"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.bogus=1", "unknown config key 'train.bogus'"),
+        ("--config.nosuch.field=1", "unknown config key 'nosuch.field'"),
+        ("--config.train.batch_size=abc", "cannot parse as int"),
+        ("--config.train=3", "is a section"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config([f"--config={CONFIGS}/stage1_sft.py:tiny", override])

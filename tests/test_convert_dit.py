@@ -1,5 +1,6 @@
 """DiT converter: every layout users have, SAMA's extra keys, base-Wan initialisation, stored dtype,
 and a clear error for each kind of mismatch."""
+
 import json
 import os
 
@@ -9,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from wan_reference import (
+    SamaExtras,
+    official_state_dict,
+    options,
+    save_diffusers_layout,
+    save_official_sharded,
+    tiny_diffusers_wan,
+)
 
 from sama_jax import params_io
-from wan_reference import (SamaExtras, official_state_dict, options, save_diffusers_layout,
-                                    save_official_sharded, tiny_diffusers_wan)
 from tools.convert_wan_weights import cli
 from tools.convert_wan_weights import dit as convert_dit
 from tools.convert_wan_weights.source import ConversionError, TensorSource
@@ -46,8 +53,9 @@ def test_official_single_sharded_and_diffusers_layouts_agree(tmp_path, torch_mod
     index = save_official_sharded(state, str(tmp_path / "sharded"), num_shards=3)
     save_diffusers_layout(torch_model, tmp_path / "diffusers")
 
-    s1, single, config = _convert(tmp_path / "single.safetensors", tmp_path / "a",
-                                  allow_base_wan=True, num_heads=HEADS)
+    s1, single, config = _convert(
+        tmp_path / "single.safetensors", tmp_path / "a", allow_base_wan=True, num_heads=HEADS
+    )
     s2, sharded, _ = _convert(index, tmp_path / "b", allow_base_wan=True, num_heads=HEADS)
     s3, diffusers, config3 = _convert(tmp_path / "diffusers", tmp_path / "c", allow_base_wan=True)
     assert (s1["layout"], s2["layout"], s3["layout"]) == ("official", "official", "diffusers")
@@ -63,10 +71,12 @@ def test_official_single_sharded_and_diffusers_layouts_agree(tmp_path, torch_mod
     ref = {k: v.numpy() for k, v in state.items()}
     np.testing.assert_array_equal(single["blocks"]["ffn"]["fc1"]["kernel"][1], ref["blocks.1.ffn.0.weight"].T)
     np.testing.assert_array_equal(single["blocks"]["norm3"]["scale"][0], ref["blocks.0.norm3.weight"])
-    np.testing.assert_array_equal(single["blocks"]["cross_attn"]["o"]["bias"][1],
-                                  ref["blocks.1.cross_attn.o.bias"])
-    np.testing.assert_array_equal(single["patch_embedding"]["kernel"],
-                                  ref["patch_embedding.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(
+        single["blocks"]["cross_attn"]["o"]["bias"][1], ref["blocks.1.cross_attn.o.bias"]
+    )
+    np.testing.assert_array_equal(
+        single["patch_embedding"]["kernel"], ref["patch_embedding.weight"].transpose(2, 3, 4, 1, 0)
+    )
     np.testing.assert_array_equal(single["head"]["modulation"], ref["head.modulation"])
 
 
@@ -78,22 +88,27 @@ def test_sama_state_dict_and_prefix(tmp_path, torch_model, extras):
     assert (config["semantic_dim"], config["semantic_hidden_dim"], config["num_segments"]) == (SEM, HIDDEN, 3)
     ref = {k: v.detach().numpy() for k, v in extras.state_dict().items()}
     np.testing.assert_array_equal(params["segment_embedding"], ref["segment_embedding.weight"])
-    np.testing.assert_array_equal(params["siglip_feat_mlp"]["fc1"]["kernel"], ref["siglip_feat_mlp.fc1.weight"].T)
-    np.testing.assert_array_equal(params["siglip_feat_mlp"]["norm"]["scale"], ref["siglip_feat_mlp.norm.weight"])
+    np.testing.assert_array_equal(
+        params["siglip_feat_mlp"]["fc1"]["kernel"], ref["siglip_feat_mlp.fc1.weight"].T
+    )
+    np.testing.assert_array_equal(
+        params["siglip_feat_mlp"]["norm"]["scale"], ref["siglip_feat_mlp.norm.weight"]
+    )
     np.testing.assert_array_equal(params["semantic_head"]["proj"]["bias"], ref["semantic_head.proj.bias"])
 
 
 def test_base_wan_initialises_sama_modules_as_the_official_code(tmp_path, torch_model):
     save_file(official_state_dict(torch_model), str(tmp_path / "wan.safetensors"))
-    summary, params, config = _convert(tmp_path / "wan.safetensors", tmp_path / "out",
-                                       allow_base_wan=True, num_heads=HEADS)
+    summary, params, config = _convert(
+        tmp_path / "wan.safetensors", tmp_path / "out", allow_base_wan=True, num_heads=HEADS
+    )
     assert len(summary["initialised"]) == 11
     assert (config["semantic_dim"], config["semantic_hidden_dim"]) == (1152, 1024)
     assert np.all(params["segment_embedding"] == 0)
     np.testing.assert_array_equal(params["siglip_feat_mlp"]["norm"]["scale"], np.ones(1152))
     fc1 = params["siglip_feat_mlp"]["fc1"]["kernel"]
     assert fc1.shape == (1152, 1024) and np.abs(fc1).max() <= 1 / np.sqrt(1152)
-    assert np.abs(fc1).max() > 0.9 / np.sqrt(1152)        # uniform over the whole range
+    assert np.abs(fc1).max() > 0.9 / np.sqrt(1152)  # uniform over the whole range
     proj = params["semantic_head"]["proj"]
     assert np.abs(proj["kernel"]).max() <= np.sqrt(6 / (DIM + 1152))
     assert 0.5e-3 < proj["bias"].std() < 1.5e-3
@@ -109,8 +124,12 @@ def test_bfloat16_storage_and_cli(tmp_path, torch_model, capsys):
     # Without --overwrite an existing output is refused; with it, replaced.
     assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert cli.main([str(tmp_path / "diffusers"), str(out), "--allow-base-wan", "--overwrite",
-                     "--dtype", "float32"]) == 0
+    assert (
+        cli.main(
+            [str(tmp_path / "diffusers"), str(out), "--allow-base-wan", "--overwrite", "--dtype", "float32"]
+        )
+        == 0
+    )
     params, _ = params_io.load_params(str(out))
     assert params["blocks"]["self_attn"]["q"]["kernel"].dtype == np.float32
 
@@ -175,7 +194,21 @@ def test_heads_from_config_json_and_detection(tmp_path, torch_model):
 def test_cli_takes_the_head_count_for_an_official_checkpoint_without_config(tmp_path, torch_model):
     save_file(official_state_dict(torch_model), str(tmp_path / "official.safetensors"))
     out = tmp_path / "ckpt"
-    assert cli.main([str(tmp_path / "official.safetensors"), str(out), "--kind", "dit",
-                     "--allow-base-wan", "--num-heads", str(HEADS), "--text-len", "8"]) == 0
+    assert (
+        cli.main(
+            [
+                str(tmp_path / "official.safetensors"),
+                str(out),
+                "--kind",
+                "dit",
+                "--allow-base-wan",
+                "--num-heads",
+                str(HEADS),
+                "--text-len",
+                "8",
+            ]
+        )
+        == 0
+    )
     _, config = params_io.load_params(str(out), expected_kind="wan_dit")
     assert (config["num_heads"], config["text_len"]) == (HEADS, 8)

@@ -4,6 +4,7 @@ The official layout is produced here by renaming a diffusers state dict with rul
 test, and those rules are checked against diffusers' own official->diffusers converter, so the test
 does not trust the converter's key table to test itself.
 """
+
 import json
 import os
 import re
@@ -19,7 +20,8 @@ from safetensors.torch import save_file
 
 from sama_jax import params_io
 from sama_jax.models import wan_vae
-from tools.convert_wan_weights import cli, vae as vae_converter
+from tools.convert_wan_weights import cli
+from tools.convert_wan_weights import vae as vae_converter
 from tools.convert_wan_weights.source import ConversionError, TensorSource
 
 NUM_RES_BLOCKS = 2
@@ -37,13 +39,24 @@ def official_key(key: str) -> str:
     key = re.sub(r"\.mid_block\.attentions\.0\.", ".middle.1.", key)
     key = re.sub(r"\.mid_block\.resnets\.1\.", ".middle.2.", key)
     per_stage = NUM_RES_BLOCKS + 2  # residual blocks + a resample block per upsampling stage
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                 lambda m: f"decoder.upsamples.{int(m[1]) * per_stage + int(m[2])}.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                 lambda m: f"decoder.upsamples.{int(m[1]) * per_stage + NUM_RES_BLOCKS + 1}.", key)
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda m: f"decoder.upsamples.{int(m[1]) * per_stage + int(m[2])}.",
+        key,
+    )
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m: f"decoder.upsamples.{int(m[1]) * per_stage + NUM_RES_BLOCKS + 1}.",
+        key,
+    )
     block = r"^((?:encoder|decoder)\.(?:downsamples|upsamples|middle)\.\d+)\."
-    for ours, theirs in (("norm1", "residual.0"), ("conv1", "residual.2"), ("norm2", "residual.3"),
-                         ("conv2", "residual.6"), ("conv_shortcut", "shortcut")):
+    for ours, theirs in (
+        ("norm1", "residual.0"),
+        ("conv1", "residual.2"),
+        ("norm2", "residual.3"),
+        ("conv2", "residual.6"),
+        ("conv_shortcut", "shortcut"),
+    ):
         key = re.sub(block + ours + r"\.", r"\1." + theirs + ".", key)
     return key
 
@@ -75,8 +88,7 @@ def test_key_table_matches_full_size_model():
     with torch.device("meta"):
         state = AutoencoderKLWan().state_dict()
     table = vae_converter.entries(wan_vae.WanVAEConfig())
-    assert ({e.diffusers: e.torch_shape for e in table}
-            == {k: tuple(v.shape) for k, v in state.items()})
+    assert {e.diffusers: e.torch_shape for e in table} == {k: tuple(v.shape) for k, v in state.items()}
     assert {e.official for e in table} == {official_key(k) for k in state}
     assert sum(int(np.prod(e.torch_shape)) for e in table) == 126_892_531
 
@@ -108,17 +120,25 @@ def test_both_layouts_convert_to_the_same_params(checkpoints, tmp_path):
     # Spot-check each tensor layout against the torch weights.
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     enc, dec = from_diffusers["encoder"], from_diffusers["decoder"]
-    np.testing.assert_array_equal(enc["conv_in"]["kernel"],
-                                  sd["encoder.conv_in.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(
+        enc["conv_in"]["kernel"], sd["encoder.conv_in.weight"].transpose(2, 3, 4, 1, 0)
+    )
     np.testing.assert_array_equal(
         enc["down_blocks"]["2"]["conv"]["kernel"],
-        sd["encoder.down_blocks.2.resample.1.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(dec["mid_block"]["attention"]["to_qkv"]["kernel"],
-                                  sd["decoder.mid_block.attentions.0.to_qkv.weight"][:, :, 0, 0].T)
-    np.testing.assert_array_equal(dec["up_blocks"]["1"]["resnets"]["0"]["norm1"]["gamma"],
-                                  sd["decoder.up_blocks.1.resnets.0.norm1.gamma"].reshape(-1))
-    np.testing.assert_array_equal(dec["up_blocks"]["0"]["upsampler"]["time_conv"]["bias"],
-                                  sd["decoder.up_blocks.0.upsamplers.0.time_conv.bias"])
+        sd["encoder.down_blocks.2.resample.1.weight"].transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        dec["mid_block"]["attention"]["to_qkv"]["kernel"],
+        sd["decoder.mid_block.attentions.0.to_qkv.weight"][:, :, 0, 0].T,
+    )
+    np.testing.assert_array_equal(
+        dec["up_blocks"]["1"]["resnets"]["0"]["norm1"]["gamma"],
+        sd["decoder.up_blocks.1.resnets.0.norm1.gamma"].reshape(-1),
+    )
+    np.testing.assert_array_equal(
+        dec["up_blocks"]["0"]["upsampler"]["time_conv"]["bias"],
+        sd["decoder.up_blocks.0.upsamplers.0.time_conv.bias"],
+    )
 
 
 def test_layout_detection(checkpoints, tmp_path):
@@ -176,8 +196,7 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(checkpoints, tmp_path):
 
 def test_load_vae_reports_shape_mismatches(checkpoints, tmp_path):
     _, diffusers_dir, _ = checkpoints
-    assert cli.main([diffusers_dir, str(tmp_path / "ok"), "--kind", "vae",
-                     "--dtype", "float32"]) == 0
+    assert cli.main([diffusers_dir, str(tmp_path / "ok"), "--kind", "vae", "--dtype", "float32"]) == 0
     params, config = params_io.load_params(str(tmp_path / "ok"))
     params["decoder"]["conv_in"]["bias"] = np.zeros((5,), np.float32)
     del params["quant_conv"]

@@ -1,5 +1,6 @@
 """sama-demo end to end, shortened (--quick: a few steps of every phase): the same commands the full
 demo runs, and every output it promises."""
+
 import json
 import os
 

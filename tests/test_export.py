@@ -1,5 +1,6 @@
 """sama-export with a stand-in editor: each benchmark's layout read back as its scorer reads it,
 resume, failures, two processes, scores, and the command's one-line errors."""
+
 import csv
 import json
 import math
@@ -10,10 +11,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from model_helpers import write_tiny_models
 
 from sama_jax import benchmarks_io, export
 from sama_jax.data import synthetic, video_io
-from test_edit import ckpt  # noqa: F401  (the tiny random checkpoints, a module fixture)
 
 SETTINGS = {"steps": 2, "sampler": "euler", "guidance": 5.0}
 IDENTITY = {"dit": {"path": "/ckpt/dit", "sha256": "abc"}}
@@ -25,26 +26,36 @@ class StandInEditor:
 
     def __init__(self, oracle=None):
         self.calls = []
-        self.oracle = oracle   # {instruction: frames}: return these instead
+        self.oracle = oracle  # {instruction: frames}: return these instead
 
     def edit(self, frames, instruction, *, seed):
         self.calls.append(instruction)
         if self.oracle is not None:
             return self.oracle[instruction]
-        return np.ascontiguousarray(255 - frames[:max(1, len(frames) - 1), ::2, ::2])
+        return np.ascontiguousarray(255 - frames[: max(1, len(frames) - 1), ::2, ::2])
 
 
 @pytest.fixture(scope="module")
 def synthetic_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
-    synthetic.generate(str(root), seed=0, video_edits=5, image_edits=0, clips=0, frames=5,
-                       height=32, width=48)
+    synthetic.generate(
+        str(root), seed=0, video_edits=5, image_edits=0, clips=0, frames=5, height=32, width=48
+    )
     return root
 
 
 def _run(cases, editor, out, benchmark="manifest", settings=SETTINGS, **kw):
-    return export.run_export(cases, editor, str(out), benchmark=benchmark, seed=1, settings=settings,
-                             identity=IDENTITY, log=lambda line: None, **kw)
+    return export.run_export(
+        cases,
+        editor,
+        str(out),
+        benchmark=benchmark,
+        seed=1,
+        settings=settings,
+        identity=IDENTITY,
+        log=lambda line: None,
+        **kw,
+    )
 
 
 def _manifest_cases(root, n=5):
@@ -79,15 +90,18 @@ def test_openve_layout_reads_back_as_its_scorer_reads_it(synthetic_set, tmp_path
 def test_reco_layout_keeps_frame_count_and_height(synthetic_set, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
-    (configs / "add.txt").write_text("synvid_000000_src.mp4: Add a red circle, on the left.\n\n"
-                                     "synvid_000001_src.mp4: Add text: hello.\n")
+    (configs / "add.txt").write_text(
+        "synvid_000000_src.mp4: Add a red circle, on the left.\n\nsynvid_000001_src.mp4: Add text: hello.\n"
+    )
     (configs / "style.txt").write_text("synvid_000002_src.mp4: Make it look like a watercolor.\n")
     cases = benchmarks_io.read_cases("reco", str(configs), str(synthetic_set / "videos"))
     out = tmp_path / "out"
     assert _run(cases, StandInEditor(), out, benchmark="reco")["done"] == 3
-    for task, video, instruction in [("add", "synvid_000000_src.mp4", "Add a red circle, on the left."),
-                                     ("add", "synvid_000001_src.mp4", "Add text: hello."),
-                                     ("style", "synvid_000002_src.mp4", "Make it look like a watercolor.")]:
+    for task, video, instruction in [
+        ("add", "synvid_000000_src.mp4", "Add a red circle, on the left."),
+        ("add", "synvid_000001_src.mp4", "Add text: hello."),
+        ("style", "synvid_000002_src.mp4", "Make it look like a watercolor."),
+    ]:
         p = instruction.replace(" ", "_").replace(".", "").replace(",", "").replace(":", " ")[:80]
         edited = out / task / f"{video[:-4]}_{p}.mp4"
         source = video_io.video_info(str(synthetic_set / "videos" / video))
@@ -99,10 +113,27 @@ def test_reco_layout_keeps_frame_count_and_height(synthetic_set, tmp_path):
 
 def test_vie_columns_are_configurable_and_named_when_missing(synthetic_set, tmp_path):
     cases_path = tmp_path / "vie.json"
-    cases_path.write_text(json.dumps([
-        {"uid": "swap_01", "src": "videos/synvid_000000_src.mp4", "instruction": "Swap it.", "cat": "swap"},
-        {"uid": "add_02", "src": "videos/synvid_000001_src.mp4", "instruction": "Add one.", "cat": "add"}]))
-    with pytest.raises(benchmarks_io.BenchmarkError, match="columns found: 'uid', 'src', 'instruction', 'cat'"):
+    cases_path.write_text(
+        json.dumps(
+            [
+                {
+                    "uid": "swap_01",
+                    "src": "videos/synvid_000000_src.mp4",
+                    "instruction": "Swap it.",
+                    "cat": "swap",
+                },
+                {
+                    "uid": "add_02",
+                    "src": "videos/synvid_000001_src.mp4",
+                    "instruction": "Add one.",
+                    "cat": "add",
+                },
+            ]
+        )
+    )
+    with pytest.raises(
+        benchmarks_io.BenchmarkError, match="columns found: 'uid', 'src', 'instruction', 'cat'"
+    ):
         benchmarks_io.read_cases("vie", str(cases_path), str(synthetic_set))
     columns = benchmarks_io.parse_columns("video=src,prompt=instruction,type=cat,id=uid")
     cases = benchmarks_io.read_cases("vie", str(cases_path), str(synthetic_set), columns)
@@ -111,7 +142,9 @@ def test_vie_columns_are_configurable_and_named_when_missing(synthetic_set, tmp_
     with open(out / "edited_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["uid"] for r in rows] == ["swap_01", "add_02"]
-    assert rows[0]["edited_result_path"].endswith("swap_01.mp4") and os.path.isfile(rows[0]["edited_result_path"])
+    assert rows[0]["edited_result_path"].endswith("swap_01.mp4") and os.path.isfile(
+        rows[0]["edited_result_path"]
+    )
 
 
 def test_manifest_scores_per_case_and_per_edit_type(synthetic_set, tmp_path):
@@ -123,7 +156,7 @@ def test_manifest_scores_per_case_and_per_edit_type(synthetic_set, tmp_path):
     types = {c.edit_type for c in cases}
     assert set(table["per_edit_type"]) == types | {"all"}
     assert table["per_edit_type"]["all"]["cases"] == len(cases)
-    for row in table["per_case"].values():   # the exact target: perfect inside and outside
+    for row in table["per_case"].values():  # the exact target: perfect inside and outside
         assert row["psnr_in"] == math.inf and row["ssim_out"] == 1.0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in records] == [c.case_id for c in cases]
@@ -153,8 +186,9 @@ def test_resume_skips_finished_and_redoes_half_written(synthetic_set, tmp_path):
     half = out / cases[1].output
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
     records = out / "records" / "process-00000-of-00001.jsonl"
-    lines = [line for line in records.read_text().splitlines()
-             if json.loads(line)["case_id"] != cases[2].case_id]
+    lines = [
+        line for line in records.read_text().splitlines() if json.loads(line)["case_id"] != cases[2].case_id
+    ]
     records.write_text("\n".join(lines) + "\n" + '{"case_id": "torn')
     (out / (cases[3].output + ".tmp.mp4")).write_bytes(b"partial")
     again = StandInEditor()
@@ -210,33 +244,67 @@ WORKER = textwrap.dedent("""
 def test_two_processes_split_the_cases(synthetic_set, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(synthetic_set / "video_edits.jsonl"),
-                               str(out), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(synthetic_set / "video_edits.jsonl"), str(out), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     assert "DONE 3" in logs[0] and "DONE 2" in logs[1]
-    lines = [json.loads(line) for path in sorted((out / "records").iterdir())
-             for line in path.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for path in sorted((out / "records").iterdir())
+        for line in path.read_text().splitlines()
+    ]
     ids = [r["case_id"] for r in lines]
     cases = _manifest_cases(synthetic_set)
-    assert sorted(ids) == sorted(c.case_id for c in cases)   # none missing, none doubled
+    assert sorted(ids) == sorted(c.case_id for c in cases)  # none missing, none doubled
     assert all(r["status"] == "done" for r in lines)
-    assert len((out / "records.jsonl").read_text().splitlines()) == 5   # whichever finished last
+    assert len((out / "records.jsonl").read_text().splitlines()) == 5  # whichever finished last
     assert json.loads((out / "summary.json").read_text())["done"] == 5
 
 
 def test_command_errors_are_one_line_before_models_load(synthetic_set, tmp_path, capsys):
     cases = tmp_path / "vie.csv"
     cases.write_text("clip,text\nvideos/synvid_000000_src.mp4,Do it.\n")
-    argv = ["--benchmark", "vie", "--cases", str(cases), "--media-root", str(synthetic_set),
-            "--out", str(tmp_path / "out"), "--preset", "tiny"]
+    argv = [
+        "--benchmark",
+        "vie",
+        "--cases",
+        str(cases),
+        "--media-root",
+        str(synthetic_set),
+        "--out",
+        str(tmp_path / "out"),
+        "--preset",
+        "tiny",
+    ]
     assert export.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sama-export: error:") and "columns found: 'clip', 'text'" in err
     assert len(err.splitlines()) == 1
-    assert export.main(argv[:-4] + ["--vie-columns", "video=clip,prompt=text", "--media-root",
-                                    str(tmp_path), "--out", str(tmp_path / "out"), "--preset", "tiny"]) == 2
+    assert (
+        export.main(
+            argv[:-4]
+            + [
+                "--vie-columns",
+                "video=clip,prompt=text",
+                "--media-root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out"),
+                "--preset",
+                "tiny",
+            ]
+        )
+        == 2
+    )
     assert "check --media-root" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -249,7 +317,7 @@ def test_editor_adapter_passes_each_case_seed_and_keeps_the_settings():
         steps: int = 3
         seed: int = 1
 
-    class Editor:   # the Editor's signature: edit(frames, prompt, settings, progress) -> EditResult
+    class Editor:  # the Editor's signature: edit(frames, prompt, settings, progress) -> EditResult
         identities = {"dit": {"sha256": "x"}}
 
         def edit(self, frames, prompt, settings, progress):
@@ -265,6 +333,11 @@ def test_editor_adapter_passes_each_case_seed_and_keeps_the_settings():
     assert export._edit_frames(result)[1] == {"denoise": 0.5}
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("export_models"))
+
+
 @pytest.mark.slow
 def test_command_end_to_end_with_checkpoints_and_resume(ckpt, tmp_path, capsys):
     """sama-export on ReCo-style cases with the tiny random checkpoints of test_edit: the judge's
@@ -273,8 +346,17 @@ def test_command_end_to_end_with_checkpoints_and_resume(ckpt, tmp_path, capsys):
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "add.txt").write_text("clip.mp4: Make the square red.\nother.mp4: Remove the square.\n")
-    argv = ["--benchmark", "reco", "--cases", str(configs), "--media-root", str(root),
-            "--out", str(tmp_path / "out"), "--prompt-prefix"] + models
+    argv = [
+        "--benchmark",
+        "reco",
+        "--cases",
+        str(configs),
+        "--media-root",
+        str(root),
+        "--out",
+        str(tmp_path / "out"),
+        "--prompt-prefix",
+    ] + models
     assert export.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "2 done, 0 skipped, 0 failed of 2" in printed and "cases/min" in printed
@@ -284,8 +366,7 @@ def test_command_end_to_end_with_checkpoints_and_resume(ckpt, tmp_path, capsys):
         # The edit is 64x32 (the bucket); the judge needs the source's 48 rows and frame count.
         assert (info["frames"], info["height"]) == (source["frames"], source["height"])
     records = export.load_records(str(tmp_path / "out"))
-    assert {r["identity"]["dit"]["sha256"] for r in records.values()} == {
-        inference_fingerprint(root / "dit")}
+    assert {r["identity"]["dit"]["sha256"] for r in records.values()} == {inference_fingerprint(root / "dit")}
     assert all(r["settings"]["prompt_prefix"] == "[Video edit] " for r in records.values())
     assert export.main(argv) == 0
     assert "0 done, 2 skipped, 0 failed of 2" in capsys.readouterr().out

@@ -28,9 +28,9 @@ def test_noising_interpolates_per_sample():
 
 def test_loss_values():
     x0, noise = jnp.zeros((1, 4)), jnp.ones((1, 4))
-    velocity = jnp.array([[1.0, 1.0, 3.0, 1.0]])          # error 2 on one of 4 -> MSE 1
+    velocity = jnp.array([[1.0, 1.0, 3.0, 1.0]])  # error 2 on one of 4 -> MSE 1
     sem_x0, sem_noise = jnp.zeros((1, 2, 2)), jnp.zeros((1, 2, 2))
-    sem_v = jnp.array([[[0.0, 4.0], [0.0, 0.0]]])          # L1 mean 1
+    sem_v = jnp.array([[[0.0, 4.0], [0.0, 0.0]]])  # L1 mean 1
     loss, metrics = fm.sama_loss(velocity, noise, x0, sem_v, sem_noise, sem_x0, semantic_weight=0.1)
     np.testing.assert_allclose(metrics["loss_fm"], 1.0)
     np.testing.assert_allclose(metrics["loss_semantic"], 1.0)
@@ -41,7 +41,7 @@ def test_loss_values():
 
 def test_invalid_samples_contribute_nothing():
     x0, noise = jnp.zeros((3, 2)), jnp.ones((3, 2))
-    velocity = jnp.array([[1.0, 1.0], [9.0, 9.0], [1.0, 3.0]])   # per-sample MSE 0, 64, 2
+    velocity = jnp.array([[1.0, 1.0], [9.0, 9.0], [1.0, 3.0]])  # per-sample MSE 0, 64, 2
     valid = jnp.array([True, False, True])
     loss, metrics = fm.sama_loss(velocity, noise, x0, valid=valid)
     np.testing.assert_allclose(loss, 1.0)

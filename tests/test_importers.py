@@ -1,4 +1,5 @@
 """Importers: each public layout, made small in the test, becomes a valid manifest; bad rows name file:line."""
+
 import csv
 import json
 import os
@@ -33,8 +34,12 @@ def test_ditto(tmp_path):
     # One pair lives directly under the root, the other under videos/ (both layouts occur).
     _touch(root, "source/a.mp4", "local/a_edit.mp4", "videos/source/b.mp4", "videos/global_style/b.mp4")
     items = [
-        dict(source_path="source/a.mp4", edited_path="local/a_edit.mp4", instruction="Make the car red.",
-             source_caption="A car drives."),
+        dict(
+            source_path="source/a.mp4",
+            edited_path="local/a_edit.mp4",
+            instruction="Make the car red.",
+            source_caption="A car drives.",
+        ),
         dict(source_path="source/b.mp4", edited_path="global_style/b.mp4", instruction="Van Gogh style."),
     ]
     meta = root / "metadata.json"
@@ -63,45 +68,73 @@ def test_reco(tmp_path):
     root = tmp_path / "ReCo"
     configs = root / "configs"
     configs.mkdir(parents=True)
-    rows = [dict(src_video="add/src_videos/1.mp4", tar_video="add/tar_videos/1.mp4",
-                 instruction_final_refine="Add a dog on the grass."),
-            dict(src_video="add/src_videos/2.mp4", tar_video="add/tar_videos/2.mp4",
-                 instruction_final_refine="Add a hat.")]
+    rows = [
+        dict(
+            src_video="add/src_videos/1.mp4",
+            tar_video="add/tar_videos/1.mp4",
+            instruction_final_refine="Add a dog on the grass.",
+        ),
+        dict(
+            src_video="add/src_videos/2.mp4",
+            tar_video="add/tar_videos/2.mp4",
+            instruction_final_refine="Add a hat.",
+        ),
+    ]
     (configs / "add_data_configs.json").write_text(json.dumps(rows))
-    (configs / "remove_data_configs.json").write_text(json.dumps(
-        [dict(src_video="remove/src/9.mp4", tar_video="remove/tar/9.mp4")]))
+    (configs / "remove_data_configs.json").write_text(
+        json.dumps([dict(src_video="remove/src/9.mp4", tar_video="remove/tar/9.mp4")])
+    )
     out = str(tmp_path / "reco.jsonl")
-    samples, _ = importers.import_samples("reco", [str(configs / "add_data_configs.json")], out, root=str(root))
+    samples, _ = importers.import_samples(
+        "reco", [str(configs / "add_data_configs.json")], out, root=str(root)
+    )
     assert [s["task"] for s in samples] == ["add", "add"]
     assert [s["id"] for s in samples] == ["reco-add_data_configs-0000000", "reco-add_data_configs-0000001"]
     assert _resolved(out, samples[1], "target") == str(root / "add/tar_videos/2.mp4")
     assert samples[1]["text"] == "Add a hat." and samples[1]["kind"] == "video_edit"
-    with pytest.raises(ImportFormatError, match=r"remove_data_configs.json: item 1: none of \['instruction_final_refine'\]"):
+    with pytest.raises(
+        ImportFormatError, match=r"remove_data_configs.json: item 1: none of \['instruction_final_refine'\]"
+    ):
         importers.import_samples("reco", [str(configs / "remove_data_configs.json")], out, root=str(root))
 
 
 def test_openve(tmp_path):
     root = tmp_path / "OpenVE-3M"
     root.mkdir()
-    _write_csv(root / "background_change.csv", ["original_video", "edited_video", "prompt"],
-               [["src/1.mp4", "edit/1.mp4", "Replace the background with a beach,\nkeeping the person."],
-                ["src/2.mp4", "edit/2.mp4", "Replace the sky with fireworks."]])
-    _write_csv(root / "bench.csv", ["edited_type", "prompt", "original_video", "edited_result_path"],
-               [["local_remove", "Remove the cup.", "o/3.mp4", "e/3.mp4"]])
+    _write_csv(
+        root / "background_change.csv",
+        ["original_video", "edited_video", "prompt"],
+        [
+            ["src/1.mp4", "edit/1.mp4", "Replace the background with a beach,\nkeeping the person."],
+            ["src/2.mp4", "edit/2.mp4", "Replace the sky with fireworks."],
+        ],
+    )
+    _write_csv(
+        root / "bench.csv",
+        ["edited_type", "prompt", "original_video", "edited_result_path"],
+        [["local_remove", "Remove the cup.", "o/3.mp4", "e/3.mp4"]],
+    )
     _write_csv(root / "odd.csv", ["a", "b", "prompt"], [["x", "y", "z"]])
     out = str(tmp_path / "openve.jsonl")
-    samples, _ = importers.import_samples("openve", [str(root / "background_change.csv"), str(root / "bench.csv")], out)
+    samples, _ = importers.import_samples(
+        "openve", [str(root / "background_change.csv"), str(root / "bench.csv")], out
+    )
     assert len(samples) == 3
     assert samples[0]["text"] == "Replace the background with a beach,\nkeeping the person."
     assert [s["edit_type"] for s in samples] == ["background_change", "background_change", "local_remove"]
     assert all(s["start_frame"] == 4 for s in samples)
     assert _resolved(out, samples[2], "target") == str(root / "e/3.mp4")
     # Row 2 starts on line 4: the first row's quoted prompt spans lines 2-3.
-    _write_csv(root / "bad.csv", ["original_video", "edited_video", "prompt"],
-               [["s/1.mp4", "e/1.mp4", "two\nlines"], ["s/2.mp4", "", "no target"]])
+    _write_csv(
+        root / "bad.csv",
+        ["original_video", "edited_video", "prompt"],
+        [["s/1.mp4", "e/1.mp4", "two\nlines"], ["s/2.mp4", "", "no target"]],
+    )
     with pytest.raises(ImportFormatError, match=r"bad.csv:4: 'edited_video' is empty"):
         importers.import_samples("openve", [str(root / "bad.csv")], out)
-    with pytest.raises(ImportFormatError, match=r"odd.csv:2: none of .*original_video.* \(has \['a', 'b', 'prompt'\]\)"):
+    with pytest.raises(
+        ImportFormatError, match=r"odd.csv:2: none of .*original_video.* \(has \['a', 'b', 'prompt'\]\)"
+    ):
         importers.import_samples("openve", [str(root / "odd.csv")], out)
 
 
@@ -113,23 +146,33 @@ def test_diffsynth_to_shards(tmp_path, rng):
         video_io.write_video(data / name, frames, fps=8)
     for name in ("a.png", "a_edit.png"):
         video_io.write_image(data / name, frames[0])
-    _write_csv(data / "metadata.csv", ["video", "source_video", "prompt"],
-               [["tgt.mp4", "src.mp4", "Make it blue."], ["clip.mp4", "", "A clip."],
-                ["a_edit.png", "a.png", "Recolour."]])
+    _write_csv(
+        data / "metadata.csv",
+        ["video", "source_video", "prompt"],
+        [
+            ["tgt.mp4", "src.mp4", "Make it blue."],
+            ["clip.mp4", "", "A clip."],
+            ["a_edit.png", "a.png", "Recolour."],
+        ],
+    )
     out = str(tmp_path / "manifests" / "mine.jsonl")
     importers.main(["--format", "diffsynth", "--input", str(data / "metadata.csv"), "--out", out])
     samples = manifest.read_manifest(out)
     assert [s["kind"] for s in samples] == ["video_edit", "t2v", "image_edit"]
     assert "source" not in samples[1]
     # JSON-list and JSONL forms of the same metadata give the same samples (ids follow the file stem).
-    rows = [dict(video="tgt.mp4", source_video="src.mp4", prompt="Make it blue."),
-            dict(video="clip.mp4", prompt="A clip."), dict(video="a_edit.png", source_video="a.png", prompt="Recolour.")]
+    rows = [
+        dict(video="tgt.mp4", source_video="src.mp4", prompt="Make it blue."),
+        dict(video="clip.mp4", prompt="A clip."),
+        dict(video="a_edit.png", source_video="a.png", prompt="Recolour."),
+    ]
     (data / "metadata.json").write_text(json.dumps(rows))
     (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     for name in ("metadata.json", "metadata.jsonl"):
         again, _ = importers.import_samples("diffsynth", [str(data / name)], out)
-        assert [{k: v for k, v in s.items() if k != "id"} for s in again] == \
-               [{k: v for k, v in s.items() if k != "id"} for s in samples]
+        assert [{k: v for k, v in s.items() if k != "id"} for s in again] == [
+            {k: v for k, v in s.items() if k != "id"} for s in samples
+        ]
 
     index = arrayrecord.build_shards(out, str(tmp_path / "shards"))
     assert index["total_records"] == 3 and index["skipped_total"] == 0

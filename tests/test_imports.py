@@ -1,4 +1,5 @@
 """The package's import graph (module-level imports between sama_jax/tools modules) has no cycle."""
+
 import ast
 import pathlib
 
@@ -16,7 +17,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in ast.parse(path.read_text()).body:   # module level only: what runs at import
+        for node in ast.parse(path.read_text()).body:  # module level only: what runs at import
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -37,7 +38,7 @@ def find_cycle(graph):
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         state[node] = "done"

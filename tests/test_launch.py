@@ -1,4 +1,5 @@
 """launch/tpu_run.sh against a stand-in `gcloud` that records its calls (a v5p-64 slice: 8 workers)."""
+
 import json
 import os
 import stat
@@ -31,14 +32,27 @@ def fake_gcloud(tmp_path):
     gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
     state = tmp_path / "state"
     state.mkdir()
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", GCLOUD_CALLS=str(tmp_path / "calls"),
-               GCLOUD_STATE=str(state), LOG_DIR=str(tmp_path / "logs"))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        GCLOUD_CALLS=str(tmp_path / "calls"),
+        GCLOUD_STATE=str(state),
+        LOG_DIR=str(tmp_path / "logs"),
+    )
 
     def run(*args, **kw):
-        result = subprocess.run(["bash", SCRIPT, *args], env=dict(env, **kw), capture_output=True,
-                                text=True, cwd=tmp_path, timeout=60)
+        result = subprocess.run(
+            ["bash", SCRIPT, *args],
+            env=dict(env, **kw),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
         calls_file = tmp_path / "calls"
-        calls = [json.loads(line) for line in calls_file.read_text().splitlines()] if calls_file.exists() else []
+        calls = (
+            [json.loads(line) for line in calls_file.read_text().splitlines()] if calls_file.exists() else []
+        )
         calls_file.unlink(missing_ok=True)
         return result, calls
 
@@ -56,14 +70,17 @@ def test_usage_without_arguments(fake_gcloud):
 
 
 def test_dry_run_creates_nothing_and_prints_every_command(fake_gcloud):
-    result, calls = fake_gcloud("--dry-run", "--create=v5p-64", "--project=proj", "my-tpu",
-                                "us-east5-a", "--", *COMMAND)
+    result, calls = fake_gcloud(
+        "--dry-run", "--create=v5p-64", "--project=proj", "my-tpu", "us-east5-a", "--", *COMMAND
+    )
     assert result.returncode == 0, result.stderr
     # Only read-only describes ran.
     assert calls and all(c[:3] == ["compute", "tpus", "tpu-vm"] and c[3] == "describe" for c in calls)
     out = result.stdout
-    assert "tpu-vm create my-tpu --zone us-east5-a --project proj --accelerator-type v5p-64 " \
-           "--version v2-alpha-tpuv5" in out
+    assert (
+        "tpu-vm create my-tpu --zone us-east5-a --project proj --accelerator-type v5p-64 "
+        "--version v2-alpha-tpuv5" in out
+    )
     assert "my-tpu: 8 workers" in out
     assert "tpu-vm scp" in out and "--worker=all" in out
     for w in range(8):
@@ -85,12 +102,17 @@ def test_run_creates_copies_sets_up_and_runs_on_every_worker(fake_gcloud):
     all_workers = [c[c.index("--command") + 1] for c in ssh if "--worker=all" in c]
     assert any("tar xzf /tmp/sama_jax_code.tgz" in c for c in all_workers)
     assert any("pip install -q -r requirements.txt -e ." in c and "jax[tpu]==" in c for c in all_workers)
-    jobs = {next(a for a in c if a.startswith("--worker=")): c[c.index("--command") + 1]
-            for c in ssh if "--worker=all" not in c}
+    jobs = {
+        next(a for a in c if a.startswith("--worker=")): c[c.index("--command") + 1]
+        for c in ssh
+        if "--worker=all" not in c
+    }
     assert sorted(jobs) == sorted(f"--worker={w}" for w in range(8))
-    assert all("sama-train --config=configs/stage1_sft.py:wan_14b" in j and "SAMA_DISTRIBUTED=1" in j
-               for j in jobs.values())
-    for w in range(8):   # each worker's output kept in its own log
+    assert all(
+        "sama-train --config=configs/stage1_sft.py:wan_14b" in j and "SAMA_DISTRIBUTED=1" in j
+        for j in jobs.values()
+    )
+    for w in range(8):  # each worker's output kept in its own log
         assert f"ran on --worker={w}" in (fake_gcloud.logs / f"worker_{w}.log").read_text()
 
     # The slice exists now: reused, not created again.

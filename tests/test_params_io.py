@@ -62,8 +62,10 @@ def test_tensor_source_reads_shards_and_pickles(tmp_path):
     b = torch.randn(5)
     save_file({"a": a}, str(tmp_path / "m-00001-of-00002.safetensors"))
     save_file({"b": b}, str(tmp_path / "m-00002-of-00002.safetensors"))
-    index = {"metadata": {}, "weight_map": {"a": "m-00001-of-00002.safetensors",
-                                            "b": "m-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "m-00001-of-00002.safetensors", "b": "m-00002-of-00002.safetensors"},
+    }
     (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
     for path in (tmp_path, tmp_path / "m.safetensors.index.json"):
         source = TensorSource(str(path))
@@ -127,11 +129,16 @@ def test_arrays_added_by_rows_load_like_the_others(tmp_path):
     big = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
     emb = (np.arange(7 * 2, dtype=np.float32).reshape(7, 2) / 8).astype(ml_dtypes.bfloat16)
     asked, written = [], []
-    writer = params_io.ParamsWriter(path, "test", {"n": 1},
-                                    on_written=lambda arrays, nbytes: written.append((arrays, nbytes)))
+    writer = params_io.ParamsWriter(
+        path, "test", {"n": 1}, on_written=lambda arrays, nbytes: written.append((arrays, nbytes))
+    )
     writer.add({"small": np.ones(3, np.float32)})
-    writer.add_by_rows(("blocks", "big"), big.shape, np.float32,
-                       lambda start, stop: asked.append((start, stop)) or big[start:stop])
+    writer.add_by_rows(
+        ("blocks", "big"),
+        big.shape,
+        np.float32,
+        lambda start, stop: asked.append((start, stop)) or big[start:stop],
+    )
     writer.add_by_rows(("emb",), emb.shape, emb.dtype, lambda start, stop: emb[start:stop], block_rows=3)
     writer.finalize()
     assert asked == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
@@ -144,16 +151,20 @@ def test_arrays_added_by_rows_load_like_the_others(tmp_path):
     np.testing.assert_array_equal(params["emb"].astype(np.float32), emb.astype(np.float32))
     mesh = sharding.create_mesh(dict(ici=dict(fsdp=-1)))
     target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = {"blocks": {"big": jax.ShapeDtypeStruct(big.shape, np.float32, sharding=target)},
-                "emb": jax.ShapeDtypeStruct(emb.shape, emb.dtype, sharding=target),
-                "small": jax.ShapeDtypeStruct((3,), np.float32, sharding=target)}
+    abstract = {
+        "blocks": {"big": jax.ShapeDtypeStruct(big.shape, np.float32, sharding=target)},
+        "emb": jax.ShapeDtypeStruct(emb.shape, emb.dtype, sharding=target),
+        "small": jax.ShapeDtypeStruct((3,), np.float32, sharding=target),
+    }
     restored, _ = params_io.load_params(path, abstract=abstract)
     np.testing.assert_array_equal(np.asarray(restored["blocks"]["big"]), big)
 
 
 def test_rows_of_the_wrong_shape_are_refused_and_nothing_is_left(tmp_path):
     path = str(tmp_path / "ckpt")
-    with pytest.raises(params_io.ParamsCheckpointError, match=r"rows \[0, 1\) have shape \(1, 2\), expected \(1, 3\)"):
+    with pytest.raises(
+        params_io.ParamsCheckpointError, match=r"rows \[0, 1\) have shape \(1, 2\), expected \(1, 3\)"
+    ):
         with params_io.ParamsWriter(path, "test", {}) as writer:
             writer.add_by_rows(("w",), (2, 3), np.float32, lambda start, stop: np.zeros((1, 2), np.float32))
             writer.finalize()

@@ -3,6 +3,7 @@
 Media are real files written with video_io: flat frames whose grey level encodes the frame index
 (H.264 keeps flat frames within a level or two), so frame sampling is checked through the codec.
 """
+
 import json
 import logging
 import os
@@ -10,10 +11,10 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_same, flat_video, level, take
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, pretext, video_io
-from helpers import assert_same, flat_video, level, take
 
 N_FRAMES = 9
 
@@ -30,13 +31,28 @@ def data_dir(tmp_path_factory):
         video_io.write_video(root / f"v{i}.mp4", src, fps=16)
         video_io.write_video(root / f"v{i}_edit.mp4", 250 - src, fps=16)
         # fps 16 with data.fps 8 -> stride 2
-        edits.append(dict(id=f"ve{i}", kind="video_edit", source=f"v{i}.mp4", target=f"v{i}_edit.mp4",
-                          text=f"edit {i}", fps=16.0))
+        edits.append(
+            dict(
+                id=f"ve{i}",
+                kind="video_edit",
+                source=f"v{i}.mp4",
+                target=f"v{i}_edit.mp4",
+                text=f"edit {i}",
+                fps=16.0,
+            )
+        )
         img = rng.integers(0, 256, (32, 64, 3) if i % 2 else (64, 64, 3), dtype=np.uint8)
         video_io.write_image(root / f"i{i}.png", img)
         video_io.write_image(root / f"i{i}_edit.png", 255 - img)
-        images.append(dict(id=f"ie{i}", kind="image_edit", source=f"i{i}.png", target=f"i{i}_edit.png",
-                           text=f"image edit {i}"))
+        images.append(
+            dict(
+                id=f"ie{i}",
+                kind="image_edit",
+                source=f"i{i}.png",
+                target=f"i{i}_edit.png",
+                text=f"image edit {i}",
+            )
+        )
         video_io.write_video(root / f"c{i}.mp4", flat_video([level(t) for t in range(N_FRAMES)], h, w), fps=8)
         clips.append(dict(id=f"t2v{i}", kind="t2v", target=f"c{i}.mp4", text=f"clip {i}"))
     manifest_lib.write_manifest(str(root / "video_edits.jsonl"), edits)
@@ -49,20 +65,31 @@ def data_dir(tmp_path_factory):
     (root / "cut.mp4").write_bytes(good[: len(good) // 2])
     (root / "empty.mp4").write_bytes(b"")
     video_io.write_video(root / "short.mp4", flat_video([10, 20, 30], 32, 64), fps=8)
-    bad = [dict(id="bad_missing", kind="t2v", target="nowhere.mp4", text="x"),
-           dict(id="bad_garbage", kind="t2v", target="garbage.mp4", text="x"),
-           dict(id="bad_cut", kind="t2v", target="cut.mp4", text="x"),
-           dict(id="bad_empty", kind="t2v", target="empty.mp4", text="x"),
-           dict(id="bad_short", kind="t2v", target="short.mp4", text="x"),
-           dict(id="bad_missing_source", kind="video_edit", source="gone.mp4", target="c1.mp4", text="x"),
-           dict(id="bad_image_clip", kind="t2v", target="i0.png", text="x")]
+    bad = [
+        dict(id="bad_missing", kind="t2v", target="nowhere.mp4", text="x"),
+        dict(id="bad_garbage", kind="t2v", target="garbage.mp4", text="x"),
+        dict(id="bad_cut", kind="t2v", target="cut.mp4", text="x"),
+        dict(id="bad_empty", kind="t2v", target="empty.mp4", text="x"),
+        dict(id="bad_short", kind="t2v", target="short.mp4", text="x"),
+        dict(id="bad_missing_source", kind="video_edit", source="gone.mp4", target="c1.mp4", text="x"),
+        dict(id="bad_image_clip", kind="t2v", target="i0.png", text="x"),
+    ]
     manifest_lib.write_manifest(str(root / "mixed_bad.jsonl"), clips[:3] + bad + clips[3:])
     return root
 
 
 def data_config(**overrides):
-    cfg = dict(num_frames=5, fps=8.0, min_frames=5, pixels=64 * 64, aspect_ratios=(0.5, 1.0, 2.0),
-               size_multiple=16, motion_alignment=False, worker_count=0, prefetch=2)
+    cfg = dict(
+        num_frames=5,
+        fps=8.0,
+        min_frames=5,
+        pixels=64 * 64,
+        aspect_ratios=(0.5, 1.0, 2.0),
+        size_multiple=16,
+        motion_alignment=False,
+        worker_count=0,
+        prefetch=2,
+    )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
@@ -74,10 +101,14 @@ def make(data_dir, mixture, data=None, batch_size=2, seed=0, **kwargs):
     return pipeline.build_pipeline(data or data_config(), sources, batch_size=batch_size, seed=seed, **kwargs)
 
 
-STAGE1 = [dict(kind="video_edit", manifest="video_edits.jsonl", weight=0.5),
-          dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5)]
-STAGE0 = [dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5),
-          dict(kind="t2v", manifest="clips.jsonl", weight=0.5)]
+STAGE1 = [
+    dict(kind="video_edit", manifest="video_edits.jsonl", weight=0.5),
+    dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5),
+]
+STAGE0 = [
+    dict(kind="image_edit", manifest="image_edits.jsonl", weight=0.5),
+    dict(kind="t2v", manifest="clips.jsonl", weight=0.5),
+]
 
 
 def test_stage1_epoch_pairs_buckets_and_frames(data_dir):
@@ -105,14 +136,15 @@ def test_stage1_epoch_pairs_buckets_and_frames(data_dir):
             assert np.abs(src + tgt - 250).max() <= 4
         else:
             assert (b["kind"] == "image_edit").all() and b["source"].shape[1] == 1
-            assert np.abs(src + tgt - 255).max() <= 2          # png is lossless; each resize rounds
+            assert np.abs(src + tgt - 255).max() <= 2  # png is lossless; each resize rounds
     # 32x64 sources -> (48, 96) bucket, square ones -> (64, 64)
     assert {s[1:] for s in shapes} == {(48, 96), (64, 64)}
 
 
 def test_stage0_motion_alignment_on_raw_clips_only(data_dir):
-    data = data_config(motion_alignment=True, fps=0.0,
-                       pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1)))
+    data = data_config(
+        motion_alignment=True, fps=0.0, pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1))
+    )
     batches, _ = take(make(data_dir, STAGE0, data=data, batch_size=1), 40)
     tasks = set()
     for b in batches:
@@ -127,12 +159,13 @@ def test_stage0_motion_alignment_on_raw_clips_only(data_dir):
         target = b["target"][0].astype(int)
         source = b["source"][0].astype(int)
         expected = np.array([level(t) for t in range(5)])
-        np.testing.assert_allclose(target.mean(axis=(1, 2, 3)), expected, atol=2.5)   # target clean
+        np.testing.assert_allclose(target.mean(axis=(1, 2, 3)), expected, atol=2.5)  # target clean
         if task == "none":
             assert (source == 0).all()
         elif task == "speed":
-            np.testing.assert_allclose(source.mean(axis=(1, 2, 3)),
-                                       expected[pretext.speed_indices(5, 2.0)], atol=2.5)
+            np.testing.assert_allclose(
+                source.mean(axis=(1, 2, 3)), expected[pretext.speed_indices(5, 2.0)], atol=2.5
+            )
         elif task == "cube":
             zero = (source == 0).all(-1)
             assert zero.any() and not zero[0].any()
@@ -174,7 +207,7 @@ def test_resume_from_saved_state_equals_uninterrupted(data_dir):
     ds = make(data_dir, STAGE0, data=data, batch_size=3)
     head, it = take(ds, 3)
     assert_same(head, full[:3])
-    state = json.loads(json.dumps(it.get_state()))     # what a checkpoint stores
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     assert state["waiting"], "the test should resume with samples waiting in a partial bucket"
     rest, _ = take(make(data_dir, STAGE0, data=data, batch_size=3), 5, state=state)
     assert_same(rest, full[3:])
@@ -192,7 +225,7 @@ def test_bad_items_are_skipped_counted_and_logged(data_dir, caplog):
         it = iter(ds)
         batches = list(it)
     ids = sorted(np.concatenate([b["id"] for b in batches]).tolist())
-    assert ids == [f"t2v{i}" for i in range(6)]                 # every good item once, nothing else
+    assert ids == [f"t2v{i}" for i in range(6)]  # every good item once, nothing else
     summary = it.skip_summary()
     # The metadata pass finds cut.mp4 short of the packets its header declares: truncated.
     assert summary["counts"] == {"missing": 2, "corrupt": 1, "truncated": 1, "empty": 1, "too_short": 2}
@@ -210,8 +243,9 @@ def test_bad_items_are_skipped_counted_and_logged(data_dir, caplog):
 
 def test_only_bad_items_stop_with_a_clear_error(data_dir):
     sources = [(dict(weight=1.0), [pipeline.ManifestSource(str(data_dir / "mixed_bad.jsonl"))[3]])]
-    ds = pipeline.build_pipeline(data_config(), sources, batch_size=1, seed=0, process_index=0,
-                                 process_count=1)
+    ds = pipeline.build_pipeline(
+        data_config(), sources, batch_size=1, seed=0, process_index=0, process_count=1
+    )
     ds.max_consecutive_skips = 20
     with pytest.raises(RuntimeError, match="20 samples in a row were unusable.*bad_missing"):
         next(iter(ds))
@@ -229,11 +263,13 @@ def test_shard_source_feeds_the_same_batches(data_dir, tmp_path):
 
     arrayrecord.build_shards(str(data_dir / "video_edits.jsonl"), str(tmp_path / "ve"), samples_per_shard=4)
     arrayrecord.build_shards(str(data_dir / "image_edits.jsonl"), str(tmp_path / "ie"), samples_per_shard=4)
-    from_shards = pipeline.open_sources([dict(STAGE1[0], shards="ve"), dict(STAGE1[1], shards="ie")],
-                                        root=str(tmp_path))
+    from_shards = pipeline.open_sources(
+        [dict(STAGE1[0], shards="ve"), dict(STAGE1[1], shards="ie")], root=str(tmp_path)
+    )
     assert all(isinstance(source, arrayrecord.ShardSource) for _, source in from_shards)
-    ds = pipeline.build_pipeline(data_config(), from_shards, batch_size=2, seed=0, process_index=0,
-                                 process_count=1)
+    ds = pipeline.build_pipeline(
+        data_config(), from_shards, batch_size=2, seed=0, process_index=0, process_count=1
+    )
     a, _ = take(ds, 4)
     b, _ = take(make(data_dir, STAGE1), 4)
     assert_same(a, b)
@@ -247,20 +283,30 @@ def test_precomputed_features_are_carried_padded_or_the_sample_skipped(data_dir)
         if i >= 4:
             break
         record = dict(record)
-        if i != 2:   # sample 2 lacks its features
-            record["features"] = {"text": np.full((3 + i, 8), i, np.float32),
-                                  "semantic": np.full((5, 4), 10 + i, np.float32)}
+        if i != 2:  # sample 2 lacks its features
+            record["features"] = {
+                "text": np.full((3 + i, 8), i, np.float32),
+                "semantic": np.full((5, 4), 10 + i, np.float32),
+            }
         records.append(record)
     data = data_config(features=("text", "semantic"))
-    ds = pipeline.build_pipeline(data, [(dict(weight=1.0), records)], batch_size=1, seed=0, num_epochs=1,
-                                 process_index=0, process_count=1, text_len=6)
+    ds = pipeline.build_pipeline(
+        data,
+        [(dict(weight=1.0), records)],
+        batch_size=1,
+        seed=0,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        text_len=6,
+    )
     it = iter(ds)
     batches = list(it)
     assert sorted(b["id"][0] for b in batches) == ["ie0", "ie1", "ie3"]
     for b in batches:
         i = int(b["id"][0][2:])
         text = b["features/text"][0]
-        assert text.shape == (6, 8) and (text[:3 + i] == i).all() and (text[3 + i:] == 0).all()
+        assert text.shape == (6, 8) and (text[: 3 + i] == i).all() and (text[3 + i :] == 0).all()
         np.testing.assert_array_equal(b["features/semantic"][0], np.full((5, 4), 10 + i, np.float32))
     assert it.skip_summary()["counts"] == {"missing_features": 1}
     with pytest.raises(ValueError, match="motion alignment"):
@@ -293,8 +339,11 @@ def test_resume_when_a_waiting_sample_became_unreadable(data_dir, tmp_path):
     assert state["waiting"]
     waiting_ids = {ds.records[p]["id"] for p in state["waiting"]}
     gone = sorted(waiting_ids)[0]
-    record = {r["id"]: r for m in ("clips.jsonl", "image_edits.jsonl")
-              for r in pipeline.ManifestSource(str(tmp_path / m))}[gone]
+    record = {
+        r["id"]: r
+        for m in ("clips.jsonl", "image_edits.jsonl")
+        for r in pipeline.ManifestSource(str(tmp_path / m))
+    }[gone]
     os.remove(record["target"])
     resumed = iter(make(tmp_path, STAGE0, data=data, batch_size=3))
     resumed.set_state(state)

@@ -3,17 +3,18 @@
 Processes are simulated in this test process with build_pipeline's process_index/process_count.
 Media are flat frames whose grey level encodes the frame index (see helpers.py).
 """
+
 import json
 
 import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_same, flat_video, level, take
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, transforms, video_io
-from helpers import assert_same, flat_video, level, take
 
-SIZES = [(32, 64), (48, 48), (64, 32)]        # -> buckets (48, 96), (64, 64), (96, 48)
+SIZES = [(32, 64), (48, 48), (64, 32)]  # -> buckets (48, 96), (64, 64), (96, 48)
 ARRAYS = ("source", "target", "anchors", "valid")
 
 
@@ -28,7 +29,7 @@ def multi_dir(tmp_path_factory):
     rng = np.random.default_rng(1)
     for i in range(6):
         h, w = SIZES[i % 3]
-        frames = 9 if i < 3 else 6              # 6 frames give 5 (4k+1) at num_frames 9
+        frames = 9 if i < 3 else 6  # 6 frames give 5 (4k+1) at num_frames 9
         src = flat_video([level(t) for t in range(frames)], h, w)
         video_io.write_video(root / f"v{i}.mp4", src, fps=16)
         video_io.write_video(root / f"v{i}_edit.mp4", 250 - src, fps=16)
@@ -40,34 +41,74 @@ def multi_dir(tmp_path_factory):
     for n in range(24):
         i = n % 6
         h, w = SIZES[i % 3]
-        edits.append(dict(id=f"ve{n}", kind="video_edit", source=f"v{i}.mp4", target=f"v{i}_edit.mp4",
-                          text=f"edit {n}"))                      # no size keys: probed
-        images.append(dict(id=f"ie{n}", kind="image_edit", source=f"i{i}.png", target=f"i{i}_edit.png",
-                           text=f"image edit {n}", height=h, width=w))
-        clips.append(dict(id=f"t2v{n}", kind="t2v", target=f"c{i}.mp4", text=f"clip {n}",
-                          frames=9 if i < 3 else 6, height=h, width=w, fps=16.0))
+        edits.append(
+            dict(
+                id=f"ve{n}", kind="video_edit", source=f"v{i}.mp4", target=f"v{i}_edit.mp4", text=f"edit {n}"
+            )
+        )  # no size keys: probed
+        images.append(
+            dict(
+                id=f"ie{n}",
+                kind="image_edit",
+                source=f"i{i}.png",
+                target=f"i{i}_edit.png",
+                text=f"image edit {n}",
+                height=h,
+                width=w,
+            )
+        )
+        clips.append(
+            dict(
+                id=f"t2v{n}",
+                kind="t2v",
+                target=f"c{i}.mp4",
+                text=f"clip {n}",
+                frames=9 if i < 3 else 6,
+                height=h,
+                width=w,
+                fps=16.0,
+            )
+        )
     for name, rows in (("video_edits", edits), ("image_edits", images), ("clips", clips)):
         manifest_lib.write_manifest(str(root / f"{name}.jsonl"), rows)
     return root
 
 
-MIXTURE = [dict(kind="video_edit", manifest="video_edits.jsonl", weight=1.0),
-           dict(kind="image_edit", manifest="image_edits.jsonl", weight=1.0),
-           dict(kind="t2v", manifest="clips.jsonl", weight=1.0)]
+MIXTURE = [
+    dict(kind="video_edit", manifest="video_edits.jsonl", weight=1.0),
+    dict(kind="image_edit", manifest="image_edits.jsonl", weight=1.0),
+    dict(kind="t2v", manifest="clips.jsonl", weight=1.0),
+]
 
 
 def data_config(**overrides):
-    cfg = dict(num_frames=9, fps=0.0, min_frames=5, pixels=64 * 64, aspect_ratios=(0.5, 1.0, 2.0),
-               size_multiple=16, motion_alignment=True, worker_count=0, prefetch=2,
-               pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1)))
+    cfg = dict(
+        num_frames=9,
+        fps=0.0,
+        min_frames=5,
+        pixels=64 * 64,
+        aspect_ratios=(0.5, 1.0, 2.0),
+        size_multiple=16,
+        motion_alignment=True,
+        worker_count=0,
+        prefetch=2,
+        pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1)),
+    )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
 
 def make(root, batch_size, index=0, count=1, mixture=MIXTURE, **kwargs):
     sources = pipeline.open_sources(mixture, root=str(root))
-    return pipeline.build_pipeline(data_config(), sources, batch_size=batch_size, seed=7,
-                                   process_index=index, process_count=count, **kwargs)
+    return pipeline.build_pipeline(
+        data_config(),
+        sources,
+        batch_size=batch_size,
+        seed=7,
+        process_index=index,
+        process_count=count,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -82,11 +123,12 @@ def test_processes_slice_one_global_plan(multi_dir, count):
         assert len({b["source"].shape for b in batches}) == 1, f"step {step}: processes disagree"
         assert batches[0]["source"].shape[0] == per_process
         ids = [b["id"].tolist() for b in batches]
-        assert len(set().union(*ids)) == per_process * count            # disjoint
+        assert len(set().union(*ids)) == per_process * count  # disjoint
         # The union, in process order, is the single-process global batch, values included.
         for key in single[step]:
-            np.testing.assert_array_equal(np.concatenate([b[key] for b in batches]), single[step][key],
-                                          err_msg=f"step {step} {key}")
+            np.testing.assert_array_equal(
+                np.concatenate([b[key] for b in batches]), single[step][key], err_msg=f"step {step} {key}"
+            )
         shapes.add(batches[0]["source"].shape[1:4])
         kinds.update(single[step]["kind"].tolist())
     # Three aspect buckets x (short clips T=5, full clips T=9, images T=1), all kinds, were planned.
@@ -135,18 +177,29 @@ def test_metadata_comes_from_size_keys_when_present(multi_dir, tmp_path):
     # A manifest's height/width describe source and target alike.
     assert images[0]["source_height"] == images[0]["height"] == 32
     (tmp_path / "noise.mp4").write_bytes(b"not a video" * 50)
-    record = dict(id="x", kind="t2v", target=str(tmp_path / "noise.mp4"), text="x",
-                  frames=17, height=48, width=48)
-    assert pipeline.plan_shape(record, spec) == (9, 64, 64)         # trusted: no probe was made
+    record = dict(
+        id="x", kind="t2v", target=str(tmp_path / "noise.mp4"), text="x", frames=17, height=48, width=48
+    )
+    assert pipeline.plan_shape(record, spec) == (9, 64, 64)  # trusted: no probe was made
     with pytest.raises(pipeline.FieldError, match="cannot read video header"):
         pipeline.plan_shape(dict(record, frames=None), spec)
     with pytest.raises(pipeline.FieldError, match="does not exist"):
         pipeline.plan_shape(dict(record, target=str(tmp_path / "gone.mp4")), spec)
     # A shard record: its own size keys are the target's; its manifest line (meta) describes the source.
-    shard_like = dict(id="s", kind="video_edit", text="x", target=b"t" * 9, target_ext=".mp4",
-                      source=b"s" * 9, source_ext=".mp4", frames=17, height=48, width=96,
-                      meta=dict(frames=17, height=96, width=48))
-    assert pipeline.plan_shape(shard_like, spec) == (9, 96, 48)      # the source's bucket, no probe
+    shard_like = dict(
+        id="s",
+        kind="video_edit",
+        text="x",
+        target=b"t" * 9,
+        target_ext=".mp4",
+        source=b"s" * 9,
+        source_ext=".mp4",
+        frames=17,
+        height=48,
+        width=96,
+        meta=dict(frames=17, height=96, width=48),
+    )
+    assert pipeline.plan_shape(shard_like, spec) == (9, 96, 48)  # the source's bucket, no probe
     with pytest.raises(pipeline.FieldError, match="<source bytes of s>: cannot read video header"):
         pipeline.plan_shape(dict(shard_like, meta={}), spec)
 
@@ -161,15 +214,24 @@ def test_decode_failure_pads_only_its_own_slot(tmp_path):
     (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 50)
     video_io.write_video(tmp_path / "square.mp4", flat_video([level(t) for t in range(9)], 48, 48), fps=16)
     size = dict(frames=9, height=32, width=64)
-    records += [dict(id="garbage", kind="t2v", target=str(tmp_path / "garbage.mp4"), text="x", **size),
-                dict(id="liar", kind="t2v", target=str(tmp_path / "square.mp4"), text="x", **size),
-                dict(id="gone", kind="t2v", target=str(tmp_path / "gone.mp4"), text="x", **size)]
+    records += [
+        dict(id="garbage", kind="t2v", target=str(tmp_path / "garbage.mp4"), text="x", **size),
+        dict(id="liar", kind="t2v", target=str(tmp_path / "square.mp4"), text="x", **size),
+        dict(id="gone", kind="t2v", target=str(tmp_path / "gone.mp4"), text="x", **size),
+    ]
     sources = [(dict(weight=1.0), records)]
 
     def run(index, count, workers=0):
-        ds = pipeline.build_pipeline(data_config(motion_alignment=False), sources, batch_size=4 // count,
-                                     seed=0, num_epochs=1, process_index=index, process_count=count,
-                                     worker_count=workers)
+        ds = pipeline.build_pipeline(
+            data_config(motion_alignment=False),
+            sources,
+            batch_size=4 // count,
+            seed=0,
+            num_epochs=1,
+            process_index=index,
+            process_count=count,
+            worker_count=workers,
+        )
         it = iter(ds)
         batches, summary = list(it), it.skip_summary()
         it.close()
@@ -211,9 +273,13 @@ def test_decode_failure_pads_only_its_own_slot(tmp_path):
 
 def test_frame_indices_from_a_start_frame():
     np.testing.assert_array_equal(transforms.frame_indices(12, 5, 1, 5, start=4), np.arange(4, 9))
-    np.testing.assert_array_equal(transforms.frame_indices(12, 81, 2, 1, start=4), [4])   # 4 usable at stride 2 -> 1
+    np.testing.assert_array_equal(
+        transforms.frame_indices(12, 81, 2, 1, start=4), [4]
+    )  # 4 usable at stride 2 -> 1
     assert transforms.frames_needed(5, 2, start=4) == 13
-    with pytest.raises(transforms.SkipSample, match="12 frames give 1 at stride 2 after dropping the first 4"):
+    with pytest.raises(
+        transforms.SkipSample, match="12 frames give 1 at stride 2 after dropping the first 4"
+    ):
         transforms.frame_indices(12, 81, 2, 5, start=4)
     with pytest.raises(ValueError, match="start frame"):
         transforms.frame_indices(12, 5, start=-1)
@@ -223,25 +289,46 @@ def test_start_frame_drops_leading_frames_of_source_and_target(tmp_path):
     src = flat_video([level(t) for t in range(12)], 32, 64)
     video_io.write_video(tmp_path / "s.mp4", src, fps=16)
     video_io.write_video(tmp_path / "t.mp4", 250 - src, fps=16)
-    manifest_lib.write_manifest(str(tmp_path / "openve.jsonl"), [
-        dict(id="o0", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=4),
-        dict(id="o1", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=9),
-        dict(id="o2", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=-2)])
+    manifest_lib.write_manifest(
+        str(tmp_path / "openve.jsonl"),
+        [
+            dict(id="o0", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=4),
+            dict(id="o1", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=9),
+            dict(id="o2", kind="video_edit", source="s.mp4", target="t.mp4", text="x", start_frame=-2),
+        ],
+    )
     spec = pipeline.SampleSpec(num_frames=5, min_frames=5, buckets=((32, 64),))
     record = pipeline.ManifestSource(str(tmp_path / "openve.jsonl"))[0]
     expected = np.array([level(t) for t in range(4, 9)])
-    for rec in (record, dict({k: v for k, v in record.items() if k != "start_frame"}, meta=dict(start_frame=4))):
-        sample = pipeline.prepare_sample(rec, 0, spec)       # the manifest key, or a shard record's meta
+    for rec in (
+        record,
+        dict({k: v for k, v in record.items() if k != "start_frame"}, meta=dict(start_frame=4)),
+    ):
+        sample = pipeline.prepare_sample(rec, 0, spec)  # the manifest key, or a shard record's meta
         np.testing.assert_allclose(sample["source"].astype(float).mean(axis=(1, 2, 3)), expected, atol=2.5)
-        np.testing.assert_allclose(sample["target"].astype(float).mean(axis=(1, 2, 3)), 250 - expected, atol=2.5)
+        np.testing.assert_allclose(
+            sample["target"].astype(float).mean(axis=(1, 2, 3)), 250 - expected, atol=2.5
+        )
         assert pipeline.plan_shape(rec, spec) == (5, 32, 64)
 
     # Through the pipeline: 3 usable frames after start 9 is too short; a negative start is malformed.
-    data = ml_collections.ConfigDict(dict(num_frames=5, fps=0.0, min_frames=5, pixels=32 * 64,
-                                          aspect_ratios=(0.5,), size_multiple=16, motion_alignment=False))
+    data = ml_collections.ConfigDict(
+        dict(
+            num_frames=5,
+            fps=0.0,
+            min_frames=5,
+            pixels=32 * 64,
+            aspect_ratios=(0.5,),
+            size_multiple=16,
+            motion_alignment=False,
+        )
+    )
     sources = pipeline.open_sources([dict(kind="video_edit", manifest="openve.jsonl")], root=str(tmp_path))
-    it = iter(pipeline.build_pipeline(data, sources, batch_size=1, seed=0, num_epochs=1,
-                                      process_index=0, process_count=1))
+    it = iter(
+        pipeline.build_pipeline(
+            data, sources, batch_size=1, seed=0, num_epochs=1, process_index=0, process_count=1
+        )
+    )
     batches = list(it)
     assert [b["id"][0] for b in batches] == ["o0"]
     np.testing.assert_allclose(batches[0]["source"][0].astype(float).mean(axis=(1, 2, 3)), expected, atol=2.5)
@@ -251,8 +338,15 @@ def test_start_frame_drops_leading_frames_of_source_and_target(tmp_path):
 def test_metadata_and_decode_threads_give_the_same_batches(multi_dir):
     plain = list(make(multi_dir, 4, 1, 2, num_epochs=1))
     sources = pipeline.open_sources(MIXTURE, root=str(multi_dir))
-    threaded = pipeline.build_pipeline(data_config(metadata_threads=2, read_threads=2), sources, batch_size=4,
-                                       seed=7, num_epochs=1, process_index=1, process_count=2)
+    threaded = pipeline.build_pipeline(
+        data_config(metadata_threads=2, read_threads=2),
+        sources,
+        batch_size=4,
+        seed=7,
+        num_epochs=1,
+        process_index=1,
+        process_count=2,
+    )
     it = iter(threaded)
     assert_same(list(it), plain)
     it.close()

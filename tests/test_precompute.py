@@ -1,4 +1,5 @@
 """sama-precompute on a tiny synthetic dataset: layout, values, resume, failures, settings guard."""
+
 import dataclasses
 import os
 
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from model_helpers import make_tokenizer_dir
 from transformers import SiglipVisionConfig, SiglipVisionModel, UMT5Config, UMT5EncoderModel
 
 from sama_jax import config as config_lib
 from sama_jax import params_io, precompute, presets, semantic, text
 from sama_jax.data import pipeline, synthetic
 from sama_jax.models import load_siglip, load_text_encoder, wan_vae
-from test_text import make_tokenizer_dir
 from tools.convert_wan_weights import cli
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_sft.py") + ":tiny"
@@ -41,26 +42,55 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     torch.manual_seed(0)
     make_tokenizer_dir(root / "tok")
-    UMT5EncoderModel(UMT5Config(
-        vocab_size=70, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu")).save_pretrained(root / "hf_umt5")
+    UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=70,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+        )
+    ).save_pretrained(root / "hf_umt5")
     tiny = presets.SIGLIP["tiny"]
-    SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=tiny["hidden_size"], intermediate_size=tiny["intermediate_size"],
-        num_hidden_layers=tiny["num_layers"], num_attention_heads=tiny["num_heads"],
-        patch_size=tiny["patch_size"], image_size=tiny["image_size"])).save_pretrained(root / "hf_siglip")
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=tiny["hidden_size"],
+            intermediate_size=tiny["intermediate_size"],
+            num_hidden_layers=tiny["num_layers"],
+            num_attention_heads=tiny["num_heads"],
+            patch_size=tiny["patch_size"],
+            image_size=tiny["image_size"],
+        )
+    ).save_pretrained(root / "hf_siglip")
     for kind in ("umt5", "siglip"):
-        assert cli.main([str(root / f"hf_{kind}"), str(root / kind), "--kind", kind,
-                         "--dtype", "float32"]) == 0
+        assert (
+            cli.main([str(root / f"hf_{kind}"), str(root / kind), "--kind", kind, "--dtype", "float32"]) == 0
+        )
     vae_cfg = wan_vae.WanVAEConfig(**presets.VAE["tiny"])
-    params_io.save_params(str(root / "vae"), random_vae_params(vae_cfg), wan_vae.KIND,
-                          dataclasses.asdict(vae_cfg))
-    paths = synthetic.generate(str(root / "data"), video_edits=2, image_edits=1, clips=1, frames=5,
-                               height=32, width=48)
-    os.remove(root / "data" / "videos" / "synvid_000001_tgt.mp4")     # one broken item
-    args = [f"--config={CONFIG}", "--text-encoder", str(root / "umt5"), "--tokenizer", str(root / "tok"),
-            "--siglip", str(root / "siglip"), "--vae", str(root / "vae"), "--batch-size", "2"]
+    params_io.save_params(
+        str(root / "vae"), random_vae_params(vae_cfg), wan_vae.KIND, dataclasses.asdict(vae_cfg)
+    )
+    paths = synthetic.generate(
+        str(root / "data"), video_edits=2, image_edits=1, clips=1, frames=5, height=32, width=48
+    )
+    os.remove(root / "data" / "videos" / "synvid_000001_tgt.mp4")  # one broken item
+    args = [
+        f"--config={CONFIG}",
+        "--text-encoder",
+        str(root / "umt5"),
+        "--tokenizer",
+        str(root / "tok"),
+        "--siglip",
+        str(root / "siglip"),
+        "--vae",
+        str(root / "vae"),
+        "--batch-size",
+        "2",
+    ]
     for name in ("video_edits", "image_edits", "clips"):
         args += ["--manifest", paths[name]]
     return root, paths, args
@@ -68,13 +98,16 @@ def setup(tmp_path_factory):
 
 def test_writes_every_feature_and_reports_the_broken_item(setup, capsys):
     root, paths, args = setup
-    assert precompute.main(args) == 1                 # one failed item -> exit status 1
+    assert precompute.main(args) == 1  # one failed item -> exit status 1
     out = capsys.readouterr().out
     assert "FAILED synvid_000001" in out and "synvid_000001_tgt.mp4" in out
 
     config, _ = config_lib.load_config([f"--config={CONFIG}"])
-    encoder = text.TextEncoder(load_text_encoder(str(root / "umt5")),
-                               text.load_tokenizer(str(root / "tok")), config.model.text_encoder.text_len)
+    encoder = text.TextEncoder(
+        load_text_encoder(str(root / "umt5")),
+        text.load_tokenizer(str(root / "tok")),
+        config.model.text_encoder.text_len,
+    )
     siglip = load_siglip(str(root / "siglip"))
     sem_cfg = semantic.SemanticConfig(**dict(config.model.semantic))
     spec = dataclasses.replace(pipeline.SampleSpec.from_config(config.data, seed=0), pretext=None)
@@ -85,12 +118,12 @@ def test_writes_every_feature_and_reports_the_broken_item(setup, capsys):
             feature = lambda f: precompute.feature_path(paths[name], record["id"], f)
             if record["id"] == "synvid_000001":
                 assert not os.path.exists(feature("semantic"))
-                assert os.path.exists(feature("text"))    # text needs no media
+                assert os.path.exists(feature("text"))  # text needs no media
                 continue
             context, length = encoder([config.prompt_prefix + record["text"]])
             stored = np.load(feature("text"))
             assert stored.shape == (length[0], 16)
-            np.testing.assert_allclose(stored, np.asarray(context)[0, :length[0]], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(stored, np.asarray(context)[0, : length[0]], rtol=1e-6, atol=1e-6)
             assert precompute.pad_text(stored, 16).shape == (16, 16)
 
             sample = pipeline.prepare_sample(record, 0, spec)
@@ -104,8 +137,9 @@ def test_writes_every_feature_and_reports_the_broken_item(setup, capsys):
             assert latents.shape == ((t - 1) // 4 + 1, h // 8, w // 8, 16)
             assert np.isfinite(latents).all() and np.abs(latents).max() > 0
             video = np.asarray(sample["target"], np.float32)[None] * (2 / 255) - 1
-            np.testing.assert_allclose(latents, np.asarray(wan_vae.encode_video(vae, video))[0],
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                latents, np.asarray(wan_vae.encode_video(vae, video))[0], rtol=1e-5, atol=1e-5
+            )
             assert os.path.exists(feature("source_latents")) == (record["kind"] != "t2v")
 
 
@@ -115,7 +149,7 @@ def test_rerun_skips_done_work_and_guards_settings(setup, capsys):
     done = precompute.feature_path(paths["video_edits"], "synvid_000000", "target_latents")
     before = os.stat(done).st_mtime_ns
     capsys.readouterr()
-    assert precompute.main(args) == 1                 # the broken item still fails ...
+    assert precompute.main(args) == 1  # the broken item still fails ...
     out = capsys.readouterr().out
     # ... and nothing is left to do for the good items.
     assert [line for line in out.splitlines() if "image_edits.jsonl" in line][0].count("written {}") == 1
@@ -123,7 +157,7 @@ def test_rerun_skips_done_work_and_guards_settings(setup, capsys):
     assert os.stat(done).st_mtime_ns == before
     assert not [f for f in os.listdir(os.path.dirname(done)) if ".tmp" in f]
 
-    assert precompute.main(args + ["--prompt-prefix", "[Image edit] "]) == 2   # not config.prompt_prefix
+    assert precompute.main(args + ["--prompt-prefix", "[Image edit] "]) == 2  # not config.prompt_prefix
     assert "other settings" in capsys.readouterr().err
 
 

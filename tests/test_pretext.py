@@ -1,4 +1,5 @@
 """Motion-alignment pretext transforms: exact behaviour on small arrays, mixing, per-sample seeding."""
+
 import numpy as np
 import pytest
 
@@ -30,8 +31,9 @@ def test_split_sizes():
         pretext.split_sizes(3, 4)
 
 
-@pytest.mark.parametrize("shape, grid", [((8, 6, 10), (2, 2, 2)), ((5, 7, 9), (2, 2, 2)),
-                                         ((17, 8, 12), (4, 4, 4))])
+@pytest.mark.parametrize(
+    "shape, grid", [((8, 6, 10), (2, 2, 2)), ((5, 7, 9), (2, 2, 2)), ((17, 8, 12), (4, 4, 4))]
+)
 def test_tube_shuffle_is_an_invertible_block_permutation(shape, grid):
     clip = unique_clip(*shape)
     shuffled, perm = pretext.tube_shuffle(clip, grid, np.random.default_rng(3))
@@ -64,11 +66,11 @@ def test_cube_mask_full_frame_released_variant():
     for seed in range(300):
         masked, mask = pretext.cube_mask(clip, 0.3, "full_frame", np.random.default_rng(seed))
         frames = np.flatnonzero(mask.any(axis=(1, 2)))
-        assert len(frames) == 15 and (np.diff(frames) == 1).all()     # round(0.3*49) contiguous
-        assert mask[frames].all() and frames[0] >= 1                  # whole frames, never frame 0
+        assert len(frames) == 15 and (np.diff(frames) == 1).all()  # round(0.3*49) contiguous
+        assert mask[frames].all() and frames[0] >= 1  # whole frames, never frame 0
         assert (masked[mask] == 0).all() and (masked[~mask] == 200).all()
         starts.add(int(frames[0]))
-    assert min(starts) == 1 and max(starts) == 34                    # uniform in [1, n-k]
+    assert min(starts) == 1 and max(starts) == 34  # uniform in [1, n-k]
 
 
 @pytest.mark.parametrize("shape", [(17, 32, 48), (5, 16, 16), (49, 24, 40)])
@@ -78,9 +80,9 @@ def test_cube_mask_spatial_ratio_and_contiguity(shape):
         masked, mask = pretext.cube_mask(clip, 0.3, "spatial", np.random.default_rng(seed))
         assert abs(mask.mean() - 0.3) < 0.04
         ts, hs, ws = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
-        box = mask[ts[0]:ts[-1] + 1, hs[0]:hs[-1] + 1, ws[0]:ws[-1] + 1]
-        assert box.all() and box.sum() == mask.sum()                  # one solid cube
-        assert ts[0] >= 1                                             # frame 0 stays visible
+        box = mask[ts[0] : ts[-1] + 1, hs[0] : hs[-1] + 1, ws[0] : ws[-1] + 1]
+        assert box.all() and box.sum() == mask.sum()  # one solid cube
+        assert ts[0] >= 1  # frame 0 stays visible
         assert (masked[mask] == 0).all() and (masked[~mask] == 90).all()
 
 
@@ -107,8 +109,11 @@ def run_task(task, clip, index=0, **overrides):
 def test_apply_pretext_source_only_target_untouched_token_prepended():
     clip = unique_clip(9, 8, 8)
     keep = clip.copy()
-    for task, token in (("cube", "[cube inpainting]"), ("speed", "[speed perturbation]"),
-                        ("shuffle", "[tube shuffle]")):
+    for task, token in (
+        ("cube", "[cube inpainting]"),
+        ("speed", "[speed perturbation]"),
+        ("shuffle", "[tube shuffle]"),
+    ):
         out = run_task(task, clip)
         np.testing.assert_array_equal(clip, keep)
         assert out.task == task and out.text == token + " A ball rolls."
@@ -134,7 +139,7 @@ def test_alternate_speed_mode_uses_sample_index_parity():
     odd = run_task("speed", clip, index=7, speed_mode="alternate")
     assert odd.info["speed"] == 0.5
     np.testing.assert_array_equal(odd.info["indices"], pretext.speed_indices(9, 0.5))
-    assert run_task("speed", clip, index=7).info["speed"] == 2.0          # fixed mode
+    assert run_task("speed", clip, index=7).info["speed"] == 2.0  # fixed mode
 
 
 def test_reproducible_from_seed_and_index():
@@ -154,8 +159,9 @@ def test_reproducible_from_seed_and_index():
 
 
 def test_config_validation_and_from_config():
-    cfg = pretext.PretextConfig.from_config(dict(cube_mode="full_frame", shuffle_grid=[4, 4, 4],
-                                                 tokens=dict(cube="<cube>")))
+    cfg = pretext.PretextConfig.from_config(
+        dict(cube_mode="full_frame", shuffle_grid=[4, 4, 4], tokens=dict(cube="<cube>"))
+    )
     assert cfg.shuffle_grid == (4, 4, 4) and cfg.tokens["cube"] == "<cube>"
     assert cfg.tokens["speed"] == "[speed perturbation]"
     with pytest.raises(ValueError, match="unknown pretext config fields"):

@@ -1,4 +1,5 @@
 """scores: PSNR/SSIM inside and outside the edited region, temporal consistency, aggregates."""
+
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_known_noise_gives_known_psnr(rng):
     noisy = (v.astype(np.int16) + 4 * rng.choice([-1, 1], v.shape)).astype(np.uint8)
     assert scores.psnr(v, noisy) == pytest.approx(20 * math.log10(255 / 4), abs=1e-9)
     offset = v + np.uint8(5)
-    assert scores.psnr(v, offset) == pytest.approx(10 * math.log10(255 ** 2 / 25), abs=1e-9)
+    assert scores.psnr(v, offset) == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-9)
 
 
 def test_noise_inside_the_region_only():
@@ -46,7 +47,7 @@ def test_ssim_of_flat_images_is_the_luminance_term():
     a = np.full((1, 16, 16, 3), 100, np.uint8)
     b = np.full((1, 16, 16, 3), 120, np.uint8)
     c1 = (0.01 * 255) ** 2
-    assert scores.ssim(a, b) == pytest.approx((2 * 100 * 120 + c1) / (100 ** 2 + 120 ** 2 + c1), rel=1e-9)
+    assert scores.ssim(a, b) == pytest.approx((2 * 100 * 120 + c1) / (100**2 + 120**2 + c1), rel=1e-9)
 
 
 def test_temporal_figures(rng):
@@ -55,7 +56,7 @@ def test_temporal_figures(rng):
     assert scores.temporal_ssim(still) == 1.0
     assert scores.temporal_diff_rmse(still, still) == 0.0
     flicker = still.copy()
-    flicker[1::2] += np.uint8(6)     # every other frame brighter by 6: differences +-6 vs 0
+    flicker[1::2] += np.uint8(6)  # every other frame brighter by 6: differences +-6 vs 0
     assert scores.temporal_diff_rmse(flicker, still) == pytest.approx(6.0)
     assert scores.temporal_ssim(flicker) < 1.0
     assert scores.temporal_ssim(still[:1]) is None
@@ -79,8 +80,11 @@ def test_score_edit_on_synthetic_ground_truth():
 
 
 def test_aggregate_per_type_with_capped_psnr():
-    rows = [("add", dict(psnr_in=math.inf, ssim_in=1.0)), ("add", dict(psnr_in=20.0, ssim_in=0.5)),
-            ("remove", dict(psnr_in=30.0, ssim_in=None))]
+    rows = [
+        ("add", dict(psnr_in=math.inf, ssim_in=1.0)),
+        ("add", dict(psnr_in=20.0, ssim_in=0.5)),
+        ("remove", dict(psnr_in=30.0, ssim_in=None)),
+    ]
     table = scores.aggregate(rows)
     assert table["add"] == dict(psnr_in=(scores.PSNR_CAP + 20) / 2, ssim_in=0.75, cases=2)
     assert table["remove"] == dict(psnr_in=30.0, cases=1)
@@ -109,7 +113,7 @@ def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
     cases = edit_scores.held_out_cases(3, seed=1000, frames=5, height=32, width=32)
     assert all(c.region.any() for c in cases)
     again = edit_scores.held_out_cases(3, seed=1000, frames=5, height=32, width=32)
-    assert all(np.array_equal(a.target, b.target) for a, b in zip(cases, again))   # fixed cases
+    assert all(np.array_equal(a.target, b.target) for a, b in zip(cases, again))  # fixed cases
     by_text = {c.instruction: c for c in cases}
     oracle = dict(edit_scores.score_cases(lambda f, t: by_text[t].target, cases))
     assert oracle["edit_scores/psnr_in"] == scores.PSNR_CAP and oracle["edit_scores/ssim_out"] == 1.0
@@ -137,31 +141,48 @@ def test_edit_scores_evaluator_with_the_editor(tmp_path):
     and another DiT module of the same structure (an EMA copy) is accepted."""
     from flax import nnx
 
-    from sama_jax import conditioning, config as config_lib, text
+    from sama_jax import conditioning, text
+    from sama_jax import config as config_lib
     from sama_jax.evaluators import edit_scores
     from sama_jax.models import umt5, wan_dit, wan_vae
 
-    config = config_lib.build_config("configs/stage1_sft.py:tiny", [
-        ("eval.edit_scores.num_cases", "2"), ("eval.num_steps", "2"), ("eval.edit_scores.height", "32"),
-        ("eval.edit_scores.width", "32")])
+    config = config_lib.build_config(
+        "configs/stage1_sft.py:tiny",
+        [
+            ("eval.edit_scores.num_cases", "2"),
+            ("eval.num_steps", "2"),
+            ("eval.edit_scores.height", "32"),
+            ("eval.edit_scores.width", "32"),
+        ],
+    )
     cases = edit_scores.held_out_cases(2, 1000, 5, 32, 32)
-    tokenizer = text.load_tokenizer(text.build_sentencepiece_tokenizer(
-        [c.instruction for c in cases] * 20 + ["[Video edit]"], str(tmp_path / "tok"), vocab_size=60))
+    tokenizer = text.load_tokenizer(
+        text.build_sentencepiece_tokenizer(
+            [c.instruction for c in cases] * 20 + ["[Video edit]"], str(tmp_path / "tok"), vocab_size=60
+        )
+    )
     model, precision = config.model, conditioning.frozen_precision(config)
-    vae = _random_module(lambda: wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision),
-                                                rngs=nnx.Rngs(0)), 1)
-    encoder = _random_module(lambda: umt5.UMT5Encoder(
-        umt5.UMT5Config.from_config(model.text_encoder, precision), rngs=nnx.Rngs(0)), 2)
+    vae = _random_module(
+        lambda: wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision), rngs=nnx.Rngs(0)), 1
+    )
+    encoder = _random_module(
+        lambda: umt5.UMT5Encoder(
+            umt5.UMT5Config.from_config(model.text_encoder, precision), rngs=nnx.Rngs(0)
+        ),
+        2,
+    )
     encoders = conditioning.Encoders(vae, encoder, None, conditioning.semantic_config(config))
-    dit_fn = lambda: wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model.dit, config.precision),
-                                    rngs=nnx.Rngs(0))
+    dit_fn = lambda: wan_dit.WanDiT(
+        wan_dit.WanDiTConfig.from_config(model.dit, config.precision), rngs=nnx.Rngs(0)
+    )
     dit = _random_module(dit_fn, 0)
     evaluator = edit_scores.EditScores(config, mesh=None, rules=None, encoders=encoders, tokenizer=tokenizer)
     first = dict(evaluator.run(dit, 0))
     assert {f"edit_scores/{m}" for m in edit_scores.METRICS} <= set(first)
     assert all(np.isfinite(v) for v in first.values())
     second = dict(evaluator.run(_random_module(dit_fn, 0), 10))
-    assert {k: v for k, v in second.items() if "seconds" not in k} == \
-        {k: v for k, v in first.items() if "seconds" not in k}
+    assert {k: v for k, v in second.items() if "seconds" not in k} == {
+        k: v for k, v in first.items() if "seconds" not in k
+    }
     other = dict(evaluator.run(_random_module(dit_fn, 5), 20))
     assert other["edit_scores/psnr_in"] != first["edit_scores/psnr_in"]

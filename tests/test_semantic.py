@@ -1,5 +1,6 @@
 """Semantic tokens: adaptive pooling values, token layout, anchors, and the whole extractor against
 transformers' SiglipVisionModel + torch AdaptiveAvgPool2d."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,13 +59,21 @@ def test_anchor_frames_and_config_errors():
 
 def test_extractor_matches_transformers_siglip_and_torch_pooling(tmp_path):
     tiny = presets.SIGLIP["tiny"]
-    reference = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=tiny["hidden_size"], intermediate_size=tiny["intermediate_size"],
-        num_hidden_layers=tiny["num_layers"], num_attention_heads=tiny["num_heads"],
-        patch_size=tiny["patch_size"], image_size=tiny["image_size"])).eval()
+    reference = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=tiny["hidden_size"],
+            intermediate_size=tiny["intermediate_size"],
+            num_hidden_layers=tiny["num_layers"],
+            num_attention_heads=tiny["num_heads"],
+            patch_size=tiny["patch_size"],
+            image_size=tiny["image_size"],
+        )
+    ).eval()
     reference.save_pretrained(tmp_path / "hf")
-    assert cli.main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--kind", "siglip",
-                     "--dtype", "float32"]) == 0
+    assert (
+        cli.main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--kind", "siglip", "--dtype", "float32"])
+        == 0
+    )
     model = load_siglip(str(tmp_path / "ours"))
     cfg = semantic.SemanticConfig(num_anchor_frames=2, pool_grid=3, global_token="mean")
     video = np.random.default_rng(0).integers(0, 256, (2, 5, 40, 64, 3)).astype(np.uint8)
@@ -74,9 +83,9 @@ def test_extractor_matches_transformers_siglip_and_torch_pooling(tmp_path):
     frames = video[:, [0, 4]].reshape(4, 40, 64, 3)
     pixels = torch.from_numpy(np.array(preprocess(frames, tiny["image_size"]))).permute(0, 3, 1, 2)
     with torch.no_grad():
-        features = reference(pixel_values=pixels).last_hidden_state          # (4, 16, C)
+        features = reference(pixel_values=pixels).last_hidden_state  # (4, 16, C)
     grid = features.reshape(4, 4, 4, -1).permute(0, 3, 1, 2)
-    local = torch.nn.AdaptiveAvgPool2d(3)(grid).flatten(2).transpose(1, 2)   # (4, 9, C)
+    local = torch.nn.AdaptiveAvgPool2d(3)(grid).flatten(2).transpose(1, 2)  # (4, 9, C)
     expected = torch.cat([local, features.mean(1, keepdim=True)], 1).reshape(2, 20, -1).numpy()
     err = np.abs(tokens - expected).max() / np.abs(expected).max()
     assert err < 1e-5, err

@@ -21,18 +21,23 @@ class TinyBlock(nnx.Module):
 
     def __init__(self, dim, hidden, rngs):
         init = nnx.initializers.normal(0.1)
-        self.up = nnx.Linear(dim, hidden, rngs=rngs,
-                             kernel_init=sharding.annotated(init, ("embed", "mlp")),
-                             bias_init=sharding.annotated(nnx.initializers.normal(0.1), ("mlp",)))
-        self.down = nnx.Linear(hidden, dim, rngs=rngs,
-                               kernel_init=sharding.annotated(init, ("mlp", "embed")))
-        self.table = nnx.Param(init(rngs.params(), (32, dim)), eager_sharding=False, out_sharding=("vocab", "embed"))
+        self.up = nnx.Linear(
+            dim,
+            hidden,
+            rngs=rngs,
+            kernel_init=sharding.annotated(init, ("embed", "mlp")),
+            bias_init=sharding.annotated(nnx.initializers.normal(0.1), ("mlp",)),
+        )
+        self.down = nnx.Linear(hidden, dim, rngs=rngs, kernel_init=sharding.annotated(init, ("mlp", "embed")))
+        self.table = nnx.Param(
+            init(rngs.params(), (32, dim)), eager_sharding=False, out_sharding=("vocab", "embed")
+        )
 
     def __call__(self, x):
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         h = jax.nn.gelu(self.up(x))
         h = sharding.constrain(h, ("batch", "length", "mlp"))
-        y = x + self.down(h) + self.table[...][:x.shape[1]][None]
+        y = x + self.down(h) + self.table[...][: x.shape[1]][None]
         return sharding.constrain(y, ("batch", "length", "act_embed"))
 
 
@@ -113,5 +118,8 @@ def test_batch_size_the_mesh_cannot_split_is_named_up_front():
     mesh = sharding.create_mesh(dict(ici=dict(data=2, fsdp=-1)))
     rules = sharding.DEFAULT_RULES
     sharding.check_batch_size(8, mesh, rules)
-    with pytest.raises(sharding.ShardingError, match=r"train.batch_size=6 must be a positive multiple of 8: .*data=2 x fsdp=4"):
+    with pytest.raises(
+        sharding.ShardingError,
+        match=r"train.batch_size=6 must be a positive multiple of 8: .*data=2 x fsdp=4",
+    ):
         sharding.check_batch_size(6, mesh, rules)

@@ -2,28 +2,34 @@
 
 Metric: max|ours - ref| / max|ref| of last_hidden_state (after post_layernorm), fp32.
 """
+
 import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import (SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig,
-                          SiglipVisionModel)
+from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel
 
 from sama_jax import presets
 from sama_jax.models import load_siglip
 from sama_jax.models.siglip import preprocess
-from tools.convert_wan_weights import cli, siglip as siglip_converter
+from tools.convert_wan_weights import cli
+from tools.convert_wan_weights import siglip as siglip_converter
 from tools.convert_wan_weights.source import ConversionError, TensorSource
 
 TINY = presets.SIGLIP["tiny"]
 
 
 def vision_config():
-    return SiglipVisionConfig(hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
-                              num_hidden_layers=TINY["num_layers"], num_attention_heads=TINY["num_heads"],
-                              patch_size=TINY["patch_size"], image_size=TINY["image_size"])
+    return SiglipVisionConfig(
+        hidden_size=TINY["hidden_size"],
+        intermediate_size=TINY["intermediate_size"],
+        num_hidden_layers=TINY["num_layers"],
+        num_attention_heads=TINY["num_heads"],
+        patch_size=TINY["patch_size"],
+        image_size=TINY["image_size"],
+    )
 
 
 def randomize_norms(model):
@@ -45,14 +51,14 @@ def rel_err(ours, ref):
 
 
 def convert(checkpoint, out):
-    assert cli.detect_kind(TensorSource(str(checkpoint))) == "siglip"   # --kind auto recognises it
+    assert cli.detect_kind(TensorSource(str(checkpoint))) == "siglip"  # --kind auto recognises it
     assert cli.main([str(checkpoint), str(out), "--dtype", "float32"]) == 0
     return load_siglip(str(out))
 
 
 def test_flat_layout_parity(tmp_path):
     ref = randomize_norms(SiglipVisionModel(vision_config()).eval())
-    ref.save_pretrained(tmp_path / "hf")            # transformers 5 writes the flat layout here
+    ref.save_pretrained(tmp_path / "hf")  # transformers 5 writes the flat layout here
     source = TensorSource(str(tmp_path / "hf"))
     assert siglip_converter.prefix_of(source) == ""
     model = convert(tmp_path / "hf", tmp_path / "ours")
@@ -68,8 +74,14 @@ def test_flat_layout_parity(tmp_path):
 def test_prefixed_full_siglip_model_parity(tmp_path):
     # A full SiglipModel checkpoint (as google/siglip-so400m-patch14-384 is published): vision_model.*
     # prefix, plus text tower, logit scale/bias and the MAP head, all of which the converter drops.
-    text = SiglipTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=8)
+    text = SiglipTextConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
     full = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict()))
     full = randomize_norms(full.eval())
     full.save_pretrained(tmp_path / "hf")
@@ -110,16 +122,22 @@ def test_wrong_input_size_is_a_clear_error(tmp_path):
 
 def test_converter_needs_heads_from_config_json(tmp_path):
     sd = {k: v.contiguous() for k, v in SiglipVisionModel(vision_config()).state_dict().items()}
-    save_file(sd, str(tmp_path / "model.safetensors"))   # no config.json beside it
+    save_file(sd, str(tmp_path / "model.safetensors"))  # no config.json beside it
     with pytest.raises(ConversionError, match="config.json"):
-        siglip_converter.convert(TensorSource(str(tmp_path / "model.safetensors")), str(tmp_path / "o"),
-                                 type("Args", (), dict(dtype="float32", overwrite=False))())
+        siglip_converter.convert(
+            TensorSource(str(tmp_path / "model.safetensors")),
+            str(tmp_path / "o"),
+            type("Args", (), dict(dtype="float32", overwrite=False))(),
+        )
     del sd["encoder.layers.1.mlp.fc2.bias"]
     vision_config().save_pretrained(tmp_path)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConversionError, match=r"missing \(1\):\s+encoder.layers.1.mlp.fc2.bias"):
-        siglip_converter.convert(TensorSource(str(tmp_path / "model.safetensors")), str(tmp_path / "o"),
-                                 type("Args", (), dict(dtype="float32", overwrite=False))())
+        siglip_converter.convert(
+            TensorSource(str(tmp_path / "model.safetensors")),
+            str(tmp_path / "o"),
+            type("Args", (), dict(dtype="float32", overwrite=False))(),
+        )
 
 
 def test_sharded_load_matches_unsharded(tmp_path):
@@ -158,9 +176,13 @@ def test_image_size_not_a_multiple_of_the_patch(tmp_path):
 def test_so400m_is_recognised_without_config_json(tmp_path):
     full = presets.SIGLIP["wan_14b"]
     d, f = full["hidden_size"], full["intermediate_size"]
-    shapes = {"embeddings.patch_embedding.weight": (d, 3, 14, 14), "embeddings.patch_embedding.bias": (d,),
-              "embeddings.position_embedding.weight": (729, d), "encoder.layers.0.mlp.fc1.weight": (f, d),
-              "encoder.layers.0.self_attn.q_proj.weight": (d, d)}
+    shapes = {
+        "embeddings.patch_embedding.weight": (d, 3, 14, 14),
+        "embeddings.patch_embedding.bias": (d,),
+        "embeddings.position_embedding.weight": (729, d),
+        "encoder.layers.0.mlp.fc1.weight": (f, d),
+        "encoder.layers.0.self_attn.q_proj.weight": (d, d),
+    }
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "model.safetensors"))
     config = siglip_converter.infer_config(TensorSource(str(tmp_path / "model.safetensors")), "")
     assert (config["image_size"], config["num_heads"], config["patch_size"]) == (384, 16, 14)

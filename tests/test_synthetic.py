@@ -1,4 +1,5 @@
 """The synthetic editing data: deterministic, exact ground truth, real media files and manifests."""
+
 import json
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_generate_writes_real_media_and_is_deterministic(tmp_path):
         assert lines_a == open(b[name]).read().splitlines()
         assert lines_a != open(c[name]).read().splitlines()
         # Growing a count keeps the samples already there.
-        assert open(more[name]).read().splitlines()[:len(lines_a)] == lines_a
+        assert open(more[name]).read().splitlines()[: len(lines_a)] == lines_a
 
     videos = manifest.read_manifest(a["video_edits"])
     assert [s["kind"] for s in videos] == ["video_edit"] * 3
@@ -105,8 +106,12 @@ def test_generate_writes_real_media_and_is_deterministic(tmp_path):
     for i, sample in enumerate(manifest.read_manifest(a["image_edits"])):
         source, target, text, record = synthetic.make_image_edit(1, i, H, W)
         # png is lossless: the files are the exact ground truth.
-        np.testing.assert_array_equal(video_io.decode_image(manifest.resolve(a["image_edits"], sample["source"])), source)
-        np.testing.assert_array_equal(video_io.decode_image(manifest.resolve(a["image_edits"], sample["target"])), target)
+        np.testing.assert_array_equal(
+            video_io.decode_image(manifest.resolve(a["image_edits"], sample["source"])), source
+        )
+        np.testing.assert_array_equal(
+            video_io.decode_image(manifest.resolve(a["image_edits"], sample["target"])), target
+        )
         assert sample["edit"] == record and sample["text"] == text
 
     clips = manifest.read_manifest(a["clips"])
@@ -115,8 +120,24 @@ def test_generate_writes_real_media_and_is_deterministic(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--video-edits", "1", "--image-edits", "1", "--clips", "1",
-                    "--frames", "3", "--height", "16", "--width", "24"])
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--video-edits",
+            "1",
+            "--image-edits",
+            "1",
+            "--clips",
+            "1",
+            "--frames",
+            "3",
+            "--height",
+            "16",
+            "--width",
+            "24",
+        ]
+    )
     assert "clips.jsonl" in capsys.readouterr().out
     sample = json.loads(open(tmp_path / "video_edits.jsonl").readline())
     assert video_io.video_info(tmp_path / sample["source"]) == dict(frames=3, fps=16.0, height=16, width=24)
@@ -135,11 +156,12 @@ def test_held_out_split_shows_pairs_the_training_split_never_does(tmp_path):
     # Every colour and every shape is seen in training, only not in these combinations.
     assert {c for c, _ in synthetic.HELD_OUT_PAIRS} == set(synthetic.COLOURS)
     assert {s for _, s in synthetic.HELD_OUT_PAIRS} == set(synthetic.SHAPES)
-    for index in range(6):   # samples stay pure functions of (seed, kind, index, split)
+    for index in range(6):  # samples stay pure functions of (seed, kind, index, split)
         first = synthetic.make_video_edit(0, index, 3, 32, 32, held_out=True)
         again = synthetic.make_video_edit(0, index, 3, 32, 32, held_out=True)
         assert np.array_equal(first[0], again[0]) and first[2] == again[2]
-    paths = synthetic.generate(str(tmp_path), video_edits=2, image_edits=2, clips=2, frames=3,
-                               height=32, width=32, held_out=True)
+    paths = synthetic.generate(
+        str(tmp_path), video_edits=2, image_edits=2, clips=2, frames=3, height=32, width=32, held_out=True
+    )
     assert sorted(paths) == ["clips", "image_edits", "video_edits"]
     assert len(manifest.read_manifest(paths["video_edits"])) == 2

@@ -1,48 +1,44 @@
 """Text pipeline: Wan's cleaning, a tokenizer directory loaded offline, padding/truncation, encode."""
+
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
+from model_helpers import SENTENCES, make_tokenizer_dir
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from sama_jax import text
 from sama_jax.models import load_text_encoder
 from tools.convert_wan_weights import cli
 
-SENTENCES = [f"The {c} {s} moves {d} across the {b} scene number {i}."
-             for i, (c, s, d, b) in enumerate((c, s, d, b)
-                                              for c in ("red", "blue", "green", "yellow")
-                                              for s in ("ball", "cube", "square", "circle")
-                                              for d in ("left", "right", "up")
-                                              for b in ("dark", "bright"))]
-SENTENCES += ["Replace the cat with a dog & make it café-style.", "Ünïcödé tëxt: naïve façade, über."]
-
-
-def make_tokenizer_dir(path):
-    """A tiny umT5-style tokenizer directory (sentencepiece unigram, pad 0, eos 1, unk 2)."""
-    text.build_sentencepiece_tokenizer(SENTENCES, str(path), vocab_size=70)
-    return spm.SentencePieceProcessor(model_file=str(path / "spiece.model"))
-
 
 def test_clean_text_as_wan():
     assert text.clean_text("  Make\tthe   cat\n\nblue  ") == "Make the cat blue"
-    assert text.clean_text("Tom &amp;amp; Jerry") == "Tom & Jerry"          # unescaped twice
-    assert text.clean_text("cafÃ© au lait") == "café au lait"               # ftfy repairs mojibake
-    assert text.clean_text("\u201cquoted\u201d") == '"quoted"'              # ftfy: curly quotes
+    assert text.clean_text("Tom &amp;amp; Jerry") == "Tom & Jerry"  # unescaped twice
+    assert text.clean_text("cafÃ© au lait") == "café au lait"  # ftfy repairs mojibake
+    assert text.clean_text("\u201cquoted\u201d") == '"quoted"'  # ftfy: curly quotes
 
 
 def test_pipeline_ids_match_transformers_and_sentencepiece(tmp_path):
     sp = make_tokenizer_dir(tmp_path / "tok")
     tokenizer = text.load_tokenizer(str(tmp_path / "tok"))
-    texts = ["The red ball   moves left.", "Replace the cat &amp; make it caf\u00c3\u00a9-style.",
-             " ".join(SENTENCES[:4])]
+    texts = [
+        "The red ball   moves left.",
+        "Replace the cat &amp; make it caf\u00c3\u00a9-style.",
+        " ".join(SENTENCES[:4]),
+    ]
     ids, mask = text.tokenize(tokenizer, texts, text_len=24)
     assert ids.shape == mask.shape == (3, 24) and ids.dtype == np.int32
 
     # Same ids as transformers, called the way the official Wan pipeline calls it on cleaned text.
     reference = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    expected = reference([text.clean_text(t) for t in texts], padding="max_length", truncation=True,
-                         max_length=24, add_special_tokens=True, return_tensors="np")
+    expected = reference(
+        [text.clean_text(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=24,
+        add_special_tokens=True,
+        return_tensors="np",
+    )
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"])
 
@@ -67,24 +63,37 @@ def test_tokenizer_errors(tmp_path):
 
 def test_text_encoder_end_to_end(tmp_path):
     make_tokenizer_dir(tmp_path / "tok")
-    reference = UMT5EncoderModel(UMT5Config(
-        vocab_size=70, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    reference = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=70,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+        )
+    ).eval()
     reference.save_pretrained(tmp_path / "hf")
-    assert cli.main([str(tmp_path / "hf"), str(tmp_path / "enc"), "--kind", "umt5",
-                     "--dtype", "float32"]) == 0
-    encoder = text.TextEncoder(load_text_encoder(str(tmp_path / "enc")),
-                               text.load_tokenizer(str(tmp_path / "tok")), text_len=12)
+    assert (
+        cli.main([str(tmp_path / "hf"), str(tmp_path / "enc"), "--kind", "umt5", "--dtype", "float32"]) == 0
+    )
+    encoder = text.TextEncoder(
+        load_text_encoder(str(tmp_path / "enc")), text.load_tokenizer(str(tmp_path / "tok")), text_len=12
+    )
     texts = ["The red ball moves left.", "blue cube"]
     context, lengths = encoder(texts)
     assert context.shape == (2, 12, 16)
     ids, mask = text.tokenize(encoder.tokenizer, texts, 12)
     assert lengths.tolist() == mask.sum(1).tolist()
     with torch.no_grad():
-        expected = reference(input_ids=torch.from_numpy(ids).long(),
-                             attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+        expected = reference(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        ).last_hidden_state.numpy()
     expected = expected * mask[..., None]
     context = np.asarray(context)
-    assert np.all(context[1, lengths[1]:] == 0)
+    assert np.all(context[1, lengths[1] :] == 0)
     assert np.abs(context - expected).max() / np.abs(expected).max() < 1e-5

@@ -1,6 +1,7 @@
 """The train step as a library: it lowers the loss, skips non-finite updates, and the sharded step
 equals the single-device one. Tiny preset, hand-made 1-frame batches with precomputed text features
 (so the test builds no text encoder), 8 simulated devices."""
+
 import os
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sama_jax import conditioning, config as config_lib, optim, run_dir, sharding, train, train_step
+from sama_jax import conditioning, optim, run_dir, sharding, train, train_step
+from sama_jax import config as config_lib
 from sama_jax.models import wan_dit
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
@@ -16,9 +18,10 @@ BATCH = 8
 
 
 def tiny_config(**overrides):
-    config = config_lib.build_config(f"{CONFIGS}/stage1_sft.py:tiny", [
-        ("data.features", "('text',)"), ("train.steps", "8"), ("optimizer.lr", "3e-3"),
-        *overrides.items()])
+    config = config_lib.build_config(
+        f"{CONFIGS}/stage1_sft.py:tiny",
+        [("data.features", "('text',)"), ("train.steps", "8"), ("optimizer.lr", "3e-3"), *overrides.items()],
+    )
     return config
 
 
@@ -55,8 +58,9 @@ def trained():
     config = tiny_config()
     parts, state, step, mesh, rules = build(config)
     batch = sharding.shard_batch(make_batch(config), mesh, rules)
-    prepare, loss_fn = train_step.make_objective(config, parts.dit_graphdef, parts.dit_rest,
-                                                 parts.encoder_graphdef)
+    prepare, loss_fn = train_step.make_objective(
+        config, parts.dit_graphdef, parts.dit_rest, parts.encoder_graphdef
+    )
 
     @jax.jit
     def fixed_loss(params, encoder_state):
@@ -65,15 +69,26 @@ def trained():
     with sharding.use_mesh(mesh, rules):
         before = float(fixed_loss(state["params"], parts.encoder_state))
     initial = jax.device_get(state["params"])
-    fresh = jax.tree.map(lambda x: x.copy(), state)   # the step donates its input state
+    fresh = jax.tree.map(lambda x: x.copy(), state)  # the step donates its input state
     metrics = []
     for _ in range(8):
         state, m = step(state, parts.encoder_state, batch)
         metrics.append(jax.device_get(m))
     with sharding.use_mesh(mesh, rules):
         after = float(fixed_loss(state["params"], parts.encoder_state))
-    return dict(config=config, parts=parts, state=state, step=step, mesh=mesh, rules=rules,
-                before=before, after=after, initial=initial, metrics=metrics, fresh=fresh)
+    return dict(
+        config=config,
+        parts=parts,
+        state=state,
+        step=step,
+        mesh=mesh,
+        rules=rules,
+        before=before,
+        after=after,
+        initial=initial,
+        metrics=metrics,
+        fresh=fresh,
+    )
 
 
 @pytest.mark.slow
@@ -92,11 +107,12 @@ def test_ema_follows_the_parameters_in_fp32(trained):
     state, initial = trained["state"], trained["initial"]
     decay = trained["config"].optimizer.ema_decay
     params, ema = jax.device_get(state["params"]), jax.device_get(state["ema"])
-    for e, p, p0 in zip(jax.tree.leaves(ema), jax.tree.leaves(params), jax.tree.leaves(initial)):
+    for e, _p, _p0 in zip(jax.tree.leaves(ema), jax.tree.leaves(params), jax.tree.leaves(initial)):
         assert e.dtype == np.float32
     # After 8 updates with decay 0.99 the EMA has moved from the start, far less than the params.
-    moved = lambda a, b: float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(
-        jax.tree.leaves(a), jax.tree.leaves(b)))))
+    moved = lambda a, b: float(
+        np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    )
     assert 0 < moved(ema, initial) < 0.2 * moved(params, initial)
     assert decay == 0.99
 
@@ -104,7 +120,7 @@ def test_ema_follows_the_parameters_in_fp32(trained):
 @pytest.mark.slow
 def test_a_nan_in_the_batch_is_skipped_and_counted(trained):
     config, parts, mesh, rules = trained["config"], trained["parts"], trained["mesh"], trained["rules"]
-    state = jax.tree.map(lambda x: x.copy(), trained["state"])   # the fixture's state stays valid
+    state = jax.tree.map(lambda x: x.copy(), trained["state"])  # the fixture's state stays valid
     before = jax.device_get(state)
     bad = sharding.shard_batch(make_batch(config, nan=True), mesh, rules)
     for n in (1, 2):
@@ -131,8 +147,16 @@ def test_sharded_step_equals_single_device_step(trained):
     batch = make_batch(config, seed=2)
     results = []
     # 8 devices: the fixture's compiled step from its initial state; then the same on one device.
-    runs = [(trained["parts"], jax.tree.map(lambda x: x.copy(), trained["fresh"]), trained["step"],
-             trained["mesh"], trained["rules"]), build(config, jax.devices()[:1])]
+    runs = [
+        (
+            trained["parts"],
+            jax.tree.map(lambda x: x.copy(), trained["fresh"]),
+            trained["step"],
+            trained["mesh"],
+            trained["rules"],
+        ),
+        build(config, jax.devices()[:1]),
+    ]
     for parts, state, step, mesh, rules in runs:
         for _ in range(2):
             state, metrics = step(state, parts.encoder_state, sharding.shard_batch(batch, mesh, rules))
@@ -153,11 +177,16 @@ def test_bad_train_settings_are_named_before_building():
 
 
 def test_schedule_warmup_then_cosine():
-    config = tiny_config(**{"schedule.decay": "cosine", "schedule.warmup_steps": "2",
-                            "train.steps": "10", "optimizer.lr": "1.0"})
+    config = tiny_config(
+        **{
+            "schedule.decay": "cosine",
+            "schedule.warmup_steps": "2",
+            "train.steps": "10",
+            "optimizer.lr": "1.0",
+        }
+    )
     lr = optim.learning_rate(config)
-    np.testing.assert_allclose([float(lr(s)) for s in (0, 1, 2, 6, 10)],
-                               [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
 def test_gaussian_bump_weight_has_mean_one_on_the_training_grid():
@@ -172,8 +201,9 @@ def test_gaussian_bump_weight_has_mean_one_on_the_training_grid():
 
 def test_flops_formula_matches_the_anchor():
     # anchors.md: 1.3B, 15,600 video tokens, L = 512: forward 0.215 s at 50% of 800 TFLOP/s.
-    cfg = wan_dit.WanDiTConfig.from_config(dict(config_lib.build_config(
-        f"{CONFIGS}/stage1_sft.py:wan_1_3b").model.dit))
+    cfg = wan_dit.WanDiTConfig.from_config(
+        dict(config_lib.build_config(f"{CONFIGS}/stage1_sft.py:wan_1_3b").model.dit)
+    )
     forward = train.flops_per_sample(cfg, 15_600, 0) / 3
     assert forward / 0.215 / 800e12 == pytest.approx(0.50, abs=0.02)
     assert train.video_tokens(17, 480, 832, (1, 2, 2)) == 5 * 30 * 52

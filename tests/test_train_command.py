@@ -5,6 +5,7 @@ async Orbax save leaves the previous checkpoint loadable.
 Every run shares one generated dataset and one persistent compilation cache (tests are slow on 2
 cores: the first run compiles, the others mostly read the cache).
 """
+
 import json
 import os
 import signal
@@ -26,8 +27,11 @@ ARGS = [
     f"--config={ROOT}/configs/stage1_sft.py:tiny",
     "--config.data.mixture=[{'kind': 'image_edit', 'manifest': 'data/synthetic/image_edits.jsonl', "
     "'weight': 1.0}]",
-    "--config.data.pixels=1024", "--config.eval.evaluators=()", f"--config.train.steps={STEPS}",
-    "--config.checkpoint.every_steps=2", "--config.train.log_every=2",
+    "--config.data.pixels=1024",
+    "--config.eval.evaluators=()",
+    f"--config.train.steps={STEPS}",
+    "--config.checkpoint.every_steps=2",
+    "--config.train.log_every=2",
     "--config.train.log_sample_ids=True",
 ]
 
@@ -36,17 +40,33 @@ ARGS = [
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_command")
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environ.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+    environ.update(
+        PYTHONPATH=ROOT,
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PLATFORMS="cpu",
+    )
     return root, environ
 
 
 def start(env, workdir, *extra, devices=8, log="log"):
     root, environ = env
     out = open(root / f"{os.path.basename(workdir)}.{log}.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sama_jax.train", f"--workdir={workdir}",
-                             f"--cpu-devices={devices}", *ARGS, *extra], cwd=root, env=environ,
-                            stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sama_jax.train",
+            f"--workdir={workdir}",
+            f"--cpu-devices={devices}",
+            *ARGS,
+            *extra,
+        ],
+        cwd=root,
+        env=environ,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     proc.log_path = out.name
     return proc
 
@@ -77,7 +97,8 @@ def final_state(workdir):
 
     config = run_dir.read_config(workdir)
     _, abstract, _ = run_dir.abstract_params(
-        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision))
+        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    )
     items = {}
     for item in ("params", "ema"):
         items[item], step = run_dir.restore_params(workdir, abstract, use_ema=item == "ema")
@@ -165,6 +186,7 @@ def test_the_run_directory_loads_alone(uninterrupted):
     assert run.encoders.vae is not None and run.encoders.text_encoder is not None
     _, state = final_state(uninterrupted)
     from flax import nnx
+
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(run.dit, nnx.Param)))
     assert_same_trees(params, jax.tree.map(np.asarray, state["ema"]))
     with open(os.path.join(uninterrupted, run_dir.ENCODERS_FILE)) as f:
@@ -181,8 +203,18 @@ def _free_port():
 def test_two_processes_train_like_one(env, uninterrupted):
     workdir = str(env[0] / "two")
     port = _free_port()
-    procs = [start(env, workdir, f"--coordinator-address=localhost:{port}", "--num-processes=2",
-                   f"--process-id={i}", devices=4, log=f"p{i}") for i in range(2)]
+    procs = [
+        start(
+            env,
+            workdir,
+            f"--coordinator-address=localhost:{port}",
+            "--num-processes=2",
+            f"--process-id={i}",
+            devices=4,
+            log=f"p{i}",
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         code, out = finish(proc)
         assert code == 0, out[-3000:]
@@ -211,21 +243,38 @@ SAVE_THEN_DIE = textwrap.dedent("""
 def test_kill_9_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     directory = str(tmp_path / "checkpoints")
     environ = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SAVE_THEN_DIE, directory], env=environ,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SAVE_THEN_DIE, directory],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     checkpointer = checkpointing.Checkpointer(directory)
     assert checkpointer.latest_step() == 1
     import orbax.checkpoint as ocp
-    restored = checkpointer.manager.restore(1, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+
+    restored = checkpointer.manager.restore(
+        1, args=ocp.args.Composite(params=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+    )
     np.testing.assert_array_equal(restored["params"]["w"], np.ones(10, np.float32))
     assert restored["data"] == {"next_position": 8}
     # The run goes on: step 2 saves over the partial one.
-    checkpointer.save(2, {
-        "params": {"w": np.zeros(3, np.float32)}, "ema": {"w": np.zeros(1, np.float32)},
-        "opt_state": {"m": np.zeros(1, np.float32)}, "rng": np.zeros(2, np.uint32), "step": np.int32(2),
-        "skipped_updates": np.int32(0), "nonfinite_in_row": np.int32(0)}, {}, {"c": 1})
+    checkpointer.save(
+        2,
+        {
+            "params": {"w": np.zeros(3, np.float32)},
+            "ema": {"w": np.zeros(1, np.float32)},
+            "opt_state": {"m": np.zeros(1, np.float32)},
+            "rng": np.zeros(2, np.uint32),
+            "step": np.int32(2),
+            "skipped_updates": np.int32(0),
+            "nonfinite_in_row": np.int32(0),
+        },
+        {},
+        {"c": 1},
+    )
     checkpointer.close()
     assert checkpointing.Checkpointer(directory, read_only=True).all_steps() == [1, 2]
     assert sorted(os.listdir(directory)) == ["1", "2"]

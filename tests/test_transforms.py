@@ -1,4 +1,5 @@
 """Host transforms: 4k+1 frame sampling, aspect buckets, resize + centre-crop, anchors, pixel range."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,10 +40,10 @@ def test_frame_indices_image_and_bad_arguments():
 
 def test_stride_for_fps_policy():
     assert transforms.stride_for(30.0, 16.0) == 2
-    assert transforms.stride_for(24.0, 16.0) == 2     # round(1.5) -> 2
-    assert transforms.stride_for(10.0, 16.0) == 1     # never below 1
+    assert transforms.stride_for(24.0, 16.0) == 2  # round(1.5) -> 2
+    assert transforms.stride_for(10.0, 16.0) == 1  # never below 1
     assert transforms.stride_for(None, 16.0, 3) == 3  # unknown clip fps: the configured stride
-    assert transforms.stride_for(30.0, 0.0, 1) == 1   # fps policy off
+    assert transforms.stride_for(30.0, 0.0, 1) == 1  # fps policy off
     assert transforms.frames_needed(81, 2) == 161
 
 
@@ -53,13 +54,16 @@ def test_paper_buckets_at_480p():
     assert np.abs(areas / (480 * 832) - 1).max() < 0.05
 
 
-@pytest.mark.parametrize("hw, bucket", [
-    ((1080, 1920), (448, 896)),   # 16:9 is nearest to 1:2 in log ratio
-    ((1024, 1024), (640, 640)),
-    ((480, 640), (544, 736)),     # 3:4
-    ((1920, 1080), (896, 448)),   # portrait
-    ((500, 700), (544, 736)),     # 0.714: nearer 3/4 than 2/3 in log ratio
-])
+@pytest.mark.parametrize(
+    "hw, bucket",
+    [
+        ((1080, 1920), (448, 896)),  # 16:9 is nearest to 1:2 in log ratio
+        ((1024, 1024), (640, 640)),
+        ((480, 640), (544, 736)),  # 3:4
+        ((1920, 1080), (896, 448)),  # portrait
+        ((500, 700), (544, 736)),  # 0.714: nearer 3/4 than 2/3 in log ratio
+    ],
+)
 def test_nearest_bucket(hw, bucket):
     buckets = transforms.make_buckets(480 * 832, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32)
     assert transforms.nearest_bucket(*hw, buckets) == bucket
@@ -82,7 +86,7 @@ def test_resize_and_crop_covers_then_centre_crops():
 
 def test_resize_and_crop_portrait_crops_rows_and_keeps_exact_size():
     frame = np.arange(90 * 30, dtype=np.uint8).reshape(90, 30, 1).repeat(3, -1)
-    out = transforms.resize_and_crop(frame[None], (48, 32))   # scale max(48/90, 32/30) -> 96x32
+    out = transforms.resize_and_crop(frame[None], (48, 32))  # scale max(48/90, 32/30) -> 96x32
     assert out.shape == (1, 48, 32, 3)
     full = np.asarray(Image.fromarray(frame).resize((32, 96), Image.BILINEAR))
     np.testing.assert_array_equal(out[0], full[24:72])

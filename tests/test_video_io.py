@@ -1,4 +1,5 @@
 """Media IO: mp4/png round trips, and every kind of unreadable input raising MediaError naming it."""
+
 import re
 
 import numpy as np
@@ -11,7 +12,7 @@ from sama_jax.data.video_io import MediaError
 def _moving_square(t=9, h=64, w=96):
     frames = np.full((t, h, w, 3), 30, np.uint8)
     for i in range(t):
-        frames[i, 16:40, 4 + 6 * i:28 + 6 * i] = (220, 60, 40)
+        frames[i, 16:40, 4 + 6 * i : 28 + 6 * i] = (220, 60, 40)
     return frames
 
 
@@ -30,7 +31,7 @@ def test_video_round_trip(mp4):
     # H.264 at crf 17 with 4:2:0 chroma: pixels away from colour edges are within a few levels.
     assert diff.mean() < 2.0
     for i in range(9):  # the square's interior, two pixels in from its edges
-        interior = decoded[i, 18:38, 6 + 6 * i:26 + 6 * i].astype(int)
+        interior = decoded[i, 18:38, 6 + 6 * i : 26 + 6 * i].astype(int)
         assert np.abs(interior - np.array([220, 60, 40])).max() <= 10
     background = np.abs(decoded[:, 50:60, 4:90].astype(int) - 30)
     assert background.max() <= 4
@@ -68,7 +69,7 @@ def test_odd_size_and_bad_dtype_rejected(tmp_path):
 def test_truncated_video(tmp_path, mp4, cut):
     blob = mp4.read_bytes()
     bad = tmp_path / "cut.mp4"
-    bad.write_bytes(blob[:int(len(blob) * cut)])
+    bad.write_bytes(blob[: int(len(blob) * cut)])
     with pytest.raises(MediaError, match="cut.mp4"):
         video_io.decode_video(bad)
     with pytest.raises(MediaError, match="cut.mp4.*truncated") as caught:
@@ -84,8 +85,12 @@ def test_unreadable_inputs_name_the_file(tmp_path, mp4):
     garbage.write_bytes(b"not a video at all " * 50)
     header_only = tmp_path / "header.mp4"
     header_only.write_bytes(mp4.read_bytes()[:100])
-    for path, problem, reason in [(missing, "does not exist", "missing"), (empty, "empty", "empty"),
-                                  (garbage, "cannot", "corrupt"), (header_only, "", "corrupt")]:
+    for path, problem, reason in [
+        (missing, "does not exist", "missing"),
+        (empty, "empty", "empty"),
+        (garbage, "cannot", "corrupt"),
+        (header_only, "", "corrupt"),
+    ]:
         for read in (video_io.decode_video, video_io.video_info):
             with pytest.raises(MediaError, match=f"{path.name}.*{problem}") as caught:
                 read(path)
@@ -122,19 +127,21 @@ def test_cut_at_a_packet_boundary_is_truncated_not_short(mp4):
     assert len(ends) == 9 and ends[-1] == len(blob)
     for kept in (1, 4, 8):
         with pytest.raises(MediaError, match=f"declares 9 frames but only {kept} are stored") as caught:
-            video_io.decode_video(blob[:ends[kept - 1]])
+            video_io.decode_video(blob[: ends[kept - 1]])
         assert caught.value.reason == "truncated"
     # Asking only for frames that are all there still works on the cut file.
-    assert video_io.decode_video(blob[:ends[7]], max_frames=2).shape == (2, 64, 96, 3)
+    assert video_io.decode_video(blob[: ends[7]], max_frames=2).shape == (2, 64, 96, 3)
 
 
 def test_check_media_file_is_the_one_existence_check(tmp_path, mp4):
     assert video_io.check_media_file(mp4) == mp4.stat().st_size > 0
     assert video_io.check_media_file(str(mp4)) == mp4.stat().st_size
     (tmp_path / "empty.png").write_bytes(b"")
-    for path, message, reason in [(tmp_path / "gone.mp4", "gone.mp4: file does not exist", "missing"),
-                                  (tmp_path / "empty.png", "empty.png: empty file (0 bytes)", "empty"),
-                                  (tmp_path, "is a directory, not a media file", "missing")]:
+    for path, message, reason in [
+        (tmp_path / "gone.mp4", "gone.mp4: file does not exist", "missing"),
+        (tmp_path / "empty.png", "empty.png: empty file (0 bytes)", "empty"),
+        (tmp_path, "is a directory, not a media file", "missing"),
+    ]:
         with pytest.raises(MediaError, match=re.escape(message)) as caught:
             video_io.check_media_file(path)
         assert caught.value.reason == reason

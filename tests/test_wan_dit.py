@@ -2,6 +2,7 @@
 converting the PyTorch weights with our converter; sharding, precision, remat and attention paths.
 
 Error metric throughout: max|ours - ref| / max|ref| (rel_err)."""
+
 import dataclasses
 
 import jax
@@ -10,14 +11,21 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.torch import save_file
+from wan_reference import (
+    SamaExtras,
+    diffusers_forward,
+    official_state_dict,
+    options,
+    rel_err,
+    sama_reference_forward,
+    save_diffusers_layout,
+    tiny_diffusers_wan,
+)
 
 from sama_jax import presets, sharding
 from sama_jax.models import attention as attn_lib
 from sama_jax.models import rope
 from sama_jax.models.wan_dit import WanDiT, WanDiTConfig, load_dit, save_dit
-from wan_reference import (SamaExtras, diffusers_forward, official_state_dict, options,
-                                    rel_err, sama_reference_forward, save_diffusers_layout,
-                                    tiny_diffusers_wan)
 from tools.convert_wan_weights import dit as convert_dit
 from tools.convert_wan_weights.source import TensorSource
 
@@ -40,17 +48,21 @@ def _padded(text):
     return np.pad(text, ((0, 0), (0, TEXT_LEN - text.shape[1]), (0, 0)))
 
 
-@pytest.mark.parametrize("heads,layers,shape", [
-    (3, 2, (2, 3, 4, 6)),      # odd head count, non-square latents, batch 2
-    (5, 3, (3, 2, 6, 4)),      # odd head count, tall latents, batch 3
-])
+@pytest.mark.parametrize(
+    "heads,layers,shape",
+    [
+        (3, 2, (2, 3, 4, 6)),  # odd head count, non-square latents, batch 2
+        (5, 3, (3, 2, 6, 4)),  # odd head count, tall latents, batch 3
+    ],
+)
 def test_t2v_matches_diffusers_from_both_layouts(tmp_path, rng, heads, layers, shape):
     torch_model = tiny_diffusers_wan(num_heads=heads, num_layers=layers)
     save_diffusers_layout(torch_model, tmp_path / "diffusers")
     save_file(official_state_dict(torch_model), str(tmp_path / "official.safetensors"))
     from_diffusers = _convert(tmp_path / "diffusers", tmp_path / "a", allow_base_wan=True)
-    from_official = _convert(tmp_path / "official.safetensors", tmp_path / "b",
-                             allow_base_wan=True, num_heads=heads)
+    from_official = _convert(
+        tmp_path / "official.safetensors", tmp_path / "b", allow_base_wan=True, num_heads=heads
+    )
 
     latents, timesteps, text = _inputs(rng, *shape, text_dim=24)
     reference = diffusers_forward(torch_model, latents, timesteps, _padded(text))
@@ -76,15 +88,17 @@ def test_sama_path_matches_pytorch_reference(tmp_path, rng, semantic_rope):
     source = rng.standard_normal(target.shape).astype(np.float32)
     semantic = rng.standard_normal((2, 5, 20)).astype(np.float32)
     ref_velocity, ref_semantic = sama_reference_forward(
-        torch_model, extras, target, timesteps, _padded(text), source, semantic, semantic_rope)
+        torch_model, extras, target, timesteps, _padded(text), source, semantic, semantic_rope
+    )
     velocity, semantic_velocity = model(*map(jnp.asarray, (target, timesteps, text, source, semantic)))
     assert velocity.shape == target.shape and semantic_velocity.shape == semantic.shape
     assert rel_err(velocity, ref_velocity) < 1e-5
     assert rel_err(semantic_velocity, ref_semantic) < 1e-5
     if semantic_rope == "zero":
         # The other RoPE choice for semantic tokens is a different model: the test can tell them apart.
-        other, _ = sama_reference_forward(torch_model, extras, target, timesteps, _padded(text),
-                                          source, semantic, "identity")
+        other, _ = sama_reference_forward(
+            torch_model, extras, target, timesteps, _padded(text), source, semantic, "identity"
+        )
         assert rel_err(other, ref_velocity) > 1e-3
 
 
@@ -106,10 +120,14 @@ def test_rope_split_and_frequencies():
     assert rope.axis_dims(16) == (8, 4, 4)
     angles = rope.grid_angles((2, 3, 4), 16)
     assert angles.shape == (24, 8)
-    token = 1 * 12 + 2 * 4 + 3          # f=1, h=2, w=3 in (f, h, w) order
-    expected = np.concatenate([1 * 10000.0 ** (-np.arange(0, 8, 2) / 8),
-                               2 * 10000.0 ** (-np.arange(0, 4, 2) / 4),
-                               3 * 10000.0 ** (-np.arange(0, 4, 2) / 4)])
+    token = 1 * 12 + 2 * 4 + 3  # f=1, h=2, w=3 in (f, h, w) order
+    expected = np.concatenate(
+        [
+            1 * 10000.0 ** (-np.arange(0, 8, 2) / 8),
+            2 * 10000.0 ** (-np.arange(0, 4, 2) / 4),
+            3 * 10000.0 ** (-np.arange(0, 4, 2) / 4),
+        ]
+    )
     np.testing.assert_allclose(angles[token], expected, rtol=1e-12)
 
 
@@ -117,26 +135,32 @@ def _tiny_sama_model(seed=0, **overrides):
     cfg = WanDiTConfig(**presets.DIT["tiny"], **overrides)
     model = WanDiT(cfg, rngs=nnx.Rngs(seed))
     # Nonzero segment embedding so that the segment path is exercised.
-    model.segment_embedding.value = 0.1 * jax.random.normal(jax.random.key(seed + 1),
-                                                            model.segment_embedding.value.shape)
+    model.segment_embedding.value = 0.1 * jax.random.normal(
+        jax.random.key(seed + 1), model.segment_embedding.value.shape
+    )
     return model
 
 
 def _tiny_batch(rng, batch=4, shape=(2, 4, 4)):
     cfg = presets.DIT["tiny"]
-    return (jnp.asarray(rng.standard_normal((batch, *shape, 16)), jnp.float32),
-            jnp.asarray(rng.uniform(0, 1000, batch), jnp.float32),
-            jnp.asarray(rng.standard_normal((batch, 6, cfg["text_dim"])), jnp.float32),
-            jnp.asarray(rng.standard_normal((batch, *shape, 16)), jnp.float32),
-            jnp.asarray(rng.standard_normal((batch, 4, cfg["semantic_dim"])), jnp.float32))
+    return (
+        jnp.asarray(rng.standard_normal((batch, *shape, 16)), jnp.float32),
+        jnp.asarray(rng.uniform(0, 1000, batch), jnp.float32),
+        jnp.asarray(rng.standard_normal((batch, 6, cfg["text_dim"])), jnp.float32),
+        jnp.asarray(rng.standard_normal((batch, *shape, 16)), jnp.float32),
+        jnp.asarray(rng.standard_normal((batch, 4, cfg["semantic_dim"])), jnp.float32),
+    )
 
 
-@pytest.mark.parametrize("mesh_axes", [
-    dict(fsdp=8),
-    dict(data=2, fsdp=2, tensor=2),
-    dict(data=2, context=2, tensor=2),
-    dict(fsdp=2, tensor=4),
-])
+@pytest.mark.parametrize(
+    "mesh_axes",
+    [
+        dict(fsdp=8),
+        dict(data=2, fsdp=2, tensor=2),
+        dict(data=2, context=2, tensor=2),
+        dict(fsdp=2, tensor=4),
+    ],
+)
 def test_sharded_forward_equals_unsharded(rng, mesh_axes):
     model = _tiny_sama_model()
     batch = _tiny_batch(rng, batch=8 if "fsdp" in mesh_axes and mesh_axes["fsdp"] == 8 else 4)
@@ -151,7 +175,8 @@ def test_sharded_forward_equals_unsharded(rng, mesh_axes):
         v, s = forward(model, *batch)
     kernel = model.blocks.ffn.fc1.kernel.value
     expected = jax.sharding.NamedSharding(
-        mesh, sharding.logical_to_mesh_spec(("layers", "embed", "mlp"), rules))
+        mesh, sharding.logical_to_mesh_spec(("layers", "embed", "mlp"), rules)
+    )
     assert kernel.sharding.is_equivalent_to(expected, kernel.ndim)
     assert rel_err(v, ref_v) < 1e-5 and rel_err(s, ref_s) < 1e-5
 
@@ -164,7 +189,7 @@ def test_remat_policies_give_the_same_gradients(rng):
 
         def loss(m):
             v, s = m(*batch)
-            return jnp.mean(v ** 2) + 0.1 * jnp.mean(jnp.abs(s))
+            return jnp.mean(v**2) + 0.1 * jnp.mean(jnp.abs(s))
 
         return nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(model))
 
@@ -188,19 +213,18 @@ def test_precision_policy(rng):
         "all bf16": dict(compute_dtype="bfloat16", residual_dtype="bfloat16", param_dtype="bfloat16"),
     }.items():
         model = _tiny_sama_model(**overrides)
-        nnx.update(model, jax.tree.map(lambda a, b: a.astype(b.dtype), state,
-                                       nnx.state(model, nnx.Param)))
+        nnx.update(model, jax.tree.map(lambda a, b: a.astype(b.dtype), state, nnx.state(model, nnx.Param)))
         v, s = forward(model, *batch)
         results[name] = (v.dtype, rel_err(v, ref_v), rel_err(s, ref_s))
     assert results["bf16 compute, fp32 residual"][0] == jnp.float32
     assert results["all bf16"][0] == jnp.bfloat16
     assert model.blocks.ffn.fc1.kernel.value.dtype == jnp.bfloat16
-    for dtype, err_v, err_s in results.values():
+    for _dtype, err_v, err_s in results.values():
         assert 1e-5 < err_v < 5e-2 and err_s < 5e-2, results
 
 
 def test_attention_dispatch(rng):
-    assert attn_lib.resolve_implementation("auto", jnp.bfloat16) == "xla"   # CPU backend here
+    assert attn_lib.resolve_implementation("auto", jnp.bfloat16) == "xla"  # CPU backend here
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attn_lib.resolve_implementation("flash", jnp.float32)
     q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 128)), jnp.float32) for n in (70, 50, 50))
@@ -212,7 +236,7 @@ def test_attention_dispatch(rng):
     assert rel_err(splash, reference) < 1e-5
     # Under a mesh the kernel runs per shard: batch, query length and heads split, keys gathered.
     mesh = sharding.create_mesh(dict(ici=dict(data=2, context=2, tensor=2)))
-    q4, k4, v4 = (jnp.concatenate([t, t[..., :1, :]], axis=2) for t in (q, k, v))   # 4 heads
+    q4, k4, v4 = (jnp.concatenate([t, t[..., :1, :]], axis=2) for t in (q, k, v))  # 4 heads
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         sharded = jax.jit(lambda *a: attn_lib.attention(*a, "splash", splash_interpret=True))(q4, k4, v4)
     assert sharded.sharding.spec == jax.sharding.PartitionSpec("data", "context", "tensor")
@@ -233,8 +257,9 @@ def test_save_load_round_trip_and_mesh_load(tmp_path, rng):
     on_mesh = load_dit(str(tmp_path / "ckpt"), mesh=mesh, precision=dict(param_dtype="bfloat16"))
     kernel = on_mesh.blocks.self_attn.q.kernel.value
     assert kernel.dtype == jnp.bfloat16
-    expected = jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh_spec(
-        ("layers", "embed", "heads"), sharding.DEFAULT_RULES))
+    expected = jax.sharding.NamedSharding(
+        mesh, sharding.logical_to_mesh_spec(("layers", "embed", "heads"), sharding.DEFAULT_RULES)
+    )
     assert kernel.sharding.is_equivalent_to(expected, kernel.ndim)
 
 
@@ -256,10 +281,17 @@ def test_full_size_presets_have_the_released_parameter_counts(preset, wan_params
     from sama_jax.models.wan_dit import abstract_dit
 
     model = abstract_dit(WanDiTConfig(**presets.DIT[preset]))
-    sizes = {jax.tree_util.keystr(path): int(np.prod(leaf.shape)) for path, leaf in
-             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]}
-    sama = sum(n for key, n in sizes.items()
-               if key.startswith(("['segment_embedding']", "['siglip_feat_mlp']", "['semantic_head']")))
+    sizes = {
+        jax.tree_util.keystr(path): int(np.prod(leaf.shape))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+    }
+    sama = sum(
+        n
+        for key, n in sizes.items()
+        if key.startswith(("['segment_embedding']", "['siglip_feat_mlp']", "['semantic_head']"))
+    )
     dim = presets.DIT[preset]["dim"]
-    assert sama == 3 * dim + (2 * 1152 + 1152 * 1024 + 1024 + 1024 * dim + dim) + (2 * dim + dim * 1152 + 1152)
+    assert sama == 3 * dim + (2 * 1152 + 1152 * 1024 + 1024 + 1024 * dim + dim) + (
+        2 * dim + dim * 1152 + 1152
+    )
     assert sum(sizes.values()) - sama == wan_params

@@ -3,6 +3,7 @@
 The reference is a tiny random AutoencoderKLWan (base_dim 8, num_res_blocks 2) saved with
 save_pretrained and converted by our converter. Errors are max|ours - ref| / max|ref|.
 """
+
 import copy
 
 import jax
@@ -56,8 +57,7 @@ def torch_vae():
 def vae_path(torch_vae, tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_vae")
     torch_vae.save_pretrained(str(root / "diffusers"))
-    assert cli.main([str(root / "diffusers"), str(root / "ours"), "--kind", "vae",
-                     "--dtype", "float32"]) == 0
+    assert cli.main([str(root / "diffusers"), str(root / "ours"), "--kind", "vae", "--dtype", "float32"]) == 0
     return str(root / "ours")
 
 
@@ -73,8 +73,11 @@ def random_video(shape, seed=0):
 
 def random_latents(shape, seed=1):
     b, t, h, w = shape
-    return np.random.default_rng(seed).standard_normal(
-        (b, 1 + (t - 1) // 4, h // 8, w // 8, 16)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((b, 1 + (t - 1) // 4, h // 8, w // 8, 16))
+        .astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -109,12 +112,13 @@ def test_bfloat16_error_like_diffusers_bfloat16(vae_path, torch_vae, tmp_path):
     torch_bf16 = copy.deepcopy(torch_vae).to(torch.bfloat16)
     video, latents = random_video((1, 5, 16, 24)), random_latents((1, 5, 16, 24))
     with torch.no_grad():
-        encode = lambda m, v: ((m.encode(v).latent_dist.mode().float() - MEAN) / STD)
+        encode = lambda m, v: (m.encode(v).latent_dist.mode().float() - MEAN) / STD
         decode = lambda m, z: m.decode((z * STD + MEAN).to(m.dtype)).sample.float()
         ref_latents = to_ours(encode(torch_vae, to_torch(video)))
         ref_video = to_ours(decode(torch_vae, to_torch(latents)))
         torch_latents_err = rel_err(
-            to_ours(encode(torch_bf16, to_torch(video).to(torch.bfloat16))), ref_latents)
+            to_ours(encode(torch_bf16, to_torch(video).to(torch.bfloat16))), ref_latents
+        )
         torch_video_err = rel_err(to_ours(decode(torch_bf16, to_torch(latents))), ref_video)
     encoded = wan_vae.encode_video(vae_bf16, video)
     decoded = wan_vae.decode_latents(vae_bf16, latents)
@@ -167,8 +171,11 @@ def torch_decode_unclamped(model, latents):
     frames = []
     for i in range(x.shape[2]):
         model._conv_idx = [0]
-        frames.append(model.decoder(x[:, :, i:i + 1], feat_cache=model._feat_map,
-                                    feat_idx=model._conv_idx, first_chunk=i == 0))
+        frames.append(
+            model.decoder(
+                x[:, :, i : i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx, first_chunk=i == 0
+            )
+        )
     model.clear_cache()
     return torch.cat(frames, 2)
 
@@ -194,18 +201,16 @@ def reference_tiled(run, x, tile, stride, up, down):
         for w in range(0, width, stride[1]):
             if w - stride[1] >= 0 and w - stride[1] + tile[1] >= width:
                 continue
-            out = run(x[:, :, :, h:h + tile[0], w:w + tile[1]])
-            mask_h = ramp(out.shape[3], (tile[0] - stride[0]) * up // down, h == 0,
-                          h + tile[0] >= height)
-            mask_w = ramp(out.shape[4], (tile[1] - stride[1]) * up // down, w == 0,
-                          w + tile[1] >= width)
+            out = run(x[:, :, :, h : h + tile[0], w : w + tile[1]])
+            mask_h = ramp(out.shape[3], (tile[0] - stride[0]) * up // down, h == 0, h + tile[0] >= height)
+            mask_w = ramp(out.shape[4], (tile[1] - stride[1]) * up // down, w == 0, w + tile[1] >= width)
             mask = torch.minimum(mask_h[:, None], mask_w[None, :])
             if values is None:
                 values = torch.zeros(out.shape[:3] + (height * up // down, width * up // down))
                 weight = torch.zeros(values.shape[3:])
             th, tw = h * up // down, w * up // down
-            values[:, :, :, th:th + out.shape[3], tw:tw + out.shape[4]] += out * mask
-            weight[th:th + out.shape[3], tw:tw + out.shape[4]] += mask
+            values[:, :, :, th : th + out.shape[3], tw : tw + out.shape[4]] += out * mask
+            weight[th : th + out.shape[3], tw : tw + out.shape[4]] += mask
     return values / weight
 
 
@@ -213,10 +218,10 @@ def test_tiled_decode_matches_reference_tiling(vae, torch_vae):
     """8x12 latents in 4x6 tiles every 2x3 (halves overlap, like SAMA's 30x52 every 15x26)."""
     latents = random_latents((1, 5, 64, 96))
     with torch.no_grad():
-        ref = reference_tiled(lambda z: torch_decode_unclamped(torch_vae, z), to_torch(latents),
-                              (4, 6), (2, 3), up=8, down=1).clamp(-1, 1)
-    tiled = np.asarray(wan_vae.decode_latents(vae, latents, tiled=True, tile_size=(4, 6),
-                                              tile_stride=(2, 3)))
+        ref = reference_tiled(
+            lambda z: torch_decode_unclamped(torch_vae, z), to_torch(latents), (4, 6), (2, 3), up=8, down=1
+        ).clamp(-1, 1)
+    tiled = np.asarray(wan_vae.decode_latents(vae, latents, tiled=True, tile_size=(4, 6), tile_stride=(2, 3)))
     assert rel_err(tiled, to_ours(ref), "tiled decode vs reference tiling") < 1e-5
     # Against the untiled decode: each tile's middle attention and convs see only the tile, so
     # tiling approximates. For this random tiny model (|output| mean 0.05): max |diff| 0.19,
@@ -231,8 +236,13 @@ def test_tiled_encode_matches_reference_tiling(vae, torch_vae):
     video = random_video((1, 5, 64, 96))
     with torch.no_grad():
         ref = reference_tiled(
-            lambda v: (torch_vae.encode(v).latent_dist.mode() - MEAN) / STD, to_torch(video),
-            (32, 48), (16, 24), up=1, down=8)
+            lambda v: (torch_vae.encode(v).latent_dist.mode() - MEAN) / STD,
+            to_torch(video),
+            (32, 48),
+            (16, 24),
+            up=1,
+            down=8,
+        )
     tiled = wan_vae.encode_video(vae, video, tiled=True, tile_size=(4, 6), tile_stride=(2, 3))
     assert rel_err(tiled, to_ours(ref), "tiled encode vs reference tiling") < 2e-6
 
@@ -261,17 +271,22 @@ def test_frame_count_and_size_errors(vae):
         wan_vae.decode_latents(vae, np.zeros((1, 1, 2, 2, 4), np.float32))
     video = random_video((1, 4, 16, 16))
     padded = np.concatenate([video, video[:, -1:]], axis=1)
-    np.testing.assert_array_equal(wan_vae.encode_video(vae, video, pad_frames=True),
-                                  wan_vae.encode_video(vae, padded))
+    np.testing.assert_array_equal(
+        wan_vae.encode_video(vae, video, pad_frames=True), wan_vae.encode_video(vae, padded)
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("axes,rules", [
-    # batch over data, rows of every activation over context
-    ({"data": 2, "context": 4}, dict(sharding.DEFAULT_RULES, spatial="context")),
-    # batch over data, conv output channels over tensor
-    ({"data": 2, "tensor": 4}, dict(sharding.DEFAULT_RULES)),
-], ids=["batch-spatial", "batch-tensor"])
+@pytest.mark.parametrize(
+    "axes,rules",
+    [
+        # batch over data, rows of every activation over context
+        ({"data": 2, "context": 4}, dict(sharding.DEFAULT_RULES, spatial="context")),
+        # batch over data, conv output channels over tensor
+        ({"data": 2, "tensor": 4}, dict(sharding.DEFAULT_RULES)),
+    ],
+    ids=["batch-spatial", "batch-tensor"],
+)
 def test_sharded_equals_unsharded(vae, vae_path, axes, rules):
     rules_dict, rules = rules, tuple(rules.items())
     mesh = sharding.create_mesh({"ici": axes})

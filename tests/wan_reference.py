@@ -5,6 +5,7 @@ path written from the spec.
 The official-layout key names below are written out from reference/wan21.md on purpose, instead of
 reusing the converter's table, so the tests check that table rather than repeat it.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,24 @@ def official_name(diffusers_key: str) -> str:
     return diffusers_key
 
 
-def tiny_diffusers_wan(num_heads=3, head_dim=16, ffn_dim=40, num_layers=2, text_dim=24,
-                       freq_dim=32, seed=0):
+def tiny_diffusers_wan(num_heads=3, head_dim=16, ffn_dim=40, num_layers=2, text_dim=24, freq_dim=32, seed=0):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=num_heads, attention_head_dim=head_dim,
-        in_channels=16, out_channels=16, text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim,
-        num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+        patch_size=(1, 2, 2),
+        num_attention_heads=num_heads,
+        attention_head_dim=head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
     # Random init leaves biases and norms at 0/1 and the head at zero in places; perturb every
     # tensor so each one matters to the output.
     with torch.no_grad():
@@ -91,13 +101,18 @@ class SamaExtras(torch.nn.Module):
 def diffusers_forward(model, latents_cl, timesteps, text):
     """Channels-last numpy in, channels-last numpy out (diffusers is channels-first)."""
     with torch.no_grad():
-        out = model(torch.from_numpy(latents_cl).permute(0, 4, 1, 2, 3), torch.from_numpy(timesteps),
-                    torch.from_numpy(text), return_dict=False)[0]
+        out = model(
+            torch.from_numpy(latents_cl).permute(0, 4, 1, 2, 3),
+            torch.from_numpy(timesteps),
+            torch.from_numpy(text),
+            return_dict=False,
+        )[0]
     return out.permute(0, 2, 3, 4, 1).numpy()
 
 
-def sama_reference_forward(model, extras, target_cl, timesteps, text, source_cl, semantic,
-                           semantic_rope="zero"):
+def sama_reference_forward(
+    model, extras, target_cl, timesteps, text, source_cl, semantic, semantic_rope="zero"
+):
     """SAMA's model_fn (reference/sama-official.md) on diffusers' Wan modules, in fp32.
 
     Token order [source | semantic | target]; segment embedding (0, 1, 2) added to every token
@@ -109,7 +124,7 @@ def sama_reference_forward(model, extras, target_cl, timesteps, text, source_cl,
         source = torch.from_numpy(source_cl).permute(0, 4, 1, 2, 3)
         batch, _, frames, height, width = target.shape
         grid = (frames, height // 2, width // 2)
-        cos_t, sin_t = model.rope(target)       # (1, S, 1, head_dim), pair-repeated
+        cos_t, sin_t = model.rope(target)  # (1, S, 1, head_dim), pair-repeated
         cos_s, sin_s = model.rope(source)
         num_sem = semantic.shape[1]
         if semantic_rope == "zero":
@@ -126,15 +141,16 @@ def sama_reference_forward(model, extras, target_cl, timesteps, text, source_cl,
         x = torch.cat([src_tokens + seg[0], sem_tokens + seg[1], tgt_tokens + seg[2]], dim=1)
 
         temb, timestep_proj, context, _ = model.condition_embedder(
-            torch.from_numpy(timesteps), torch.from_numpy(text), None)
+            torch.from_numpy(timesteps), torch.from_numpy(text), None
+        )
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
         for block in model.blocks:
             x = block(x, context, timestep_proj, rotary)
 
         n_src = src_tokens.shape[1]
-        sem_out = extras.head(x[:, n_src:n_src + num_sem])
+        sem_out = extras.head(x[:, n_src : n_src + num_sem])
         shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        h = x[:, -tgt_tokens.shape[1]:]
+        h = x[:, -tgt_tokens.shape[1] :]
         h = model.proj_out(model.norm_out(h) * (1 + scale) + shift)
         h = h.reshape(batch, *grid, 1, 2, 2, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)
         velocity = h.reshape(batch, frames, height, width, -1)
@@ -171,8 +187,7 @@ def save_official_sharded(state, folder, num_shards=2, prefix="diffusion_pytorch
 
 
 def options(**kwargs):
-    base = dict(dtype="float32", allow_base_wan=False, overwrite=False, num_heads=None,
-                text_len=None, seed=0)
+    base = dict(dtype="float32", allow_base_wan=False, overwrite=False, num_heads=None, text_len=None, seed=0)
     base.update(kwargs)
     return types.SimpleNamespace(**base)
 

@@ -4,6 +4,7 @@ Each is a module here with one class: built as Class(config, mesh=, rules=, enco
 its `run(dit, step)` yields (metric name, value) pairs, written to TensorBoard under those names.
     val_loss     SAMA's loss at fixed sigmas and noise on held-out data (evaluators/val_loss.py)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,6 +28,9 @@ def build(config, *, mesh, rules, encoders, tokenizer) -> list:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             raise ConfigError(f"config.eval.evaluators: {name!r} is not available ({e})") from e
-        evaluators.append(getattr(module, class_name)(config, mesh=mesh, rules=rules,
-                                                      encoders=encoders, tokenizer=tokenizer))
+        evaluators.append(
+            getattr(module, class_name)(
+                config, mesh=mesh, rules=rules, encoders=encoders, tokenizer=tokenizer
+            )
+        )
     return evaluators

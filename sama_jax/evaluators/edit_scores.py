@@ -14,6 +14,7 @@ renders of source and target differ. Yields, over all cases, PSNR and SSIM insid
 scores.PSNR_CAP in the means. Every run edits the same cases with the same noise seed, so the
 numbers are comparable across steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,9 @@ PER_TYPE_METRICS = ("psnr_in", "psnr_out")
 
 @dataclasses.dataclass(frozen=True)
 class HeldOutCase:
-    source: np.ndarray       # (T, H, W, 3) uint8, exact render
-    target: np.ndarray       # the exact edited render
-    region: np.ndarray       # (T, H, W) bool: where source and target differ
+    source: np.ndarray  # (T, H, W, 3) uint8, exact render
+    target: np.ndarray  # the exact edited render
+    region: np.ndarray  # (T, H, W) bool: where source and target differ
     instruction: str
     edit_type: str
 
@@ -42,15 +43,18 @@ class HeldOutCase:
 def held_out_cases(num_cases: int, seed: int, frames: int, height: int, width: int) -> list[HeldOutCase]:
     cases = []
     for i in range(num_cases):
-        source, target, text, record = synthetic.make_video_edit(seed, i, frames, height, width,
-                                                                 held_out=True)
-        cases.append(HeldOutCase(source, target, scores.edit_region(source, target, threshold=0),
-                                 text, record["type"]))
+        source, target, text, record = synthetic.make_video_edit(
+            seed, i, frames, height, width, held_out=True
+        )
+        cases.append(
+            HeldOutCase(source, target, scores.edit_region(source, target, threshold=0), text, record["type"])
+        )
     return cases
 
 
-def score_cases(edit: Callable[[np.ndarray, str], np.ndarray],
-                cases: list[HeldOutCase]) -> Iterator[tuple[str, float]]:
+def score_cases(
+    edit: Callable[[np.ndarray, str], np.ndarray], cases: list[HeldOutCase]
+) -> Iterator[tuple[str, float]]:
     """edit(source, instruction) -> uint8 frames; yields the aggregated (name, value) pairs."""
     if not cases:
         return
@@ -82,16 +86,24 @@ class EditScores:
 
         section = config.eval.edit_scores
         if encoders.vae is None or encoders.text_encoder is None:
-            raise ValueError("eval.edit_scores edits videos, so it needs the VAE and the text encoder, but "
-                             f"data.features={list(config.data.features)} means the run did not load them: "
-                             "leave edit_scores out of eval.evaluators or give the run those encoders")
-        self.cases = held_out_cases(section.num_cases, section.seed, section.frames, section.height,
-                                    section.width)
+            raise ValueError(
+                "eval.edit_scores edits videos, so it needs the VAE and the text encoder, but "
+                f"data.features={list(config.data.features)} means the run did not load them: "
+                "leave edit_scores out of eval.evaluators or give the run those encoders"
+            )
+        self.cases = held_out_cases(
+            section.num_cases, section.seed, section.frames, section.height, section.width
+        )
         # config.eval's sampler, steps, guidance and shift, config.prompt_prefix, the model's count of
         # semantic tokens; the cases' own size and the same noise seed at every step.
         self.settings = inference.settings_from_config(
-            config, seed=int(section.seed), max_frames=int(section.frames), height=int(section.height),
-            width=int(section.width), exact_size=True)
+            config,
+            seed=int(section.seed),
+            max_frames=int(section.frames),
+            height=int(section.height),
+            width=int(section.width),
+            exact_size=True,
+        )
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, tokenizer
         # An edit is one video (two with CFG): its batch replicates instead of following the
         # training batch rule, which would split 2 over the data and fsdp axes.
@@ -103,7 +115,9 @@ class EditScores:
 
         del step  # the same cases and noise at every step
         # A new Editor is cheap: its compiled sampling loop is cached per DiT structure.
-        editor = inference.Editor(dit, self.vae, self.text_encoder, self.tokenizer, mesh=self.mesh,
-                                  rules=self.rules)
-        yield from score_cases(lambda frames, text: editor.edit(frames, text, self.settings).frames,
-                               self.cases)
+        editor = inference.Editor(
+            dit, self.vae, self.text_encoder, self.tokenizer, mesh=self.mesh, rules=self.rules
+        )
+        yield from score_cases(
+            lambda frames, text: editor.edit(frames, text, self.settings).frames, self.cases
+        )

@@ -6,6 +6,7 @@ batches (how many batches are read once and kept), sigmas (the fixed noise level
 loss is computed at exactly these sigma values). Yields val_loss/sigma_<s> and val_loss/mean (of
 the total loss) and val_loss_fm/mean.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,12 +28,19 @@ class ValLoss:
             raise ConfigError(f"eval.val_loss.sigmas={cfg.sigmas}: give sigmas in (0, 1]")
         processes = jax.process_count()
         if int(cfg.batch_size) % processes:
-            raise ConfigError(f"eval.val_loss.batch_size={cfg.batch_size} is not divisible by the "
-                              f"{processes} processes")
+            raise ConfigError(
+                f"eval.val_loss.batch_size={cfg.batch_size} is not divisible by the {processes} processes"
+            )
         data = pipeline.build_pipeline(
-            config.data, pipeline.open_sources(cfg.mixture, root=config.data.root), batch_size=int(cfg.batch_size) // processes,
-            seed=int(config.seed), num_epochs=1, worker_count=0,
-            anchor_frames=encoders.semantic.num_anchor_frames, text_len=int(config.model.dit.text_len))
+            config.data,
+            pipeline.open_sources(cfg.mixture, root=config.data.root),
+            batch_size=int(cfg.batch_size) // processes,
+            seed=int(config.seed),
+            num_epochs=1,
+            worker_count=0,
+            anchor_frames=encoders.semantic.num_anchor_frames,
+            text_len=int(config.model.dit.text_len),
+        )
         iterator = iter(data)
         self.batches = []
         for _ in range(int(cfg.batches)):
@@ -40,8 +48,9 @@ class ValLoss:
                 batch = next(iterator)
             except StopIteration:
                 break
-            self.batches.append(sharding.shard_batch(
-                conditioning.host_arrays(batch, tokenizer, config), mesh, rules))
+            self.batches.append(
+                sharding.shard_batch(conditioning.host_arrays(batch, tokenizer, config), mesh, rules)
+            )
         iterator.close()
         if not self.batches:
             raise ConfigError(f"eval.val_loss.mixture gives no batch of {cfg.batch_size} samples")
@@ -51,16 +60,20 @@ class ValLoss:
     def run(self, dit, step: int):
         graphdef, params, rest = nnx.split(dit, nnx.Param, ...)
         if self._loss is None:
-            prepare, loss_fn = train_step.make_objective(self.config, graphdef, rest,
-                                                         self.encoder_graphdef)
+            prepare, loss_fn = train_step.make_objective(self.config, graphdef, rest, self.encoder_graphdef)
             self._loss = jax.jit(lambda p, e, b, k, s: loss_fn(p, prepare(e, b, k, s))[1])
         key = jax.random.PRNGKey(int(self.config.seed) + 1)
         totals, fms = [], []
         with sharding.use_mesh(self.mesh, self.rules):
             for sigma in self.sigmas:
-                metrics = [jax.device_get(self._loss(params, self.encoder_state, batch,
-                                                     jax.random.fold_in(key, i), np.float32(sigma)))
-                           for i, batch in enumerate(self.batches)]
+                metrics = [
+                    jax.device_get(
+                        self._loss(
+                            params, self.encoder_state, batch, jax.random.fold_in(key, i), np.float32(sigma)
+                        )
+                    )
+                    for i, batch in enumerate(self.batches)
+                ]
                 total = float(np.mean([m["loss"] for m in metrics]))
                 totals.append(total)
                 fms.append(float(np.mean([m["loss_fm"] for m in metrics])))

@@ -6,6 +6,7 @@
   load_text_encoder   umT5-XXL encoder (umt5)
   load_siglip         SigLIP vision tower (siglip)
 """
+
 from sama_jax.models.siglip import load_siglip
 from sama_jax.models.umt5 import load_text_encoder
 from sama_jax.models.wan_dit import load_dit

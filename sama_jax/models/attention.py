@@ -17,6 +17,7 @@ Context parallelism (q, k, v sequence-sharded over the context axis):
            (ppermute), accumulating an online softmax; any head count; XLA einsums per block.
   auto     ulysses where the heads divide, ring otherwise.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,9 @@ SPLASH_BLOCK = 128
 def resolve_implementation(implementation: str, dtype) -> str:
     """'auto' -> the kernel for this backend and dtype; other names are checked and returned."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}")
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
+        )
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
@@ -51,8 +53,14 @@ def resolve_implementation(implementation: str, dtype) -> str:
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
-              splash_interpret: bool = False, kv_valid: int | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str = "auto",
+    splash_interpret: bool = False,
+    kv_valid: int | None = None,
+) -> jax.Array:
     """Softmax(q k^T / sqrt(D)) v over (B, S, H, D) arrays, keys >= kv_valid masked out.
     `splash_interpret` runs the Pallas kernel in interpret mode (any backend; used to test the TPU
     path on CPU). Under a mesh, splash runs per shard; XLA and cuDNN are partitioned by XLA."""
@@ -62,8 +70,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "a
     return local_attention(q, k, v, implementation, kv_valid=kv_valid)
 
 
-def local_attention(q, k, v, implementation: str, kv_valid: int | None = None,
-                    splash_interpret: bool = False) -> jax.Array:
+def local_attention(
+    q, k, v, implementation: str, kv_valid: int | None = None, splash_interpret: bool = False
+) -> jax.Array:
     """The kernel on arrays that are whole on this device (inside shard_map, or unsharded)."""
     implementation = resolve_implementation(implementation, q.dtype)
     if kv_valid is not None and kv_valid >= k.shape[1]:
@@ -72,11 +81,12 @@ def local_attention(q, k, v, implementation: str, kv_valid: int | None = None,
         return xla_attention(q, k, v, kv_valid)
     if implementation == "cudnn":
         if q.dtype not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"cuDNN attention needs bfloat16/float16 inputs, got {q.dtype}; "
-                             "use compute_dtype=bfloat16 or attention='xla'")
+            raise ValueError(
+                f"cuDNN attention needs bfloat16/float16 inputs, got {q.dtype}; "
+                "use compute_dtype=bfloat16 or attention='xla'"
+            )
         lengths = None if kv_valid is None else jnp.full((q.shape[0],), kv_valid, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     return _splash_local(q, k, v, splash_interpret, kv_valid)
 
 
@@ -94,13 +104,13 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: int | None
     weights = jax.nn.softmax(logits, axis=-1, where=mask)
     if mask is not None:
         weights = jnp.where(mask, weights, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False,
-                     kv_valid: int | None = None) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False, kv_valid: int | None = None
+) -> jax.Array:
     """Pallas splash attention. Under a mesh it runs per shard (shard_map): batch and heads split as
     the activations are, queries split along 'length', keys/values gathered whole."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -110,8 +120,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
         return kernel(q, k, v)
     q_spec = sharding.logical_to_mesh_spec(("batch", "length", "act_heads", None), rules)
     kv_spec = sharding.logical_to_mesh_spec(("batch", None, "act_heads", None), rules)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v)
 
 
 def _splash_local(q, k, v, interpret, kv_valid=None):
@@ -127,7 +138,8 @@ def _splash_local(q, k, v, interpret, kv_valid=None):
     # are sliced off.
     segment_ids = sk.SegmentIds(
         q=jnp.zeros((q_len + q_pad,), jnp.int32),
-        kv=(jnp.arange(kv_len + kv_pad) >= real_kv).astype(jnp.int32))
+        kv=(jnp.arange(kv_len + kv_pad) >= real_kv).astype(jnp.int32),
+    )
     mask = sm.MultiHeadMask([sm.FullMask((q_len + q_pad, kv_len + kv_pad))] * heads)
     kernel = sk.make_splash_mha_single_device(mask, interpret=interpret)
     # Splash takes (H, S, D) per example and does not scale the logits itself.
@@ -140,6 +152,7 @@ def _splash_local(q, k, v, interpret, kv_valid=None):
 
 
 # -- context parallelism ---------------------------------------------------------------------------
+
 
 def context_axes() -> tuple[str, ...]:
     """The mesh axes that the token axis ('length') is sharded over in the current use_mesh
@@ -184,15 +197,23 @@ def resolve_context_parallel(mode: str, num_heads: int) -> str:
     if mode == "auto":
         return "ulysses" if local_heads % cp == 0 else "ring"
     if mode == "ulysses" and local_heads % cp:
-        raise ValueError(f"context_parallel='ulysses' splits each device's {local_heads} heads over "
-                         f"a context axis of {cp}, which does not divide them; set "
-                         "precision.context_parallel to 'ring' or 'auto', or change mesh.ici.context")
+        raise ValueError(
+            f"context_parallel='ulysses' splits each device's {local_heads} heads over "
+            f"a context axis of {cp}, which does not divide them; set "
+            "precision.context_parallel to 'ring' or 'auto', or change mesh.ici.context"
+        )
     return mode
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
-                   context_parallel: str = "auto", kv_valid: int | None = None,
-                   splash_interpret: bool = False) -> jax.Array:
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str = "auto",
+    context_parallel: str = "auto",
+    kv_valid: int | None = None,
+    splash_interpret: bool = False,
+) -> jax.Array:
     """Self-attention over (B, S, H, D) arrays whose S is sharded over the context axis (when the
     mesh has one of size > 1; S must then be a multiple of context_size()). Otherwise this is
     `attention`. Keys at positions >= kv_valid are masked out."""
@@ -201,26 +222,33 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str
         return attention(q, k, v, implementation, splash_interpret, kv_valid)
     cp = context_size()
     if q.shape[1] % cp:
-        raise ValueError(f"sequence of {q.shape[1]} tokens is not a multiple of the context axis "
-                         f"({cp}); pad it (WanDiT does) and pass kv_valid")
+        raise ValueError(
+            f"sequence of {q.shape[1]} tokens is not a multiple of the context axis "
+            f"({cp}); pad it (WanDiT does) and pass kv_valid"
+        )
     mode = resolve_context_parallel(context_parallel, q.shape[2])
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
     spec = _shard_spec(("batch", "length", "act_heads", None), q.shape, mesh, rules)
     if mode == "ulysses":
-        body = functools.partial(_ulysses_local, axes=axes, implementation=implementation,
-                                 kv_valid=kv_valid, splash_interpret=splash_interpret)
+        body = functools.partial(
+            _ulysses_local,
+            axes=axes,
+            implementation=implementation,
+            kv_valid=kv_valid,
+            splash_interpret=splash_interpret,
+        )
     else:
         body = functools.partial(_ring_local, axes=axes, cp=cp, kv_valid=kv_valid)
-    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q, k, v
+    )
 
 
 def _ulysses_local(q, k, v, axes, implementation, kv_valid, splash_interpret):
     # (B, S/cp, H, D) -> (B, S, H/cp, D): every device gets whole sequences for some heads.
     to_heads = lambda t: jax.lax.all_to_all(t, axes, split_axis=2, concat_axis=1, tiled=True)
-    out = local_attention(to_heads(q), to_heads(k), to_heads(v), implementation, kv_valid,
-                          splash_interpret)
+    out = local_attention(to_heads(q), to_heads(k), to_heads(v), implementation, kv_valid, splash_interpret)
     return jax.lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -250,13 +278,17 @@ def _ring_local(q, k, v, axes, cp, kv_valid):
         p = jnp.exp(logits - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        o = o * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_blk.dtype), v_blk,
-                                                   preferred_element_type=jnp.float32)
+        o = o * correction[..., None] + jnp.einsum(
+            "bhqk,bkhd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32
+        )
         return m_new, l, o
 
     b, sq, h, d = q.shape
-    carry = (jnp.full((b, h, sq), _MASKED, jnp.float32), jnp.zeros((b, h, sq), jnp.float32),
-             jnp.zeros((b, h, sq, d), jnp.float32))
+    carry = (
+        jnp.full((b, h, sq), _MASKED, jnp.float32),
+        jnp.zeros((b, h, sq), jnp.float32),
+        jnp.zeros((b, h, sq, d), jnp.float32),
+    )
     for step in range(cp):
         carry = accumulate(carry, k, v, (index - step) % cp)
         if step < cp - 1:

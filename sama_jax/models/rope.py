@@ -5,6 +5,7 @@ d = 128; 8/4/4 for d = 16). Each part rotates pairs (2i, 2i+1) by position * the
 the position being the token's frame, row or column index in the patch grid. Tables are built in
 float64 with numpy at trace time (shapes are static), as the official code computes RoPE in float64.
 """
+
 from __future__ import annotations
 
 import jax

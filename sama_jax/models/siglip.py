@@ -9,6 +9,7 @@ head is not built; the converter drops its weights. Images are NHWC.
     model = load_siglip("ckpt/siglip")                      # convert-wan-weights --kind siglip
     features = model(preprocess(frames_uint8, model.cfg.image_size))   # (B, 729, 1152)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,18 +63,27 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
 
 
 def _dense(d_in, d_out, names, cfg, rngs):
-    return nnx.Linear(d_in, d_out, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=sharding.annotated(nnx.initializers.lecun_normal(), names),
-                      bias_init=sharding.annotated(nnx.initializers.zeros_init(), names[-1:]),
-                      rngs=rngs)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=sharding.annotated(nnx.initializers.lecun_normal(), names),
+        bias_init=sharding.annotated(nnx.initializers.zeros_init(), names[-1:]),
+        rngs=rngs,
+    )
 
 
 def _layer_norm(cfg, rngs):
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.eps, dtype=jnp.float32,
-                         param_dtype=cfg.param_dtype,
-                         scale_init=sharding.annotated(nnx.initializers.ones_init(), (None,)),
-                         bias_init=sharding.annotated(nnx.initializers.zeros_init(), (None,)),
-                         rngs=rngs)
+    return nnx.LayerNorm(
+        cfg.hidden_size,
+        epsilon=cfg.eps,
+        dtype=jnp.float32,
+        param_dtype=cfg.param_dtype,
+        scale_init=sharding.annotated(nnx.initializers.ones_init(), (None,)),
+        bias_init=sharding.annotated(nnx.initializers.zeros_init(), (None,)),
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
@@ -126,15 +136,25 @@ class SiglipVisionModel(nnx.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         self.patch_embedding = nnx.Conv(
-            3, d, kernel_size=(cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-            padding="VALID", dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-            kernel_init=sharding.annotated(nnx.initializers.lecun_normal(),
-                                              (None, None, None, "embed")),
-            bias_init=sharding.annotated(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+            3,
+            d,
+            kernel_size=(cfg.patch_size, cfg.patch_size),
+            strides=cfg.patch_size,
+            padding="VALID",
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=sharding.annotated(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=sharding.annotated(nnx.initializers.zeros_init(), ("embed",)),
+            rngs=rngs,
+        )
         self.position_embedding = nnx.Embed(
-            cfg.grid_size ** 2, d, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-            embedding_init=sharding.annotated(nnx.initializers.normal(d ** -0.5), (None, "embed")),
-            rngs=rngs)
+            cfg.grid_size**2,
+            d,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=sharding.annotated(nnx.initializers.normal(d**-0.5), (None, "embed")),
+            rngs=rngs,
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -148,15 +168,18 @@ class SiglipVisionModel(nnx.Module):
         """pixels (B, image_size, image_size, 3) in [-1, 1] -> (B, grid^2, hidden) fp32,
         patches in row-major (h, w) order."""
         if pixels.shape[-3:] != (self.cfg.image_size, self.cfg.image_size, 3):
-            raise ValueError(f"SigLIP expects (B, {self.cfg.image_size}, {self.cfg.image_size}, 3) "
-                             f"pixels, got {pixels.shape}; use siglip.preprocess")
+            raise ValueError(
+                f"SigLIP expects (B, {self.cfg.image_size}, {self.cfg.image_size}, 3) "
+                f"pixels, got {pixels.shape}; use siglip.preprocess"
+            )
         x = self.patch_embedding(pixels.astype(self.cfg.compute_dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(
+            in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
         def run_layers(x, layer):
             return layer(x)
 
@@ -167,5 +190,11 @@ def load_siglip(path: str, *, mesh=None, rules=None, precision=None) -> SiglipVi
     """SigLIP vision tower from a params checkpoint written by `convert-wan-weights --kind siglip`;
     `mesh`, `rules` and `precision` as in umt5.load_text_encoder."""
     return params_io.load_module(
-        path, KIND, lambda stored: SiglipVisionModel(SiglipConfig.from_config(
-            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
+        path,
+        KIND,
+        lambda stored: SiglipVisionModel(
+            SiglipConfig.from_config(*params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)
+        ),
+        mesh,
+        rules,
+    )

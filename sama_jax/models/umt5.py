@@ -10,6 +10,7 @@ in fp32, gated FFN fc2(fc1(x) * gelu_tanh(gate(x))). Layers are stacked and run 
 
 The text pipeline (cleaning, tokenizer, zeroing past the true length) is sama_jax.text.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,9 @@ class UMT5Config:
         return config_lib.dataclass_from_section(cls, section, precision, "model.text_encoder")
 
 
-def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
-                              max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+    query_len: int, key_len: int, num_buckets: int, max_distance: int
+) -> np.ndarray:
     """T5's bidirectional bucket of (key - query) for every (query, key) pair, as int32 (Lq, Lk).
 
     Half the buckets per direction; exact buckets for distances below max_exact = num_buckets // 4,
@@ -65,8 +67,9 @@ def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
     max_exact = num_buckets // 2
     is_small = distance < max_exact
     # Distances below max_exact take the exact branch; clamping keeps log() finite for them.
-    log_ratio = (np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact))
-                 / np.float32(math.log(max_distance / max_exact)))
+    log_ratio = np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
+        math.log(max_distance / max_exact)
+    )
     large = max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(is_small, distance, large)).astype(np.int32)
@@ -87,9 +90,16 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, names, cfg, rngs):
-    init = nnx.initializers.normal(d_in ** -0.5)
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=sharding.annotated(init, names), rngs=rngs)
+    init = nnx.initializers.normal(d_in**-0.5)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=sharding.annotated(init, names),
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
@@ -136,9 +146,13 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, rngs)
         # umT5: every layer has its own relative position bias table (num_buckets, num_heads).
         self.pos_embedding = nnx.Embed(
-            cfg.num_buckets, cfg.num_heads, dtype=jnp.float32, param_dtype=param_dtype,
-            embedding_init=sharding.annotated(nnx.initializers.normal(cfg.dim ** -0.5),
-                                                 (None, "heads")), rngs=rngs)
+            cfg.num_buckets,
+            cfg.num_heads,
+            dtype=jnp.float32,
+            param_dtype=param_dtype,
+            embedding_init=sharding.annotated(nnx.initializers.normal(cfg.dim**-0.5), (None, "heads")),
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, key_mask_bias: jax.Array) -> jax.Array:
         n = x.shape[1]
@@ -154,9 +168,13 @@ class UMT5Encoder(nnx.Module):
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.token_embedding = nnx.Embed(
-            cfg.vocab_size, cfg.dim, dtype=dtype, param_dtype=param_dtype,
+            cfg.vocab_size,
+            cfg.dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
             embedding_init=sharding.annotated(nnx.initializers.normal(1.0), ("vocab", "embed")),
-            rngs=rngs)
+            rngs=rngs,
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -173,11 +191,15 @@ class UMT5Encoder(nnx.Module):
         positions are computed but meaningless: sama_jax.text.encode zeroes them."""
         x = self.token_embedding(ids)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
-        key_mask_bias = jnp.where(mask[:, None, None, :] > 0, 0.0,
-                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        key_mask_bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(
+            jnp.float32
+        )
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(
+            in_axes=(nnx.Carry, 0, None),
+            out_axes=nnx.Carry,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
         def run_blocks(x, block, key_mask_bias):
             return block(x, key_mask_bias)
 
@@ -192,5 +214,11 @@ def load_text_encoder(path: str, *, mesh=None, rules=None, precision=None) -> UM
     checkpoint's stored dtype). With `mesh`, parameters are restored straight onto it by their
     logical axis names under `rules` (default sharding.DEFAULT_RULES)."""
     return params_io.load_module(
-        path, KIND, lambda stored: UMT5Encoder(UMT5Config.from_config(
-            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
+        path,
+        KIND,
+        lambda stored: UMT5Encoder(
+            UMT5Config.from_config(*params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)
+        ),
+        mesh,
+        rules,
+    )

@@ -26,6 +26,7 @@ masked, padded tokens dropped before the heads) and runs self-attention as `cont
 against whole text keys/values. Nothing else changes for the caller: the same call, the same
 results, under jit, grad and any remat policy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,14 +42,21 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sama_jax import config as config_lib
 from sama_jax import params_io, sharding
-from sama_jax.models import rope
 from sama_jax.models import attention as attention_lib
+from sama_jax.models import rope
 from sama_jax.models.attention import CONTEXT_PARALLEL, IMPLEMENTATIONS, attention
 
 KIND = "wan_dit"
 REMAT_POLICIES = ("none", "full", "attention")
-PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat",
-                    "context_parallel", "scan_layers")
+PRECISION_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "residual_dtype",
+    "attention",
+    "remat",
+    "context_parallel",
+    "scan_layers",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +76,14 @@ class WanDiTConfig:
     semantic_hidden_dim: int = 1024
     num_segments: int = 3
     rope_theta: float = 10000.0
-    semantic_rope: str = "zero"          # zero (SAMA) | identity
+    semantic_rope: str = "zero"  # zero (SAMA) | identity
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    residual_dtype: str = "float32"      # float32 (official Wan) | the compute dtype (all-bf16)
-    attention: str = "auto"              # auto | xla | cudnn | splash
-    remat: str = "none"                  # none | full | attention
-    context_parallel: str = "auto"       # auto | ulysses | ring (used when the mesh has context > 1)
-    scan_layers: bool = True             # nnx.scan over the stacked blocks; False: a Python loop
+    residual_dtype: str = "float32"  # float32 (official Wan) | the compute dtype (all-bf16)
+    attention: str = "auto"  # auto | xla | cudnn | splash
+    remat: str = "none"  # none | full | attention
+    context_parallel: str = "auto"  # auto | ulysses | ring (used when the mesh has context > 1)
+    scan_layers: bool = True  # nnx.scan over the stacked blocks; False: a Python loop
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -94,8 +102,9 @@ class WanDiTConfig:
         return self.dim // self.num_heads
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None
-                    ) -> "WanDiTConfig":
+    def from_config(
+        cls, section: Mapping[str, Any], precision: Mapping[str, Any] | None = None
+    ) -> "WanDiTConfig":
         """From a config's model.dit section and precision section."""
         return config_lib.dataclass_from_section(cls, section, precision, "model.dit")
 
@@ -114,9 +123,15 @@ _ones = nnx.initializers.ones_init()
 
 
 def _linear(cfg, din, dout, names, rngs, dtype=None, kernel_init=_xavier, bias_init=_zeros):
-    return nnx.Linear(din, dout, dtype=dtype or cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=_p(kernel_init, names), bias_init=_p(bias_init, names[1:]),
-                      rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        dtype=dtype or cfg.compute_dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_p(kernel_init, names),
+        bias_init=_p(bias_init, names[1:]),
+        rngs=rngs,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -129,7 +144,7 @@ def _normalize(x, eps, center):
 # and the per-token 1/std: autodiff of the formula would keep x, x - mean and y, three
 # (tokens x dim) fp32 arrays per norm, six norms per block.
 def _normalize_fwd(x, eps, center):
-    dtype_token = jnp.zeros((0,), x.dtype)    # the gradient goes back in the input's dtype
+    dtype_token = jnp.zeros((0,), x.dtype)  # the gradient goes back in the input's dtype
     x = x.astype(jnp.float32)
     if center:
         x = x - jnp.mean(x, axis=-1, keepdims=True)
@@ -181,8 +196,18 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg, din, dhidden, dout, activation, rngs, dtype=None,
-                 names=(("embed", "mlp"), ("mlp", "embed")), init=_xavier):
+    def __init__(
+        self,
+        cfg,
+        din,
+        dhidden,
+        dout,
+        activation,
+        rngs,
+        dtype=None,
+        names=(("embed", "mlp"), ("mlp", "embed")),
+        init=_xavier,
+    ):
         self.fc1 = _linear(cfg, din, dhidden, names[0], rngs, dtype, kernel_init=init)
         self.fc2 = _linear(cfg, dhidden, dout, names[1], rngs, dtype, kernel_init=init)
         self.activation = activation
@@ -209,7 +234,7 @@ def _gelu_tanh_fwd(x):
 
 def _gelu_tanh_bwd(x, g):
     x32 = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (x32 + _GELU_A * x32 ** 3))
+    t = jnp.tanh(_GELU_C * (x32 + _GELU_A * x32**3))
     grad = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * x32 * x32)
     return ((g.astype(jnp.float32) * grad).astype(g.dtype),)
 
@@ -261,9 +286,11 @@ class Attention(nnx.Module):
 class WanBlock(nnx.Module):
     def __init__(self, cfg: WanDiTConfig, rngs):
         self.cfg = cfg
-        self.modulation = nnx.Param(_p(nnx.initializers.normal(1.0 / math.sqrt(cfg.dim)),
-                                       (None, None, "embed"))(rngs.params(), (1, 6, cfg.dim),
-                                                              cfg.param_dtype))
+        self.modulation = nnx.Param(
+            _p(nnx.initializers.normal(1.0 / math.sqrt(cfg.dim)), (None, None, "embed"))(
+                rngs.params(), (1, 6, cfg.dim), cfg.param_dtype
+            )
+        )
         self.self_attn = Attention(cfg, rngs)
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, cfg.param_dtype, ("embed",), rngs)
         self.cross_attn = Attention(cfg, rngs)
@@ -276,8 +303,9 @@ class WanBlock(nnx.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         norm = lambda t: _layer_norm_stats(t, cfg.eps).astype(rd)
 
-        y = self.self_attn((norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors,
-                           kv_valid=kv_valid)
+        y = self.self_attn(
+            (norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors, kv_valid=kv_valid
+        )
         x = x + y.astype(rd) * gate_msa
         x = x + self.cross_attn(self.norm3(x).astype(cd), context=context).astype(rd)
         y = self.ffn((norm(x) * (1 + scale_mlp) + shift_mlp).astype(cd))
@@ -290,11 +318,19 @@ class Head(nnx.Module):
 
     def __init__(self, cfg: WanDiTConfig, rngs):
         self.eps = cfg.eps
-        self.modulation = nnx.Param(_p(nnx.initializers.normal(1.0 / math.sqrt(cfg.dim)),
-                                       (None, None, "embed"))(rngs.params(), (1, 2, cfg.dim),
-                                                              cfg.param_dtype))
-        self.head = _linear(cfg, cfg.dim, cfg.out_dim * math.prod(cfg.patch_size),
-                            ("embed", None), rngs, dtype=cfg.residual_dtype)
+        self.modulation = nnx.Param(
+            _p(nnx.initializers.normal(1.0 / math.sqrt(cfg.dim)), (None, None, "embed"))(
+                rngs.params(), (1, 2, cfg.dim), cfg.param_dtype
+            )
+        )
+        self.head = _linear(
+            cfg,
+            cfg.dim,
+            cfg.out_dim * math.prod(cfg.patch_size),
+            ("embed", None),
+            rngs,
+            dtype=cfg.residual_dtype,
+        )
 
     def __call__(self, x, e):
         rd = x.dtype
@@ -319,8 +355,7 @@ class SemanticHead(nnx.Module):
 
     def __init__(self, cfg: WanDiTConfig, rngs):
         self.norm = LayerNorm(cfg.dim, 1e-6, cfg.param_dtype, ("embed",), rngs)
-        self.proj = _linear(cfg, cfg.dim, cfg.semantic_dim, ("embed", None), rngs,
-                            dtype=cfg.residual_dtype)
+        self.proj = _linear(cfg, cfg.dim, cfg.semantic_dim, ("embed", None), rngs, dtype=cfg.residual_dtype)
 
     def __call__(self, x):
         return self.proj(self.norm(x).astype(x.dtype))
@@ -339,8 +374,11 @@ class PatchEmbedding(nnx.Module):
     applied as one matmul over non-overlapping patches (see WanDiT.patchify)."""
 
     def __init__(self, cfg: WanDiTConfig, rngs):
-        self.kernel = nnx.Param(_p(_xavier, (None, None, None, None, "embed"))(
-            rngs.params(), (*cfg.patch_size, cfg.in_dim, cfg.dim), cfg.param_dtype))
+        self.kernel = nnx.Param(
+            _p(_xavier, (None, None, None, None, "embed"))(
+                rngs.params(), (*cfg.patch_size, cfg.in_dim, cfg.dim), cfg.param_dtype
+            )
+        )
         self.bias = nnx.Param(_p(_zeros, ("embed",))(rngs.params(), (cfg.dim,), cfg.param_dtype))
 
 
@@ -349,10 +387,19 @@ class WanDiT(nnx.Module):
         self.cfg = cfg
         rd = cfg.residual_dtype
         self.patch_embedding = PatchEmbedding(cfg, rngs)
-        self.text_embedding = MLP(cfg, cfg.text_dim, cfg.dim, cfg.dim, gelu_tanh, rngs,
-                                  names=((None, "embed"), ("embed", None)))
-        self.time_embedding = MLP(cfg, cfg.freq_dim, cfg.dim, cfg.dim, jax.nn.silu, rngs, dtype=rd,
-                                  names=((None, "embed"), ("embed", None)))
+        self.text_embedding = MLP(
+            cfg, cfg.text_dim, cfg.dim, cfg.dim, gelu_tanh, rngs, names=((None, "embed"), ("embed", None))
+        )
+        self.time_embedding = MLP(
+            cfg,
+            cfg.freq_dim,
+            cfg.dim,
+            cfg.dim,
+            jax.nn.silu,
+            rngs,
+            dtype=rd,
+            names=((None, "embed"), ("embed", None)),
+        )
         self.time_projection = _linear(cfg, cfg.dim, 6 * cfg.dim, ("embed", None), rngs, dtype=rd)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -363,8 +410,9 @@ class WanDiT(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.head = Head(cfg, rngs)
         # Zero, as SAMA's loader leaves it for a base Wan checkpoint: a no-op until trained.
-        self.segment_embedding = nnx.Param(_p(_zeros, (None, "embed"))(
-            rngs.params(), (cfg.num_segments, cfg.dim), cfg.param_dtype))
+        self.segment_embedding = nnx.Param(
+            _p(_zeros, (None, "embed"))(rngs.params(), (cfg.num_segments, cfg.dim), cfg.param_dtype)
+        )
         self.siglip_feat_mlp = SemanticProjector(cfg, rngs)
         self.semantic_head = SemanticHead(cfg, rngs)
 
@@ -375,8 +423,10 @@ class WanDiT(nnx.Module):
         b, f, h, w, c = latents.shape
         pt, ph, pw = cfg.patch_size
         if c != cfg.in_dim or f % pt or h % ph or w % pw:
-            raise ValueError(f"latents of shape {latents.shape} do not fit the model: need "
-                             f"channels {cfg.in_dim} and F, H, W divisible by patch {cfg.patch_size}")
+            raise ValueError(
+                f"latents of shape {latents.shape} do not fit the model: need "
+                f"channels {cfg.in_dim} and F, H, W divisible by patch {cfg.patch_size}"
+            )
         grid = (f // pt, h // ph, w // pw)
         x = latents.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).astype(cfg.compute_dtype)
@@ -396,8 +446,7 @@ class WanDiT(nnx.Module):
     def embed_text(self, text: jax.Array) -> jax.Array:
         cfg = self.cfg
         if text.ndim != 3 or text.shape[-1] != cfg.text_dim or text.shape[1] > cfg.text_len:
-            raise ValueError(f"text of shape {text.shape}: expected (B, L <= {cfg.text_len}, "
-                             f"{cfg.text_dim})")
+            raise ValueError(f"text of shape {text.shape}: expected (B, L <= {cfg.text_len}, {cfg.text_dim})")
         # Zero-pad to text_len BEFORE the MLP: padded positions are attended as text_embedding(0).
         text = jnp.pad(text, ((0, 0), (0, cfg.text_len - text.shape[1]), (0, 0)))
         return self.text_embedding(text.astype(cfg.compute_dtype))
@@ -430,8 +479,9 @@ class WanDiT(nnx.Module):
                 x = layer(nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state)), x)
             return x
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(
+            in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
         def scan(x, block):
             return layer(block, x)
 
@@ -449,19 +499,20 @@ class WanDiT(nnx.Module):
             source, source_grid = self.patchify(source_latents)
             tokens.append(source + segment[0])
             # Positions from the source's own grid, starting at 0: shared with the target.
-            for table, out in zip(rope.grid_phasors(source_grid, cfg.head_dim, cfg.rope_theta),
-                                  (cos, sin)):
+            for table, out in zip(rope.grid_phasors(source_grid, cfg.head_dim, cfg.rope_theta), (cos, sin)):
                 out.append(table)
         num_semantic = 0
         if semantic_tokens is not None:
             if semantic_tokens.ndim != 3 or semantic_tokens.shape[-1] != cfg.semantic_dim:
-                raise ValueError(f"semantic_tokens of shape {semantic_tokens.shape}: expected "
-                                 f"(B, N, {cfg.semantic_dim})")
+                raise ValueError(
+                    f"semantic_tokens of shape {semantic_tokens.shape}: expected (B, N, {cfg.semantic_dim})"
+                )
             num_semantic = semantic_tokens.shape[1]
             projected = self.siglip_feat_mlp(semantic_tokens, cd).astype(rd)
             tokens.append(projected + segment[1])
-            for table, out in zip(rope.constant_phasors(num_semantic, cfg.head_dim,
-                                                        cfg.semantic_rope), (cos, sin)):
+            for table, out in zip(
+                rope.constant_phasors(num_semantic, cfg.head_dim, cfg.semantic_rope), (cos, sin)
+            ):
                 out.append(table)
         tokens.append(target + segment[2])
         for table, out in zip(rope.grid_phasors(grid, cfg.head_dim, cfg.rope_theta), (cos, sin)):
@@ -488,8 +539,8 @@ class WanDiT(nnx.Module):
 
         semantic_velocity = None
         if semantic_tokens is not None:
-            semantic_velocity = self.semantic_head(x[:, num_source:num_source + num_semantic])
-        velocity = self.unpatchify(self.head(x[:, num_tokens - num_target:], e), grid)
+            semantic_velocity = self.semantic_head(x[:, num_source : num_source + num_semantic])
+        velocity = self.unpatchify(self.head(x[:, num_tokens - num_target :], e), grid)
         return velocity, semantic_velocity
 
 
@@ -498,16 +549,21 @@ def abstract_dit(cfg: WanDiTConfig) -> WanDiT:
     return nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
 
 
-def load_dit(path: str, *, mesh=None, rules=None, precision: Mapping[str, Any] | None = None
-             ) -> WanDiT:
+def load_dit(path: str, *, mesh=None, rules=None, precision: Mapping[str, Any] | None = None) -> WanDiT:
     """A WanDiT from a params checkpoint written by `convert-wan-weights` (or `save_dit`).
 
     `precision` (a config's precision section) sets the run-time fields (param_dtype,
     compute_dtype, residual_dtype, attention, remat). With `mesh`, parameters are restored straight
     into their shardings from the logical annotations under `rules`."""
     return params_io.load_module(
-        path, KIND, lambda stored: WanDiT(WanDiTConfig.from_config(
-            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
+        path,
+        KIND,
+        lambda stored: WanDiT(
+            WanDiTConfig.from_config(*params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)
+        ),
+        mesh,
+        rules,
+    )
 
 
 def save_dit(path: str, model: WanDiT, overwrite: bool = False) -> None:

@@ -21,6 +21,7 @@ with T).
 Sharding: activations are constrained to ('batch', None, 'spatial', None, 'act_embed'); map
 'spatial' to a mesh axis (e.g. ('spatial', 'context')) to split large frames by rows across devices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,10 +41,42 @@ KIND = "wan_vae"
 CACHE_T = 2  # frames of the previous chunk each causal conv sees (its temporal kernel size - 1)
 TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
-LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 ACTIVATION = ("batch", None, "spatial", None, "act_embed")
 
 
@@ -63,12 +96,16 @@ class WanVAEConfig:
         for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temporal_downsample {self.temporal_downsample} needs one entry per "
-                             f"downsampling stage ({len(self.dim_mult) - 1})")
+            raise ValueError(
+                f"temporal_downsample {self.temporal_downsample} needs one entry per "
+                f"downsampling stage ({len(self.dim_mult) - 1})"
+            )
         if sum(self.temporal_downsample) != 2 or len(self.dim_mult) != 4:
-            raise ValueError("the Wan2.1 VAE has 3 spatial and 2 temporal downsamplings "
-                             f"(8x, 4x); got dim_mult {self.dim_mult}, temporal_downsample "
-                             f"{self.temporal_downsample}")
+            raise ValueError(
+                "the Wan2.1 VAE has 3 spatial and 2 temporal downsamplings "
+                f"(8x, 4x); got dim_mult {self.dim_mult}, temporal_downsample "
+                f"{self.temporal_downsample}"
+            )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/std need {self.z_dim} entries")
 
@@ -78,11 +115,10 @@ class WanVAEConfig:
         return config_lib.dataclass_from_section(cls, section, precision, "model.vae")
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # The feature cache (the reference's feat_cache / feat_idx, made functional)
 # ----------------------------------------------------------------------------------------------
+
 
 class FeatureCache:
     """Per-layer tails of the previous chunk, used in call order; records this chunk's tails.
@@ -120,12 +156,14 @@ class FeatureCache:
 # Layers
 # ----------------------------------------------------------------------------------------------
 
+
 def _conv(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
     if kernel.ndim == 5 and jax.default_backend() == "cpu":
         return _conv3d_as_2d(x, kernel, stride, padding)
     spec = ("NDHWC", "DHWIO", "NDHWC") if kernel.ndim == 5 else ("NHWC", "HWIO", "NHWC")
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=tuple(stride), padding=padding,
-                                        dimension_numbers=spec)
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(stride), padding=padding, dimension_numbers=spec
+    )
 
 
 def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
@@ -140,10 +178,14 @@ def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int], paddin
     frames = (t - kt) // st + 1
     out = None
     for i in range(kt):
-        shifted = x[:, i:i + st * (frames - 1) + 1:st]
-        y = jax.lax.conv_general_dilated(shifted.reshape((b * frames,) + x.shape[2:]), kernel[i],
-                                         window_strides=tuple(stride[1:]), padding=tuple(spatial),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        shifted = x[:, i : i + st * (frames - 1) + 1 : st]
+        y = jax.lax.conv_general_dilated(
+            shifted.reshape((b * frames,) + x.shape[2:]),
+            kernel[i],
+            window_strides=tuple(stride[1:]),
+            padding=tuple(spatial),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         out = y if out is None else out + y
     return out.reshape((b, frames) + out.shape[1:])
 
@@ -152,8 +194,19 @@ class CausalConv3d(nnx.Module):
     """Conv3d padded by (2 * pad_t) past frames and none of the future: zeros, or the tail of
     the previous chunk from the feature cache."""
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0, *, dtype,
-                 param_dtype, rngs: nnx.Rngs, axes=("conv_in", "conv_out")):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        axes=("conv_in", "conv_out"),
+    ):
         kernel_size = _triple(kernel_size)
         self.stride = _triple(stride)
         pad_t, pad_h, pad_w = _triple(padding)
@@ -161,9 +214,14 @@ class CausalConv3d(nnx.Module):
         self.spatial_pad = ((pad_h, pad_h), (pad_w, pad_w))
         self.dtype = dtype
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), kernel_size + (in_dim, out_dim), param_dtype),
-                                eager_sharding=False, out_sharding=(None, None, None) + tuple(axes))
-        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=(axes[1],))
+        self.kernel = nnx.Param(
+            init(rngs.params(), kernel_size + (in_dim, out_dim), param_dtype),
+            eager_sharding=False,
+            out_sharding=(None, None, None) + tuple(axes),
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=(axes[1],)
+        )
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         x = x.astype(self.dtype)
@@ -179,20 +237,39 @@ class CausalConv3d(nnx.Module):
 class Conv2d(nnx.Module):
     """Per-frame 2D convolution of (B, T, H, W, C) video."""
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.stride = (stride, stride)
         self.padding = ((padding, padding), (padding, padding))
         self.dtype = dtype
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_dim, out_dim),
-                                     param_dtype), eager_sharding=False, out_sharding=(None, None, "conv_in", "conv_out"))
-        self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",))
+        self.kernel = nnx.Param(
+            init(rngs.params(), (kernel_size, kernel_size, in_dim, out_dim), param_dtype),
+            eager_sharding=False,
+            out_sharding=(None, None, "conv_in", "conv_out"),
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((out_dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t = x.shape[:2]
-        y = _conv(x.reshape((b * t,) + x.shape[2:]).astype(self.dtype),
-                  self.kernel[...].astype(self.dtype), self.stride, self.padding)
+        y = _conv(
+            x.reshape((b * t,) + x.shape[2:]).astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            self.stride,
+            self.padding,
+        )
         y = y + self.bias[...].astype(self.dtype)
         return y.reshape((b, t) + y.shape[1:])
 
@@ -202,7 +279,9 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, dtype, param_dtype):
         self.dtype = dtype
-        self.gamma = nnx.Param(jnp.ones((dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",))
+        self.gamma = nnx.Param(
+            jnp.ones((dim,), param_dtype), eager_sharding=False, out_sharding=("conv_out",)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -218,8 +297,7 @@ class ResidualBlock(nnx.Module):
         self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1, rngs=rngs, **kw)
         self.norm2 = RMSNorm(out_dim, **kw)
         self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1, rngs=rngs, **kw)
-        self.conv_shortcut = (CausalConv3d(in_dim, out_dim, 1, rngs=rngs, **kw)
-                              if in_dim != out_dim else None)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1, rngs=rngs, **kw) if in_dim != out_dim else None
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None) -> jax.Array:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -237,14 +315,24 @@ class AttentionBlock(nnx.Module):
         self.dtype = dtype
         self.norm = RMSNorm(dim, dtype=dtype, param_dtype=param_dtype)
         init = nnx.initializers.lecun_normal()
-        self.to_qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                 kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
-                                 bias_init=sharding.annotated(nnx.initializers.zeros,
-                                                                 ("conv_out",)))
-        self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
-                               bias_init=sharding.annotated(nnx.initializers.zeros,
-                                                               ("conv_out",)))
+        self.to_qkv = nnx.Linear(
+            dim,
+            3 * dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
+            bias_init=sharding.annotated(nnx.initializers.zeros, ("conv_out",)),
+        )
+        self.proj = nnx.Linear(
+            dim,
+            dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_init=sharding.annotated(init, ("conv_in", "conv_out")),
+            bias_init=sharding.annotated(nnx.initializers.zeros, ("conv_out",)),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, h, w, c = x.shape
@@ -361,8 +449,17 @@ class Encoder(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample: str | None, *,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        upsample: str | None,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
         self.resnets = nnx.List([ResidualBlock(a, b, **kw) for a, b in zip(dims[:-1], dims[1:])])
@@ -407,6 +504,7 @@ class Decoder(nnx.Module):
 # The VAE
 # ----------------------------------------------------------------------------------------------
 
+
 class WanVAE(nnx.Module):
     def __init__(self, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -417,8 +515,7 @@ class WanVAE(nnx.Module):
         self.decoder = Decoder(cfg, **kw)
 
     # -- public API -------------------------------------------------------------------------------
-    def encode(self, video: jax.Array, *, chunked: bool = True,
-               pad_frames: bool = False) -> jax.Array:
+    def encode(self, video: jax.Array, *, chunked: bool = True, pad_frames: bool = False) -> jax.Array:
         """(B, T, H, W, 3) in [-1, 1], T = 4k+1, H and W multiples of 8 -> normalised latents
         (mu - mean) / std of shape (B, 1+k, H/8, W/8, z_dim). `pad_frames` repeats the last frame
         up to the next 4k+1 instead of raising."""
@@ -439,12 +536,11 @@ class WanVAE(nnx.Module):
             out = _run_chunks(self.encoder, video, TEMPORAL_STRIDE, 1)
         else:
             out = self.encoder(video, None)
-        return self.quant_conv(out)[..., :self.config.z_dim]
+        return self.quant_conv(out)[..., : self.config.z_dim]
 
     def decode_unclamped(self, latents: jax.Array, *, chunked: bool = True) -> jax.Array:
         if latents.ndim != 5 or latents.shape[-1] != self.config.z_dim:
-            raise ValueError(f"latents must be (B, T, h, w, {self.config.z_dim}), got "
-                             f"{tuple(latents.shape)}")
+            raise ValueError(f"latents must be (B, T, h, w, {self.config.z_dim}), got {tuple(latents.shape)}")
         mean, std = self._latent_stats()
         z = latents.astype(jnp.float32) * std + mean
         x = self.post_quant_conv(sharding.constrain(z.astype(self.config.compute_dtype), ACTIVATION))
@@ -454,8 +550,10 @@ class WanVAE(nnx.Module):
 
     def _latent_stats(self):
         shape = (1, 1, 1, 1, self.config.z_dim)
-        return (jnp.asarray(self.config.latents_mean, jnp.float32).reshape(shape),
-                jnp.asarray(self.config.latents_std, jnp.float32).reshape(shape))
+        return (
+            jnp.asarray(self.config.latents_mean, jnp.float32).reshape(shape),
+            jnp.asarray(self.config.latents_std, jnp.float32).reshape(shape),
+        )
 
 
 def _run_chunks(module, x: jax.Array, chunk: int, out_chunk: int) -> jax.Array:
@@ -474,8 +572,7 @@ def _run_chunks(module, x: jax.Array, chunk: int, out_chunk: int) -> jax.Array:
         previous, out = carry
         cache = FeatureCache(previous)
         y = module(jax.lax.dynamic_slice_in_dim(x, 1 + i * chunk, chunk, axis=1), cache)
-        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + i * out_chunk,
-                                                  axis=1)
+        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + i * out_chunk, axis=1)
         return (cache.updated, sharding.constrain(out, ACTIVATION)), None
 
     (_, out), _ = jax.lax.scan(step, (first.updated, out), jnp.arange(num_chunks))
@@ -486,19 +583,21 @@ def check_video(video: jax.Array, pad_frames: bool = False) -> jax.Array:
     """Validates a (B, T, H, W, 3) video for the VAE; pads T to 4k+1 by repeating the last frame
     when `pad_frames`."""
     if video.ndim != 5 or video.shape[-1] != 3:
-        raise ValueError(f"video must be (B, T, H, W, 3) channels-last RGB, got "
-                         f"{tuple(video.shape)}")
+        raise ValueError(f"video must be (B, T, H, W, 3) channels-last RGB, got {tuple(video.shape)}")
     _, t, h, w, _ = video.shape
     if h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
-        raise ValueError(f"video frames are {h}x{w}; the Wan VAE needs height and width that are "
-                         f"multiples of {SPATIAL_STRIDE}")
+        raise ValueError(
+            f"video frames are {h}x{w}; the Wan VAE needs height and width that are "
+            f"multiples of {SPATIAL_STRIDE}"
+        )
     extra = (t - 1) % TEMPORAL_STRIDE
     if extra:
         if not pad_frames:
             raise ValueError(
                 f"video has {t} frames; the Wan VAE encodes 4k+1 frames (1, 5, 9, ...): trim to "
                 f"{t - extra} or pass pad_frames=True to repeat the last frame up to "
-                f"{t - extra + TEMPORAL_STRIDE}")
+                f"{t - extra + TEMPORAL_STRIDE}"
+            )
         pad = TEMPORAL_STRIDE - extra
         video = jnp.concatenate([video, jnp.repeat(video[:, -1:], pad, axis=1)], axis=1)
     return video
@@ -511,6 +610,7 @@ def _triple(v) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------
 # Jitted entry points and spatial tiling
 # ----------------------------------------------------------------------------------------------
+
 
 @functools.partial(nnx.jit, static_argnames=("chunked",))
 def _encode_jit(vae: WanVAE, video: jax.Array, chunked: bool) -> jax.Array:
@@ -532,8 +632,16 @@ def _decode_unclamped_jit(vae: WanVAE, latents: jax.Array, chunked: bool) -> jax
     return vae.decode_unclamped(latents, chunked=chunked)
 
 
-def encode_video(vae: WanVAE, video, *, tiled: bool = False, tile_size=(30, 52),
-                 tile_stride=(15, 26), chunked: bool = True, pad_frames: bool = False) -> jax.Array:
+def encode_video(
+    vae: WanVAE,
+    video,
+    *,
+    tiled: bool = False,
+    tile_size=(30, 52),
+    tile_stride=(15, 26),
+    chunked: bool = True,
+    pad_frames: bool = False,
+) -> jax.Array:
     """Jitted `vae.encode`. With `tiled`, the frames are cut into overlapping tiles of tile_size
     latents (x8 pixels) every tile_stride latents, each encoded on its own and blended with linear
     ramps over the overlaps (SAMA's defaults: 30x52 tiles, stride 15x26)."""
@@ -541,29 +649,47 @@ def encode_video(vae: WanVAE, video, *, tiled: bool = False, tile_size=(30, 52),
     if not tiled:
         return _encode_jit(vae, video, chunked)
     px = lambda v: tuple(SPATIAL_STRIDE * int(s) for s in v)
-    mu = _blend_tiles(lambda part: _encode_mean_jit(vae, part, chunked), video,
-                      px(tile_size), px(tile_stride), up=1, down=SPATIAL_STRIDE)
+    mu = _blend_tiles(
+        lambda part: _encode_mean_jit(vae, part, chunked),
+        video,
+        px(tile_size),
+        px(tile_stride),
+        up=1,
+        down=SPATIAL_STRIDE,
+    )
     mean, std = vae._latent_stats()
     return ((mu - mean) / std).astype(vae.config.compute_dtype)
 
 
-def decode_latents(vae: WanVAE, latents, *, tiled: bool = False, tile_size=(30, 52),
-                   tile_stride=(15, 26), chunked: bool = True) -> jax.Array:
+def decode_latents(
+    vae: WanVAE,
+    latents,
+    *,
+    tiled: bool = False,
+    tile_size=(30, 52),
+    tile_stride=(15, 26),
+    chunked: bool = True,
+) -> jax.Array:
     """Jitted `vae.decode`; `tiled` decodes overlapping latent tiles (sizes in latents) and blends
     the unclamped outputs with linear ramps over (tile - stride) * 8 pixels, then clamps."""
     latents = jnp.asarray(latents)
     if not tiled:
         return _decode_jit(vae, latents, chunked)
-    out = _blend_tiles(lambda part: _decode_unclamped_jit(vae, part, chunked), latents,
-                       tuple(tile_size), tuple(tile_stride), up=SPATIAL_STRIDE, down=1)
+    out = _blend_tiles(
+        lambda part: _decode_unclamped_jit(vae, part, chunked),
+        latents,
+        tuple(tile_size),
+        tuple(tile_stride),
+        up=SPATIAL_STRIDE,
+        down=1,
+    )
     return jnp.clip(out, -1.0, 1.0)
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis: every `stride`, dropping tiles once the previous one reaches
     the end (the reference's task list; the last tile may be cut short by the frame edge)."""
-    return [s for s in range(0, size, stride)
-            if not (s - stride >= 0 and s - stride + tile >= size)]
+    return [s for s in range(0, size, stride) if not (s - stride >= 0 and s - stride + tile >= size)]
 
 
 def ramp_mask(length: int, border: int, left_edge: bool, right_edge: bool) -> np.ndarray:
@@ -584,18 +710,20 @@ def _blend_tiles(run, x: jax.Array, tile, stride, up: int, down: int) -> jax.Arr
     values = weight = None
     for h0 in tile_starts(height, tile[0], stride[0]):
         for w0 in tile_starts(width, tile[1], stride[1]):
-            out = run(x[:, :, h0:h0 + tile[0], w0:w0 + tile[1]])
-            mask_h = ramp_mask(out.shape[2], (tile[0] - stride[0]) * up // down,
-                               h0 == 0, h0 + tile[0] >= height)
-            mask_w = ramp_mask(out.shape[3], (tile[1] - stride[1]) * up // down,
-                               w0 == 0, w0 + tile[1] >= width)
+            out = run(x[:, :, h0 : h0 + tile[0], w0 : w0 + tile[1]])
+            mask_h = ramp_mask(
+                out.shape[2], (tile[0] - stride[0]) * up // down, h0 == 0, h0 + tile[0] >= height
+            )
+            mask_w = ramp_mask(
+                out.shape[3], (tile[1] - stride[1]) * up // down, w0 == 0, w0 + tile[1] >= width
+            )
             mask = jnp.asarray(np.minimum(mask_h[:, None], mask_w[None, :]))
             if values is None:
-                values = jnp.zeros(out.shape[:2] + (height * up // down, width * up // down)
-                                   + out.shape[4:], jnp.float32)
+                values = jnp.zeros(
+                    out.shape[:2] + (height * up // down, width * up // down) + out.shape[4:], jnp.float32
+                )
                 weight = jnp.zeros((height * up // down, width * up // down), jnp.float32)
-            values, weight = _accumulate(values, weight, out, mask, h0 * up // down,
-                                         w0 * up // down)
+            values, weight = _accumulate(values, weight, out, mask, h0 * up // down, w0 * up // down)
     return values / weight[None, None, :, :, None]
 
 
@@ -604,7 +732,8 @@ def _accumulate(values, weight, out, mask, h0, w0):
     """values[.., h0:, w0:] += out * mask; weight[h0:, w0:] += mask, in place (donated buffers)."""
     region = jax.lax.dynamic_slice(values, (0, 0, h0, w0, 0), out.shape)
     values = jax.lax.dynamic_update_slice(
-        values, region + out.astype(jnp.float32) * mask[None, None, :, :, None], (0, 0, h0, w0, 0))
+        values, region + out.astype(jnp.float32) * mask[None, None, :, :, None], (0, 0, h0, w0, 0)
+    )
     region = jax.lax.dynamic_slice(weight, (h0, w0), mask.shape)
     weight = jax.lax.dynamic_update_slice(weight, region + mask, (h0, w0))
     return values, weight
@@ -614,9 +743,16 @@ def _accumulate(values, weight, out, mask, h0, w0):
 # Loading
 # ----------------------------------------------------------------------------------------------
 
+
 def load_vae(path: str, *, mesh=None, rules=None, precision=None) -> WanVAE:
     """Wan VAE from a params checkpoint written by `convert-wan-weights --kind vae`;
     `mesh`, `rules` and `precision` as in umt5.load_text_encoder."""
     return params_io.load_module(
-        path, KIND, lambda stored: WanVAE(WanVAEConfig.from_config(
-            *params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)), mesh, rules)
+        path,
+        KIND,
+        lambda stored: WanVAE(
+            WanVAEConfig.from_config(*params_io.split_precision(stored, precision)), rngs=nnx.Rngs(0)
+        ),
+        mesh,
+        rules,
+    )

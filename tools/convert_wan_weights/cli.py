@@ -12,6 +12,7 @@ checkpoint, with --overwrite), and what an interrupted earlier run left is finis
 (sama_jax/params_io.py). Expected errors print one line, `convert-wan-weights: <message>`, and
 exit with status 2; progress goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,26 +36,40 @@ def detect_kind(source: TensorSource) -> str:
     if len(found) != 1:
         raise ConversionError(
             f"{source.path}: cannot tell which model this is (matches: {found or 'none'}); "
-            f"pass --kind {{{','.join(KINDS)}}}")
+            f"pass --kind {{{','.join(KINDS)}}}"
+        )
     return found[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert-wan-weights", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="convert-wan-weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="checkpoint file, index json or directory of shards")
     parser.add_argument("output", help="directory of the Orbax params checkpoint to write")
     parser.add_argument("--kind", default="auto", choices=("auto",) + KINDS)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="dtype stored in the checkpoint")
-    parser.add_argument("--allow-base-wan", action="store_true",
-                        help="dit: accept a base Wan2.1 checkpoint without SAMA's segment embedding, "
-                             "semantic projector and head (segment embedding starts at zero)")
-    parser.add_argument("--num-heads", type=int, default=None,
-                        help="dit: attention heads, when neither dim/128 nor a config.json next to "
-                             "the weights gives them (only for non-released sizes)")
-    parser.add_argument("--text-len", type=int, default=None,
-                        help="dit: text tokens the model is run with (default: config.json or 512)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="dtype stored in the checkpoint"
+    )
+    parser.add_argument(
+        "--allow-base-wan",
+        action="store_true",
+        help="dit: accept a base Wan2.1 checkpoint without SAMA's segment embedding, "
+        "semantic projector and head (segment embedding starts at zero)",
+    )
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="dit: attention heads, when neither dim/128 nor a config.json next to "
+        "the weights gives them (only for non-released sizes)",
+    )
+    parser.add_argument(
+        "--text-len",
+        type=int,
+        default=None,
+        help="dit: text tokens the model is run with (default: config.json or 512)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser
 
@@ -73,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         source = TensorSource(args.input)
         kind = detect_kind(source) if args.kind == "auto" else args.kind
         itemsize = 2 if args.dtype == "bfloat16" else 4
-        params_io.check_free_space(args.output, itemsize * sum(
-            math.prod(source.shape(key)) for key in source.keys()))
+        params_io.check_free_space(
+            args.output, itemsize * sum(math.prod(source.shape(key)) for key in source.keys())
+        )
         summary = _module(kind).convert(source, args.output, args)
     except EXPECTED_ERRORS as e:
         print(f"convert-wan-weights: {e}", file=sys.stderr)

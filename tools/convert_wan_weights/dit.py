@@ -25,6 +25,7 @@ memory map of its shard that is dropped afterwards. Peak host memory is a few la
 parameter (ffn.0 of 14B: 13824 x 5120 x 2 bytes = 135 MiB) whatever the depth: 1.45 GiB peak RSS
 for the full 40-layer 14B (benchmarks/convert_dit_rss.py --layers 40).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,8 +36,15 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 from sama_jax import params_io
 from tools.convert_wan_weights.progress import Progress
-from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
-                                             config_json, nest, strip_prefix)
+from tools.convert_wan_weights.source import (
+    ConversionError,
+    TensorSource,
+    cast,
+    check_keys,
+    config_json,
+    nest,
+    strip_prefix,
+)
 
 KIND = "wan_dit"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.")
@@ -57,27 +65,37 @@ _DIFFUSERS_TOP = {
 }
 _DIFFUSERS_BLOCK = {
     "modulation": "scale_shift_table",
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "self_attn.norm_q": "attn1.norm_q",
     "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.norm_q": "attn2.norm_q",
     "cross_attn.norm_k": "attn2.norm_k",
     # diffusers' norm2 is the cross-attention norm, the official norm3.
     "norm3": "norm2",
-    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
 }
 
 
 def _rename(key: str, to_diffusers: bool) -> str:
     """Official <-> diffusers key name (keys without a diffusers counterpart pass unchanged)."""
     match = re.match(r"blocks\.(\d+)\.(.*)", key)
-    table, prefix, rest = (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2)) if match \
+    table, prefix, rest = (
+        (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2))
+        if match
         else (_DIFFUSERS_TOP, "", key)
+    )
     for official, diffusers in table.items():
         old, new = (official, diffusers) if to_diffusers else (diffusers, official)
         if rest == old or rest.startswith(old + "."):
-            return prefix + new + rest[len(old):]
+            return prefix + new + rest[len(old) :]
     return key
 
 
@@ -91,14 +109,17 @@ def detect_layout(bare_keys, path: str) -> str:
         return "official"
     if "condition_embedder.time_proj.weight" in keys:
         return "diffusers"
-    raise ConversionError(f"{path}: not a Wan2.1 DiT checkpoint: neither time_projection.1.weight (official "
-                          "Wan/SAMA layout) nor condition_embedder.time_proj.weight (diffusers) found")
+    raise ConversionError(
+        f"{path}: not a Wan2.1 DiT checkpoint: neither time_projection.1.weight (official "
+        "Wan/SAMA layout) nor condition_embedder.time_proj.weight (diffusers) found"
+    )
 
 
 def matches(source: TensorSource) -> bool:
     bare = strip_prefix(source.keys(), PREFIXES)
     return "patch_embedding.weight" in bare and (
-        "time_projection.1.weight" in bare or "condition_embedder.time_proj.weight" in bare)
+        "time_projection.1.weight" in bare or "condition_embedder.time_proj.weight" in bare
+    )
 
 
 # -- parameter table -------------------------------------------------------------------------------
@@ -116,31 +137,41 @@ def _attention(ours: str, official: str):
     out = []
     for name in "qkvo":
         out += _linear(f"{ours}.{name}", f"{official}.{name}")
-    return out + _norm(f"{ours}.norm_q", f"{official}.norm_q", bias=False) + \
-        _norm(f"{ours}.norm_k", f"{official}.norm_k", bias=False)
+    return (
+        out
+        + _norm(f"{ours}.norm_q", f"{official}.norm_q", bias=False)
+        + _norm(f"{ours}.norm_k", f"{official}.norm_k", bias=False)
+    )
 
 
 TOP_PARAMS = (
-    [("patch_embedding.kernel", "patch_embedding.weight", "conv"),
-     ("patch_embedding.bias", "patch_embedding.bias", "copy")]
-    + _linear("text_embedding.fc1", "text_embedding.0") + _linear("text_embedding.fc2", "text_embedding.2")
-    + _linear("time_embedding.fc1", "time_embedding.0") + _linear("time_embedding.fc2", "time_embedding.2")
+    [
+        ("patch_embedding.kernel", "patch_embedding.weight", "conv"),
+        ("patch_embedding.bias", "patch_embedding.bias", "copy"),
+    ]
+    + _linear("text_embedding.fc1", "text_embedding.0")
+    + _linear("text_embedding.fc2", "text_embedding.2")
+    + _linear("time_embedding.fc1", "time_embedding.0")
+    + _linear("time_embedding.fc2", "time_embedding.2")
     + _linear("time_projection", "time_projection.1")
-    + [("head.modulation", "head.modulation", "copy")] + _linear("head.head", "head.head")
+    + [("head.modulation", "head.modulation", "copy")]
+    + _linear("head.head", "head.head")
 )
 SAMA_PARAMS = (
     [("segment_embedding", "segment_embedding.weight", "copy")]
     + _norm("siglip_feat_mlp.norm", "siglip_feat_mlp.norm")
     + _linear("siglip_feat_mlp.fc1", "siglip_feat_mlp.fc1")
     + _linear("siglip_feat_mlp.fc2", "siglip_feat_mlp.fc2")
-    + _norm("semantic_head.norm", "semantic_head.norm") + _linear("semantic_head.proj", "semantic_head.proj")
+    + _norm("semantic_head.norm", "semantic_head.norm")
+    + _linear("semantic_head.proj", "semantic_head.proj")
 )
 BLOCK_PARAMS = (
     [("blocks.modulation", "blocks.{i}.modulation", "copy")]
     + _attention("blocks.self_attn", "blocks.{i}.self_attn")
     + _norm("blocks.norm3", "blocks.{i}.norm3")
     + _attention("blocks.cross_attn", "blocks.{i}.cross_attn")
-    + _linear("blocks.ffn.fc1", "blocks.{i}.ffn.0") + _linear("blocks.ffn.fc2", "blocks.{i}.ffn.2")
+    + _linear("blocks.ffn.fc1", "blocks.{i}.ffn.0")
+    + _linear("blocks.ffn.fc2", "blocks.{i}.ffn.2")
 )
 
 
@@ -161,10 +192,16 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     dim, ffn, sem, hid = cfg["dim"], cfg["ffn_dim"], cfg["semantic_dim"], cfg["semantic_hidden_dim"]
     patch = tuple(cfg["patch_size"])
     lin = lambda name, i, o: {f"{name}.weight": (o, i), f"{name}.bias": (o,)}
-    shapes = {"patch_embedding.weight": (dim, cfg["in_dim"], *patch), "patch_embedding.bias": (dim,),
-              "head.modulation": (1, 2, dim), "segment_embedding.weight": (cfg["num_segments"], dim),
-              "siglip_feat_mlp.norm.weight": (sem,), "siglip_feat_mlp.norm.bias": (sem,),
-              "semantic_head.norm.weight": (dim,), "semantic_head.norm.bias": (dim,)}
+    shapes = {
+        "patch_embedding.weight": (dim, cfg["in_dim"], *patch),
+        "patch_embedding.bias": (dim,),
+        "head.modulation": (1, 2, dim),
+        "segment_embedding.weight": (cfg["num_segments"], dim),
+        "siglip_feat_mlp.norm.weight": (sem,),
+        "siglip_feat_mlp.norm.bias": (sem,),
+        "semantic_head.norm.weight": (dim,),
+        "semantic_head.norm.bias": (dim,),
+    }
     shapes.update(lin("text_embedding.0", cfg["text_dim"], dim) | lin("text_embedding.2", dim, dim))
     shapes.update(lin("time_embedding.0", cfg["freq_dim"], dim) | lin("time_embedding.2", dim, dim))
     shapes.update(lin("time_projection.1", dim, 6 * dim))
@@ -199,8 +236,10 @@ def derive_config(source: TensorSource, official_keys, shape_of, options) -> dic
     patch_shape = need("patch_embedding.weight")
     dim, in_dim, patch = patch_shape[0], patch_shape[1], tuple(patch_shape[2:])
     if len(patch) != 3:
-        raise ConversionError(f"{source.path}: patch_embedding.weight has shape {patch_shape}, "
-                              "expected a Conv3d weight (dim, in, t, h, w)")
+        raise ConversionError(
+            f"{source.path}: patch_embedding.weight has shape {patch_shape}, "
+            "expected a Conv3d weight (dim, in, t, h, w)"
+        )
     layer_ids = set()
     for key in official_keys:
         match = re.match(r"blocks\.(\d+)\.", key)
@@ -209,26 +248,36 @@ def derive_config(source: TensorSource, official_keys, shape_of, options) -> dic
     if not layer_ids:
         raise ConversionError(f"{source.path}: no transformer blocks (blocks.N.*) found")
     extra = config_json(source)
-    num_heads = getattr(options, "num_heads", None) or extra.get("num_attention_heads") or extra.get("num_heads")
+    num_heads = (
+        getattr(options, "num_heads", None) or extra.get("num_attention_heads") or extra.get("num_heads")
+    )
     if not num_heads:
         if dim % 128:
             raise ConversionError(
                 f"{source.path}: cannot tell the number of attention heads of a dim-{dim} model "
                 "(not a multiple of 128); put a config.json with num_attention_heads next to the "
-                "weights or pass --num-heads")
+                "weights or pass --num-heads"
+            )
         num_heads = dim // 128
     if dim % int(num_heads):
         raise ConversionError(f"{source.path}: dim {dim} is not divisible by num_heads {num_heads}")
     common = presets.DIT["wan_14b"]
     cfg = dict(
-        dim=dim, ffn_dim=need("blocks.0.ffn.0.weight")[0], num_heads=int(num_heads),
-        num_layers=max(layer_ids) + 1, freq_dim=need("time_embedding.0.weight")[1],
-        text_dim=need("text_embedding.0.weight")[1], in_dim=in_dim,
-        out_dim=need("head.head.weight")[0] // int(np.prod(patch)), patch_size=patch,
+        dim=dim,
+        ffn_dim=need("blocks.0.ffn.0.weight")[0],
+        num_heads=int(num_heads),
+        num_layers=max(layer_ids) + 1,
+        freq_dim=need("time_embedding.0.weight")[1],
+        text_dim=need("text_embedding.0.weight")[1],
+        in_dim=in_dim,
+        out_dim=need("head.head.weight")[0] // int(np.prod(patch)),
+        patch_size=patch,
         eps=float(extra.get("eps", common["eps"])),
         text_len=int(getattr(options, "text_len", None) or extra.get("text_len") or common["text_len"]),
-        semantic_dim=common["semantic_dim"], semantic_hidden_dim=common["semantic_hidden_dim"],
-        num_segments=common["num_segments"])
+        semantic_dim=common["semantic_dim"],
+        semantic_hidden_dim=common["semantic_hidden_dim"],
+        num_segments=common["num_segments"],
+    )
     fc1 = shape_of("siglip_feat_mlp.fc1.weight")
     if fc1 is not None:
         cfg["semantic_hidden_dim"], cfg["semantic_dim"] = fc1
@@ -246,11 +295,11 @@ def _sama_init(key: str, shape: tuple[int, ...], cfg: dict, rng: np.random.Gener
         return np.ones(shape, np.float32)
     if key.endswith("norm.bias"):
         return np.zeros(shape, np.float32)
-    if key.startswith("siglip_feat_mlp."):   # torch.nn.Linear default init
+    if key.startswith("siglip_feat_mlp."):  # torch.nn.Linear default init
         fan_in = cfg["semantic_dim"] if ".fc1." in key else cfg["semantic_hidden_dim"]
         bound = 1.0 / np.sqrt(fan_in)
         return rng.uniform(-bound, bound, shape).astype(np.float32)
-    if key == "semantic_head.proj.weight":   # xavier uniform
+    if key == "semantic_head.proj.weight":  # xavier uniform
         bound = np.sqrt(6.0 / (shape[0] + shape[1]))
         return rng.uniform(-bound, bound, shape).astype(np.float32)
     if key == "semantic_head.proj.bias":
@@ -272,7 +321,7 @@ def _return_freed_memory() -> None:
     trim, each group's write buffers stay resident and the next group stacks on top."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
 
 
@@ -292,12 +341,19 @@ def convert(source: TensorSource, output: str, options) -> dict:
     sama_keys = [k for k in expected if k.startswith(SAMA_PREFIXES)]
     allow_base = bool(getattr(options, "allow_base_wan", False))
     try:
-        check_keys(source.path, {k: source.shape(v) for k, v in bare.items()}, expected,
-                   optional=sama_keys if allow_base else ())
+        check_keys(
+            source.path,
+            {k: source.shape(v) for k, v in bare.items()},
+            expected,
+            optional=sama_keys if allow_base else (),
+        )
     except ConversionError as e:
         missing_sama = [k for k in sama_keys if k not in bare]
-        hint = ("\n  (a base Wan2.1 checkpoint without SAMA's keys converts with --allow-base-wan)"
-                if missing_sama and not allow_base else "")
+        hint = (
+            "\n  (a base Wan2.1 checkpoint without SAMA's keys converts with --allow-base-wan)"
+            if missing_sama and not allow_base
+            else ""
+        )
         raise ConversionError(f"{e}{hint}") from None
     source.check_float(bare.values())
 
@@ -315,13 +371,20 @@ def convert(source: TensorSource, output: str, options) -> dict:
         return source.read(file_key, dtype, permute=_PERMUTATION.get(how))
 
     def layers(template: str, how: str):
-        return lambda start, stop: np.stack([read(template.format(i=i), how) for i in range(start, stop)]) \
-            if stop - start > 1 else read(template.format(i=start), how)[None]
+        return lambda start, stop: (
+            np.stack([read(template.format(i=i), how) for i in range(start, stop)])
+            if stop - start > 1
+            else read(template.format(i=start), how)[None]
+        )
 
     num_layers = cfg["num_layers"]
     stored = {ours: _stored_shape(shapes[official], how) for ours, official, how in TOP_PARAMS + SAMA_PARAMS}
-    stored.update({ours: (num_layers, *_stored_shape(shapes[template.format(i=0)], how))
-                   for ours, template, how in BLOCK_PARAMS})
+    stored.update(
+        {
+            ours: (num_layers, *_stored_shape(shapes[template.format(i=0)], how))
+            for ours, template, how in BLOCK_PARAMS
+        }
+    )
     nbytes = {ours: int(np.prod(shape)) * np_dtype.itemsize for ours, shape in stored.items()}
     progress = Progress(KIND, len(stored), sum(nbytes.values()))
     group, group_bytes = {}, 0
@@ -342,10 +405,14 @@ def convert(source: TensorSource, output: str, options) -> dict:
     overwrite = bool(getattr(options, "overwrite", False))
     with no_copy, params_io.ParamsWriter(output, KIND, cfg, overwrite, on_written=progress) as writer:
         for ours, official, how in TOP_PARAMS + SAMA_PARAMS:
-            if nbytes[ours] > GROUP_BYTES:   # time_projection of 14B: 315 MiB, uncompressed as one block
-                writer.add_by_rows(ours.split("."), stored[ours], np_dtype,
-                                   lambda start, stop, key=official, how=how: read(key, how)[start:stop],
-                                   block_rows=stored[ours][0])
+            if nbytes[ours] > GROUP_BYTES:  # time_projection of 14B: 315 MiB, uncompressed as one block
+                writer.add_by_rows(
+                    ours.split("."),
+                    stored[ours],
+                    np_dtype,
+                    lambda start, stop, key=official, how=how: read(key, how)[start:stop],
+                    block_rows=stored[ours][0],
+                )
             else:
                 add(writer, ours, read(official, how))
         for ours, template, how in BLOCK_PARAMS:
@@ -356,5 +423,12 @@ def convert(source: TensorSource, output: str, options) -> dict:
         if group:
             writer.add(group)
         writer.finalize()
-    return dict(layout=layout, dtype=dtype, params=int(sum(np.prod(s) for s in stored.values())),
-                num_layers=num_layers, dim=cfg["dim"], num_heads=cfg["num_heads"], initialised=initialised)
+    return dict(
+        layout=layout,
+        dtype=dtype,
+        params=int(sum(np.prod(s) for s in stored.values())),
+        num_layers=num_layers,
+        dim=cfg["dim"],
+        num_heads=cfg["num_heads"],
+        initialised=initialised,
+    )

@@ -5,6 +5,7 @@
 A line every INTERVAL_S seconds while data is written, and one when the last array is written.
 The ETA extrapolates the bytes written so far.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,6 +49,9 @@ class Progress:
             tail = "ETA " + _duration(elapsed * (self.total_bytes - self.nbytes) / self.nbytes)
         else:
             tail = "ETA unknown"
-        print(f"convert-wan-weights: {self.label} {self.arrays}/{self.total_arrays} arrays, "
-              f"{self.nbytes / 2**30:.2f}/{self.total_bytes / 2**30:.2f} GiB, {_duration(elapsed)}, {tail}",
-              file=self.stream, flush=True)
+        print(
+            f"convert-wan-weights: {self.label} {self.arrays}/{self.total_arrays} arrays, "
+            f"{self.nbytes / 2**30:.2f}/{self.total_bytes / 2**30:.2f} GiB, {_duration(elapsed)}, {tail}",
+            file=self.stream,
+            flush=True,
+        )

@@ -13,6 +13,7 @@ Sizes come from tensor shapes; the number of heads and the input size (384 for s
 checkpoint (its vision_config for a full SiglipModel). Without a config.json only so400m-patch14-384
 (width 1152, patch 14, 27 x 27 positions -> 16 heads, 384 px) is recognised.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,14 @@ import re
 import numpy as np
 
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.source import (ConversionError, TensorSource, cast, check_keys,
-                                             config_json, nest)
+from tools.convert_wan_weights.source import (
+    ConversionError,
+    TensorSource,
+    cast,
+    check_keys,
+    config_json,
+    nest,
+)
 
 KIND = "siglip"
 PREFIX = "vision_model."
@@ -44,8 +51,10 @@ for _fc in ("fc1", "fc2"):
 
 def prefix_of(source: TensorSource) -> str | None:
     for prefix in (PREFIX, ""):
-        if (f"{prefix}embeddings.patch_embedding.weight" in source
-                and f"{prefix}encoder.layers.0.self_attn.q_proj.weight" in source):
+        if (
+            f"{prefix}embeddings.patch_embedding.weight" in source
+            and f"{prefix}encoder.layers.0.self_attn.q_proj.weight" in source
+        ):
             return prefix
     return None
 
@@ -65,13 +74,21 @@ def infer_config(source: TensorSource, prefix: str) -> dict:
     pattern = re.compile("^" + re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
     layers = {int(m.group(1)) for k in source.keys() if (m := pattern.match(k))}
     full = presets.SIGLIP["wan_14b"]
-    config = dict(hidden_size=hidden, num_layers=max(layers) + 1, patch_size=patch,
-                  image_size=grid * patch, eps=full["eps"],
-                  intermediate_size=source.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0])
+    config = dict(
+        hidden_size=hidden,
+        num_layers=max(layers) + 1,
+        patch_size=patch,
+        image_size=grid * patch,
+        eps=full["eps"],
+        intermediate_size=source.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
+    )
     hf = config_json(source)
     hf = hf.get("vision_config", hf)
-    so400m = (hidden, patch, grid) == (full["hidden_size"], full["patch_size"],
-                                       full["image_size"] // full["patch_size"])
+    so400m = (hidden, patch, grid) == (
+        full["hidden_size"],
+        full["patch_size"],
+        full["image_size"] // full["patch_size"],
+    )
     # The input size need not be a multiple of the patch: so400m takes 384 px and its VALID patch
     # conv ignores the last 384 - 27 * 14 = 6 rows and columns.
     if "image_size" in hf:
@@ -79,32 +96,47 @@ def infer_config(source: TensorSource, prefix: str) -> dict:
     elif so400m:
         config["image_size"] = full["image_size"]
     if config["image_size"] // patch != grid:
-        raise ConversionError(f"{source.path}: image_size {config['image_size']} with patch {patch} "
-                              f"gives a {config['image_size'] // patch}^2 grid, but the position "
-                              f"embedding has {num_positions} entries")
+        raise ConversionError(
+            f"{source.path}: image_size {config['image_size']} with patch {patch} "
+            f"gives a {config['image_size'] // patch}^2 grid, but the position "
+            f"embedding has {num_positions} entries"
+        )
     if "num_attention_heads" in hf:
         config["num_heads"] = hf["num_attention_heads"]
         config["eps"] = hf.get("layer_norm_eps", config["eps"])
     elif so400m:
         config["num_heads"] = full["num_heads"]
     else:
-        raise ConversionError(f"{source.path}: the number of attention heads is not in the weights; "
-                              "put the model's config.json next to the checkpoint")
+        raise ConversionError(
+            f"{source.path}: the number of attention heads is not in the weights; "
+            "put the model's config.json next to the checkpoint"
+        )
     if hidden % config["num_heads"]:
-        raise ConversionError(f"{source.path}: width {hidden} is not divisible by "
-                              f"{config['num_heads']} heads")
+        raise ConversionError(
+            f"{source.path}: width {hidden} is not divisible by {config['num_heads']} heads"
+        )
     return config
 
 
 def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
     d, f, p = config["hidden_size"], config["intermediate_size"], config["patch_size"]
     grid = config["image_size"] // p
-    out = {f"{prefix}embeddings.patch_embedding.weight": (d, 3, p, p),
-           f"{prefix}embeddings.patch_embedding.bias": (d,),
-           f"{prefix}embeddings.position_embedding.weight": (grid * grid, d),
-           f"{prefix}post_layernorm.weight": (d,), f"{prefix}post_layernorm.bias": (d,)}
-    torch_shapes = {"layer_norm": (d,), "proj.weight": (d, d), "proj.bias": (d,),
-                    "fc1.weight": (f, d), "fc1.bias": (f,), "fc2.weight": (d, f), "fc2.bias": (d,)}
+    out = {
+        f"{prefix}embeddings.patch_embedding.weight": (d, 3, p, p),
+        f"{prefix}embeddings.patch_embedding.bias": (d,),
+        f"{prefix}embeddings.position_embedding.weight": (grid * grid, d),
+        f"{prefix}post_layernorm.weight": (d,),
+        f"{prefix}post_layernorm.bias": (d,),
+    }
+    torch_shapes = {
+        "layer_norm": (d,),
+        "proj.weight": (d, d),
+        "proj.bias": (d,),
+        "fc1.weight": (f, d),
+        "fc1.bias": (f,),
+        "fc2.weight": (d, f),
+        "fc2.bias": (d,),
+    }
     for i in range(config["num_layers"]):
         for key, _ in PER_LAYER.values():
             key = key.format(i=i)
@@ -116,13 +148,16 @@ def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
 def convert(source: TensorSource, output: str, args) -> dict:
     prefix = prefix_of(source)
     if prefix is None:
-        raise ConversionError(f"{source.path}: not a SigLIP vision tower (no "
-                              "[vision_model.]embeddings.patch_embedding / encoder.layers.0 tensors)")
+        raise ConversionError(
+            f"{source.path}: not a SigLIP vision tower (no "
+            "[vision_model.]embeddings.patch_embedding / encoder.layers.0 tensors)"
+        )
     config = infer_config(source, prefix)
     shapes = {k: source.shape(k) for k in source.keys()}
     ignored = [k for k in shapes if IGNORED.match(k)]
-    check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored},
-               expected_shapes(config, prefix))
+    check_keys(
+        source.path, {k: v for k, v in shapes.items() if k not in ignored}, expected_shapes(config, prefix)
+    )
     source.check_float(k for k in shapes if k not in ignored)
 
     config.update(compute_dtype=args.dtype, param_dtype=args.dtype)
@@ -130,24 +165,38 @@ def convert(source: TensorSource, output: str, args) -> dict:
     with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite) as writer:
         _write(writer, get, config, args.dtype)
     num_params = sum(int(np.prod(s)) for s in expected_shapes(config, prefix).values())
-    return dict(layout="prefixed" if prefix else "flat", num_layers=config["num_layers"],
-                hidden_size=config["hidden_size"], num_params=num_params,
-                ignored_tensors=len(ignored), dtype=args.dtype)
+    return dict(
+        layout="prefixed" if prefix else "flat",
+        num_layers=config["num_layers"],
+        hidden_size=config["hidden_size"],
+        num_params=num_params,
+        ignored_tensors=len(ignored),
+        dtype=args.dtype,
+    )
 
 
 def _write(writer, get, config, dtype) -> None:
     """Embeddings and final norm in one group, then each per-layer tensor stacked over layers."""
-    writer.add({
-        # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
-        "patch_embedding": {
-            "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), dtype),
-            "bias": cast(get("embeddings.patch_embedding.bias"), dtype)},
-        "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), dtype)},
-        "post_layernorm": {"scale": cast(get("post_layernorm.weight"), dtype),
-                           "bias": cast(get("post_layernorm.bias"), dtype)},
-    })
+    writer.add(
+        {
+            # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
+            "patch_embedding": {
+                "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), dtype),
+                "bias": cast(get("embeddings.patch_embedding.bias"), dtype),
+            },
+            "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), dtype)},
+            "post_layernorm": {
+                "scale": cast(get("post_layernorm.weight"), dtype),
+                "bias": cast(get("post_layernorm.bias"), dtype),
+            },
+        }
+    )
     for path, (key, transpose) in PER_LAYER.items():
-        stacked = np.stack([cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)),
-                                 dtype) for i in range(config["num_layers"])])
+        stacked = np.stack(
+            [
+                cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)), dtype)
+                for i in range(config["num_layers"])
+            ]
+        )
         writer.add({"layers": nest(path, stacked)})
     writer.finalize()

@@ -8,6 +8,7 @@ touches only that tensor's bytes. This is the only place torch is imported.
 Every read checks the tensor: an integer or bool tensor is an error (no parameter of these models
 holds one), NaN or Inf values are a one-line warning naming the tensor.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,7 +46,8 @@ class TensorSource:
         else:
             raise ConversionError(
                 f"{path}: not a .safetensors file, a .safetensors.index.json, a directory of "
-                ".safetensors files or a .pth/.pt/.bin PyTorch checkpoint")
+                ".safetensors files or a .pth/.pt/.bin PyTorch checkpoint"
+            )
 
     @staticmethod
     def _safetensors_files(path: str) -> list[str]:
@@ -87,7 +89,6 @@ class TensorSource:
                 self._dtypes[key] = str(view.get_dtype())
 
     def _open_pickle(self, path: str) -> None:
-        import torch
 
         not_a_checkpoint = f"{path} is not a PyTorch checkpoint (zip or legacy pickle format)"
         if zipfile.is_zipfile(path):
@@ -97,7 +98,7 @@ class TensorSource:
             self._mmapped = True
         else:
             with open(path, "rb") as f:
-                if f.read(1) != b"\x80":   # a pickle (protocol >= 2) starts with the PROTO opcode
+                if f.read(1) != b"\x80":  # a pickle (protocol >= 2) starts with the PROTO opcode
                     raise ConversionError(not_a_checkpoint)
         try:
             # torch.save's zip format is memory-mapped; the legacy pickle format is read whole.
@@ -146,12 +147,17 @@ class TensorSource:
     def check_float(self, keys: Iterable[str]) -> None:
         """One error listing every tensor of `keys` that holds integers or bools (read up front:
         the model's parameters are all floating point)."""
-        bad = sorted(f"{key} ({self._dtypes[key]})" for key in keys
-                     if key in self._dtypes and not _is_float_name(self._dtypes[key]))
+        bad = sorted(
+            f"{key} ({self._dtypes[key]})"
+            for key in keys
+            if key in self._dtypes and not _is_float_name(self._dtypes[key])
+        )
         if bad:
             shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
-            raise ConversionError(f"{self.path}: {len(bad)} tensor(s) hold integers or bools where the "
-                                  "model has float parameters:\n    " + "\n    ".join(shown))
+            raise ConversionError(
+                f"{self.path}: {len(bad)} tensor(s) hold integers or bools where the "
+                "model has float parameters:\n    " + "\n    ".join(shown)
+            )
 
     def _tensor(self, key: str, fresh: bool):
         """The torch tensor of `key`, memory-mapped where the format allows. `fresh`: from a new
@@ -169,16 +175,20 @@ class TensorSource:
 
     def _checked(self, key: str, tensor, where: str = ""):
         if not tensor.is_floating_point():
-            raise ConversionError(f"{self.path}: tensor {key!r} holds {tensor.dtype}, "
-                                  "where the model has a float parameter")
+            raise ConversionError(
+                f"{self.path}: tensor {key!r} holds {tensor.dtype}, where the model has a float parameter"
+            )
         if tensor.numel():
             import torch
 
-            low, high = torch.aminmax(tensor)   # NaN propagates; one pass over the data
+            low, high = torch.aminmax(tensor)  # NaN propagates; one pass over the data
             if not (torch.isfinite(low) and torch.isfinite(high)):
                 bad = int((~torch.isfinite(tensor)).sum())
-                print(f"convert-wan-weights: warning: {self.file_of(key)}: tensor {key!r}{where} has "
-                      f"{bad} NaN/Inf value(s) of {tensor.numel()}", file=sys.stderr)
+                print(
+                    f"convert-wan-weights: warning: {self.file_of(key)}: tensor {key!r}{where} has "
+                    f"{bad} NaN/Inf value(s) of {tensor.numel()}",
+                    file=sys.stderr,
+                )
         return tensor
 
     def get(self, key: str, dtype=np.float32) -> np.ndarray:
@@ -190,8 +200,13 @@ class TensorSource:
             tensor = tensor.to(torch.float32)
         return np.asarray(tensor.numpy(), dtype=dtype)
 
-    def read(self, key: str, dtype: str, rows: tuple[int, int] | None = None,
-             permute: tuple[int, ...] | None = None) -> np.ndarray:
+    def read(
+        self,
+        key: str,
+        dtype: str,
+        rows: tuple[int, int] | None = None,
+        permute: tuple[int, ...] | None = None,
+    ) -> np.ndarray:
         """Rows [start, stop) (default all) of one tensor, axes permuted, in the stored dtype
         ('bfloat16' / 'float32'), converted in one copy without a float32 intermediate. The
         checkpoint is reopened for the read, so its mapped pages are released afterwards."""
@@ -202,11 +217,11 @@ class TensorSource:
             raise ConversionError(f"unsupported --dtype {dtype!r}; use float32 or bfloat16")
         tensor = self._tensor(key, fresh=True)
         if rows is not None:
-            tensor = tensor[rows[0]:rows[1]]
+            tensor = tensor[rows[0] : rows[1]]
         if permute is not None:
             tensor = tensor.permute(*permute)
         if not tensor.is_floating_point():
-            self._checked(key, tensor)   # raises: integers would be silently made floats
+            self._checked(key, tensor)  # raises: integers would be silently made floats
         out = torch.empty(tensor.shape, dtype=getattr(torch, dtype))
         out.copy_(tensor)
         del tensor
@@ -227,25 +242,31 @@ def strip_prefix(keys: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]
         bare = key
         for prefix in prefixes:
             if key.startswith(prefix):
-                bare = key[len(prefix):]
+                bare = key[len(prefix) :]
                 break
         out[bare] = key
     return out
 
 
-def check_keys(source_path: str, shapes: Mapping[str, tuple[int, ...]],
-               expected: Mapping[str, tuple[int, ...]], optional: Iterable[str] = ()) -> None:
+def check_keys(
+    source_path: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Iterable[str] = (),
+) -> None:
     """Compares a checkpoint's {key: shape} with the expected one; raises one error listing every
     missing, unexpected and mis-shaped tensor (keys in `optional` may be absent)."""
     optional = set(optional)
     missing = sorted(k for k in expected if k not in shapes and k not in optional)
     unexpected = sorted(k for k in shapes if k not in expected)
-    misshaped = sorted(f"{k}: checkpoint {tuple(shapes[k])}, expected {tuple(expected[k])}"
-                       for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k]))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(shapes[k])}, expected {tuple(expected[k])}"
+        for k in expected
+        if k in shapes and tuple(shapes[k]) != tuple(expected[k])
+    )
     if missing or unexpected or misshaped:
         lines = [f"{source_path} does not match the expected model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", misshaped)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
             if items:
                 shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
                 lines.append(f"  {title} ({len(items)}):")

@@ -18,6 +18,7 @@ time in the stored dtype, and a stacked per-layer weight larger than that one la
 Sizes come from tensor shapes. max_distance and eps are not stored in the weights: they come from a
 transformers config.json next to the checkpoint when there is one, else umT5-XXL's (128, 1e-6).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,7 @@ import numpy as np
 
 from sama_jax import params_io, presets
 from tools.convert_wan_weights.progress import Progress
-from tools.convert_wan_weights.source import (ConversionError, TensorSource, check_keys, config_json,
-                                             nest)
+from tools.convert_wan_weights.source import ConversionError, TensorSource, check_keys, config_json, nest
 
 KIND = "umt5"
 # Rows of the token embedding per write, and the size above which a stacked weight is written
@@ -43,8 +43,10 @@ PER_LAYER = {
     ("attn", "k", "kernel"): ("blocks.{i}.attn.k.weight", _ATTN + "k.weight"),
     ("attn", "v", "kernel"): ("blocks.{i}.attn.v.weight", _ATTN + "v.weight"),
     ("attn", "o", "kernel"): ("blocks.{i}.attn.o.weight", _ATTN + "o.weight"),
-    ("pos_embedding", "embedding"): ("blocks.{i}.pos_embedding.embedding.weight",
-                                     _ATTN + "relative_attention_bias.weight"),
+    ("pos_embedding", "embedding"): (
+        "blocks.{i}.pos_embedding.embedding.weight",
+        _ATTN + "relative_attention_bias.weight",
+    ),
     ("norm2", "scale"): ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
     ("ffn", "gate", "kernel"): ("blocks.{i}.ffn.gate.0.weight", _FFN + "wi_0.weight"),
     ("ffn", "fc1", "kernel"): ("blocks.{i}.ffn.fc1.weight", _FFN + "wi_1.weight"),
@@ -73,7 +75,7 @@ def matches(source: TensorSource) -> bool:
 
 def infer_config(source: TensorSource, layout: str) -> dict:
     col = 0 if layout == "official" else 1
-    key = lambda path: (PER_LAYER[path][col].format(i=0) if path in PER_LAYER else GLOBAL[path][col])
+    key = lambda path: PER_LAYER[path][col].format(i=0) if path in PER_LAYER else GLOBAL[path][col]
     embedding = key(("token_embedding", "embedding"))
     if embedding not in source and layout == "transformers" and UNTIED_EMBEDDING in source:
         embedding = UNTIED_EMBEDDING
@@ -86,18 +88,28 @@ def infer_config(source: TensorSource, layout: str) -> dict:
     num_buckets, num_heads = source.shape(key(("pos_embedding", "embedding")))
     full = presets.TEXT_ENCODER["wan_14b"]
     ffn_dim = source.shape(key(("ffn", "fc1", "kernel")))[0]
-    config = dict(vocab_size=vocab_size, dim=dim, ffn_dim=ffn_dim,
-                  num_heads=num_heads, num_layers=max(layers) + 1, num_buckets=num_buckets,
-                  max_distance=full["max_distance"], eps=full["eps"], text_len=full["text_len"])
+    config = dict(
+        vocab_size=vocab_size,
+        dim=dim,
+        ffn_dim=ffn_dim,
+        num_heads=num_heads,
+        num_layers=max(layers) + 1,
+        num_buckets=num_buckets,
+        max_distance=full["max_distance"],
+        eps=full["eps"],
+        text_len=full["text_len"],
+    )
     hf = config_json(source) if layout == "transformers" else {}
     if hf:
         where = "config.json next to " + source.path
         if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-            raise ConversionError(f"{where}: feed_forward_proj is {hf['feed_forward_proj']!r}; "
-                                  "umT5 uses gated-gelu")
+            raise ConversionError(
+                f"{where}: feed_forward_proj is {hf['feed_forward_proj']!r}; umT5 uses gated-gelu"
+            )
         if hf.get("num_heads", num_heads) != num_heads:
-            raise ConversionError(f"{where}: num_heads {hf['num_heads']} but the relative attention "
-                                  f"bias has {num_heads} heads")
+            raise ConversionError(
+                f"{where}: num_heads {hf['num_heads']} but the relative attention bias has {num_heads} heads"
+            )
         config["max_distance"] = hf.get("relative_attention_max_distance", config["max_distance"])
         config["eps"] = hf.get("layer_norm_epsilon", config["eps"])
     return config
@@ -106,14 +118,22 @@ def infer_config(source: TensorSource, layout: str) -> dict:
 def expected_shapes(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
     col = 0 if layout == "official" else 1
     d, f, h, nb = config["dim"], config["ffn_dim"], config["num_heads"], config["num_buckets"]
-    torch_shapes = {("norm1", "scale"): (d,), ("norm2", "scale"): (d,),
-                    ("attn", "q", "kernel"): (d, d), ("attn", "k", "kernel"): (d, d),
-                    ("attn", "v", "kernel"): (d, d), ("attn", "o", "kernel"): (d, d),
-                    ("pos_embedding", "embedding"): (nb, h),
-                    ("ffn", "gate", "kernel"): (f, d), ("ffn", "fc1", "kernel"): (f, d),
-                    ("ffn", "fc2", "kernel"): (d, f)}
-    out = {GLOBAL[("token_embedding", "embedding")][col]: (config["vocab_size"], d),
-           GLOBAL[("norm", "scale")][col]: (d,)}
+    torch_shapes = {
+        ("norm1", "scale"): (d,),
+        ("norm2", "scale"): (d,),
+        ("attn", "q", "kernel"): (d, d),
+        ("attn", "k", "kernel"): (d, d),
+        ("attn", "v", "kernel"): (d, d),
+        ("attn", "o", "kernel"): (d, d),
+        ("pos_embedding", "embedding"): (nb, h),
+        ("ffn", "gate", "kernel"): (f, d),
+        ("ffn", "fc1", "kernel"): (f, d),
+        ("ffn", "fc2", "kernel"): (d, f),
+    }
+    out = {
+        GLOBAL[("token_embedding", "embedding")][col]: (config["vocab_size"], d),
+        GLOBAL[("norm", "scale")][col]: (d,),
+    }
     for i in range(config["num_layers"]):
         for path, names in PER_LAYER.items():
             out[names[col].format(i=i)] = torch_shapes[path]
@@ -123,8 +143,10 @@ def expected_shapes(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
 def convert(source: TensorSource, output: str, args) -> dict:
     layout = layout_of(source)
     if layout is None:
-        raise ConversionError(f"{source.path}: not a umT5 encoder checkpoint (neither the official "
-                              "Wan2.1 nor the transformers UMT5EncoderModel layout)")
+        raise ConversionError(
+            f"{source.path}: not a umT5 encoder checkpoint (neither the official "
+            "Wan2.1 nor the transformers UMT5EncoderModel layout)"
+        )
     config = infer_config(source, layout)
     col = 0 if layout == "official" else 1
     expected = expected_shapes(config, layout)
@@ -145,9 +167,12 @@ def convert(source: TensorSource, output: str, args) -> dict:
     dtype, itemsize = args.dtype, 2 if args.dtype == "bfloat16" else 4
     num_layers = config["num_layers"]
     vocab, dim = source.shape(embedding_key)
-    per_layer = {path: (num_layers, *reversed(source.shape(names[col].format(i=0))))
-                 if path[-1] == "kernel" else (num_layers, *source.shape(names[col].format(i=0)))
-                 for path, names in PER_LAYER.items()}
+    per_layer = {
+        path: (num_layers, *reversed(source.shape(names[col].format(i=0))))
+        if path[-1] == "kernel"
+        else (num_layers, *source.shape(names[col].format(i=0)))
+        for path, names in PER_LAYER.items()
+    }
     total = itemsize * (vocab * dim + dim + sum(int(np.prod(shape)) for shape in per_layer.values()))
     progress = Progress(KIND, 2 + len(PER_LAYER), total)
 
@@ -155,21 +180,39 @@ def convert(source: TensorSource, output: str, args) -> dict:
         # torch Linear weights are (out, in); Flax kernels are (in, out).
         return source.read(names[col].format(i=i), dtype, permute=(1, 0) if path[-1] == "kernel" else None)
 
-    with params_io.ParamsWriter(output, KIND, config, overwrite=args.overwrite, on_written=progress) as writer:
+    with params_io.ParamsWriter(
+        output, KIND, config, overwrite=args.overwrite, on_written=progress
+    ) as writer:
         writer.add({"norm": {"scale": source.read(GLOBAL[("norm", "scale")][col], dtype)}})
-        writer.add_by_rows(("token_embedding", "embedding"), (vocab, dim), _np_dtype(dtype),
-                           lambda start, stop: source.read(embedding_key, dtype, rows=(start, stop)),
-                           block_rows=max(1, EMBEDDING_BLOCK_BYTES // (dim * itemsize)))
+        writer.add_by_rows(
+            ("token_embedding", "embedding"),
+            (vocab, dim),
+            _np_dtype(dtype),
+            lambda start, stop: source.read(embedding_key, dtype, rows=(start, stop)),
+            block_rows=max(1, EMBEDDING_BLOCK_BYTES // (dim * itemsize)),
+        )
         for path, names in PER_LAYER.items():
             if int(np.prod(per_layer[path])) * itemsize > EMBEDDING_BLOCK_BYTES:
-                writer.add_by_rows(("blocks", *path), per_layer[path], _np_dtype(dtype),
-                                   lambda start, stop, path=path, names=names: layer(path, names, start)[None])
+                writer.add_by_rows(
+                    ("blocks", *path),
+                    per_layer[path],
+                    _np_dtype(dtype),
+                    lambda start, stop, path=path, names=names: layer(path, names, start)[None],
+                )
             else:
-                writer.add({"blocks": nest(path, np.stack([layer(path, names, i) for i in range(num_layers)]))})
+                writer.add(
+                    {"blocks": nest(path, np.stack([layer(path, names, i) for i in range(num_layers)]))}
+                )
         writer.finalize()
     num_params = sum(int(np.prod(s)) for s in expected.values())
-    return dict(layout=layout, num_layers=config["num_layers"], dim=config["dim"],
-                num_params=num_params, ignored_tensors=len(ignored), dtype=args.dtype)
+    return dict(
+        layout=layout,
+        num_layers=config["num_layers"],
+        dim=config["dim"],
+        num_params=num_params,
+        ignored_tensors=len(ignored),
+        dtype=args.dtype,
+    )
 
 
 def _np_dtype(dtype: str) -> np.dtype:

@@ -18,6 +18,7 @@ gamma (C, 1, 1[, 1]) -> (C,). Sizes (base_dim, z_dim, dim_mult, num_res_blocks, 
 downsampling) come from the tensor shapes and the encoder's block sequence; the latent mean/std come
 from a diffusers config.json next to the checkpoint when there is one, else Wan2.1's constants.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,11 @@ from tools.convert_wan_weights.source import ConversionError, TensorSource, cast
 
 
 class Entry(NamedTuple):
-    path: tuple[str, ...]         # our parameter path
-    official: str                 # Wan2.1_VAE.pth key
-    diffusers: str                # AutoencoderKLWan key
+    path: tuple[str, ...]  # our parameter path
+    official: str  # Wan2.1_VAE.pth key
+    diffusers: str  # AutoencoderKLWan key
     torch_shape: tuple[int, ...]
-    layout: str                   # how the torch tensor becomes ours: conv3d, conv2d, linear, norm
+    layout: str  # how the torch tensor becomes ours: conv3d, conv2d, linear, norm
 
 
 def _conv3d(path, off, dif, cin, cout, k=(3, 3, 3)) -> Iterator[Entry]:
@@ -65,8 +66,9 @@ def _residual(path, off, dif, cin, cout) -> Iterator[Entry]:
     yield from _norm(path + ("norm2",), off + ".residual.3", dif + ".norm2", cout)
     yield from _conv3d(path + ("conv2",), off + ".residual.6", dif + ".conv2", cout, cout)
     if cin != cout:
-        yield from _conv3d(path + ("conv_shortcut",), off + ".shortcut", dif + ".conv_shortcut",
-                           cin, cout, (1, 1, 1))
+        yield from _conv3d(
+            path + ("conv_shortcut",), off + ".shortcut", dif + ".conv_shortcut", cin, cout, (1, 1, 1)
+        )
 
 
 def _attention(path, off, dif, dim) -> Iterator[Entry]:
@@ -79,11 +81,11 @@ def _resample(path, off, dif, dim, mode) -> Iterator[Entry]:
     out = dim // 2 if mode.startswith("upsample") else dim
     yield from _conv2d(path + ("conv",), off + ".resample.1", dif + ".resample.1", dim, out)
     if mode == "upsample3d":
-        yield from _conv3d(path + ("time_conv",), off + ".time_conv", dif + ".time_conv",
-                           dim, 2 * dim, (3, 1, 1))
+        yield from _conv3d(
+            path + ("time_conv",), off + ".time_conv", dif + ".time_conv", dim, 2 * dim, (3, 1, 1)
+        )
     elif mode == "downsample3d":
-        yield from _conv3d(path + ("time_conv",), off + ".time_conv", dif + ".time_conv",
-                           dim, dim, (3, 1, 1))
+        yield from _conv3d(path + ("time_conv",), off + ".time_conv", dif + ".time_conv", dim, dim, (3, 1, 1))
 
 
 def _mid(path, off, dif, dim) -> Iterator[Entry]:
@@ -103,13 +105,23 @@ def entries(cfg: WanVAEConfig) -> list[Entry]:
     n = 0
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
         for _ in range(cfg.num_res_blocks):
-            out += _residual(enc + ("down_blocks", str(n)), f"encoder.downsamples.{n}",
-                             f"encoder.down_blocks.{n}", cin, cout)
+            out += _residual(
+                enc + ("down_blocks", str(n)),
+                f"encoder.downsamples.{n}",
+                f"encoder.down_blocks.{n}",
+                cin,
+                cout,
+            )
             cin, n = cout, n + 1
         if i != stages - 1:
             mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
-            out += _resample(enc + ("down_blocks", str(n)), f"encoder.downsamples.{n}",
-                             f"encoder.down_blocks.{n}", cout, mode)
+            out += _resample(
+                enc + ("down_blocks", str(n)),
+                f"encoder.downsamples.{n}",
+                f"encoder.down_blocks.{n}",
+                cout,
+                mode,
+            )
             n += 1
     out += _mid(enc + ("mid_block",), "encoder.middle", "encoder.mid_block", dims[-1])
     out += _norm(enc + ("norm_out",), "encoder.head.0", "encoder.norm_out", dims[-1])
@@ -128,14 +140,23 @@ def entries(cfg: WanVAEConfig) -> list[Entry]:
         if i > 0:
             cin //= 2
         for j in range(cfg.num_res_blocks + 1):
-            out += _residual(dec + ("up_blocks", str(i), "resnets", str(j)),
-                             f"decoder.upsamples.{n}", f"decoder.up_blocks.{i}.resnets.{j}",
-                             cin, cout)
+            out += _residual(
+                dec + ("up_blocks", str(i), "resnets", str(j)),
+                f"decoder.upsamples.{n}",
+                f"decoder.up_blocks.{i}.resnets.{j}",
+                cin,
+                cout,
+            )
             cin, n = cout, n + 1
         if i != stages - 1:
             mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
-            out += _resample(dec + ("up_blocks", str(i), "upsampler"), f"decoder.upsamples.{n}",
-                             f"decoder.up_blocks.{i}.upsamplers.0", cout, mode)
+            out += _resample(
+                dec + ("up_blocks", str(i), "upsampler"),
+                f"decoder.upsamples.{n}",
+                f"decoder.up_blocks.{i}.upsamplers.0",
+                cout,
+                mode,
+            )
             n += 1
     out += _norm(dec + ("norm_out",), "decoder.head.0", "decoder.norm_out", dims[-1])
     out += _conv3d(dec + ("conv_out",), "decoder.head.2", "decoder.conv_out", dims[-1], 3)
@@ -178,20 +199,28 @@ def infer_config(source: TensorSource, layout: str) -> WanVAEConfig:
         elif prefix + res_conv2 in source:
             stages[-1].append(source.shape(prefix + res_conv2)[0])
         else:
-            raise ConversionError(f"{source.path}: {prefix} is neither a residual block "
-                                  f"({prefix}{res_conv2}) nor a resample block")
+            raise ConversionError(
+                f"{source.path}: {prefix} is neither a residual block "
+                f"({prefix}{res_conv2}) nor a resample block"
+            )
         n += 1
     counts = {len(s) for s in stages}
     if len(counts) != 1 or 0 in counts or any(len(set(s)) != 1 for s in stages):
-        raise ConversionError(f"{source.path}: unexpected encoder block structure (residual block "
-                              f"widths per stage: {stages})")
+        raise ConversionError(
+            f"{source.path}: unexpected encoder block structure (residual block widths per stage: {stages})"
+        )
     dim_mult = tuple(s[0] // base_dim for s in stages)
     hf = _read_diffusers_config(source) if not official else {}
     stats = {k: tuple(hf[k]) for k in ("latents_mean", "latents_std") if k in hf}
     try:
-        return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult,
-                            num_res_blocks=counts.pop(), temporal_downsample=tuple(temporal),
-                            **stats)
+        return WanVAEConfig(
+            base_dim=base_dim,
+            z_dim=z_dim,
+            dim_mult=dim_mult,
+            num_res_blocks=counts.pop(),
+            temporal_downsample=tuple(temporal),
+            **stats,
+        )
     except ValueError as e:
         raise ConversionError(f"{source.path}: not a Wan2.1 VAE: {e}") from e
 
@@ -200,8 +229,10 @@ def _read_diffusers_config(source: TensorSource) -> dict:
     config = config_json(source)
     # Wan2.2's VAE shares the class but not the architecture.
     if config.get("is_residual") or config.get("patch_size"):
-        raise ConversionError(f"config.json next to {source.path}: is_residual/patch_size are set: this is a Wan2.2 VAE, "
-                              "only the Wan2.1 VAE is supported")
+        raise ConversionError(
+            f"config.json next to {source.path}: is_residual/patch_size are set: this is a Wan2.2 VAE, "
+            "only the Wan2.1 VAE is supported"
+        )
     return config
 
 
@@ -226,13 +257,16 @@ def _nest(tree: dict, path: tuple[str, ...], value) -> None:
 def convert(source: TensorSource, output: str, args) -> dict:
     layout = layout_of(source)
     if layout is None:
-        raise ConversionError(f"{source.path}: not a Wan2.1 VAE checkpoint (neither the official "
-                              "Wan2.1_VAE.pth nor the diffusers AutoencoderKLWan layout)")
+        raise ConversionError(
+            f"{source.path}: not a Wan2.1 VAE checkpoint (neither the official "
+            "Wan2.1_VAE.pth nor the diffusers AutoencoderKLWan layout)"
+        )
     cfg = infer_config(source, layout)
     table = entries(cfg)
     key = (lambda e: e.official) if layout == "official" else (lambda e: e.diffusers)
-    check_keys(source.path, {k: source.shape(k) for k in source.keys()},
-               {key(e): e.torch_shape for e in table})
+    check_keys(
+        source.path, {k: source.shape(k) for k in source.keys()}, {key(e): e.torch_shape for e in table}
+    )
 
     source.check_float(key(e) for e in table)
 
@@ -248,6 +282,12 @@ def convert(source: TensorSource, output: str, args) -> dict:
             _nest(group, e.path, cast(to_ours(source.get(key(e)), e.layout), args.dtype))
         writer.add(group)
         writer.finalize()
-    return dict(layout=layout, base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-                num_tensors=len(table),
-                num_params=sum(int(np.prod(e.torch_shape)) for e in table), dtype=args.dtype)
+    return dict(
+        layout=layout,
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_tensors=len(table),
+        num_params=sum(int(np.prod(e.torch_shape)) for e in table),
+        dtype=args.dtype,
+    )
