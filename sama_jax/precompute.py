@@ -195,7 +195,7 @@ class Precomputer:
                     summary.fail(record, "text", "", e)
                 progress.advance(len(chunk))
                 continue
-            for (record, path), hidden, length in zip(chunk, context, mask.sum(axis=1)):
+            for (_, path), hidden, length in zip(chunk, context, mask.sum(axis=1)):
                 save_atomic(path, hidden[:length].astype(self.dtype))
                 summary.written["text"] += 1
             progress.advance(len(chunk), what=f"{os.path.basename(manifest_path)} text: ")
