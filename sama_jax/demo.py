@@ -41,7 +41,7 @@ PHASES = ("data", "vae", "stage0", "stage1", "export", "report")
 MODELS = ("trained", "untrained", "copy")
 EDIT_TYPES = ("recolour", "replace", "remove", "add", "restyle")
 # Steps of each phase: the full demo, and --quick (the test: the same commands, a few steps).
-FULL = dict(vae_steps=300, stage0_steps=150, stage1_steps=300, edit_steps=20, cases=20)
+FULL = dict(vae_steps=150, stage0_steps=60, stage1_steps=150, edit_steps=20, cases=20)
 QUICK = dict(vae_steps=4, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=3)
 
 
