@@ -105,8 +105,16 @@ class Demo:
                 f"(finished phases are kept)"
             )
 
-    def common_overrides(self) -> list[str]:
-        return [f"--config.data.root={self.workdir}", f"--config.model.checkpoints.vae={self.path('vae')}"]
+    def common_overrides(self, steps: int) -> list[str]:
+        # Validation loss and checkpoints a few times per stage, not every 10 steps.
+        every = str(max(1, steps // 3))
+        return [
+            f"--config.data.root={self.workdir}",
+            f"--config.model.checkpoints.vae={self.path('vae')}",
+            f"--config.train.steps={steps}",
+            f"--config.eval.every_steps={every}",
+            f"--config.checkpoint.every_steps={every}",
+        ]
 
     # -- phases -----------------------------------------------------------------------------------
     def data(self) -> dict:

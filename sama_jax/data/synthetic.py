@@ -17,6 +17,7 @@ every instruction names one object. Sample i of each kind is drawn from its own 
 with (seed, kind, i): the data set is a pure function of the arguments, and growing a count keeps
 the samples already there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,21 @@ from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import video_io
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
-    "magenta": (210, 50, 200), "cyan": (40, 210, 220), "orange": (245, 140, 30), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (240, 220, 40),
+    "magenta": (210, 50, 200),
+    "cyan": (40, 210, 220),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
 }
-BACKGROUNDS = {"black": (15, 15, 20), "grey": (110, 110, 115), "navy": (20, 25, 70),
-               "dark green": (20, 60, 30)}
+BACKGROUNDS = {
+    "black": (15, 15, 20),
+    "grey": (110, 110, 115),
+    "navy": (20, 25, 70),
+    "dark green": (20, 60, 30),
+}
 SHAPES = ("circle", "square", "triangle", "diamond")
 STYLES = ("filled", "outline", "striped")
 EDITS = ("recolour", "replace", "remove", "add", "restyle")
@@ -50,14 +61,16 @@ class Shape:
     shape: str
     colour: str
     style: str
-    radius: float      # half the object's extent, in pixels
-    y: float           # centre at frame 0
+    radius: float  # half the object's extent, in pixels
+    y: float  # centre at frame 0
     x: float
-    vy: float          # pixels per frame
+    vy: float  # pixels per frame
     vx: float
 
     def describe(self, with_style: bool = False) -> str:
-        style = {"filled": "", "outline": "outlined ", "striped": "striped "}[self.style] if with_style else ""
+        style = (
+            {"filled": "", "outline": "outlined ", "striped": "striped "}[self.style] if with_style else ""
+        )
         return f"{style}{self.colour} {self.shape}"
 
 
@@ -165,14 +178,21 @@ def random_object(rng: np.random.Generator, height: int, width: int, taken: set,
     radius = float(rng.uniform(0.12, 0.2) * min(height, width))
     speed = 0.0 if still else float(rng.uniform(0.02, 0.05) * min(height, width))
     angle = float(rng.uniform(0, 2 * np.pi))
-    return Shape(shape=shape, colour=colour, style=str(rng.choice(STYLES, p=[0.6, 0.2, 0.2])),
-                 radius=radius, y=float(rng.uniform(radius, height - 1 - radius)),
-                 x=float(rng.uniform(radius, width - 1 - radius)),
-                 vy=speed * np.sin(angle), vx=speed * np.cos(angle))
+    return Shape(
+        shape=shape,
+        colour=colour,
+        style=str(rng.choice(STYLES, p=[0.6, 0.2, 0.2])),
+        radius=radius,
+        y=float(rng.uniform(radius, height - 1 - radius)),
+        x=float(rng.uniform(radius, width - 1 - radius)),
+        vy=speed * np.sin(angle),
+        vx=speed * np.cos(angle),
+    )
 
 
-def random_scene(rng: np.random.Generator, height: int, width: int, still: bool = False,
-                 max_objects: int = 3) -> Scene:
+def random_scene(
+    rng: np.random.Generator, height: int, width: int, still: bool = False, max_objects: int = 3
+) -> Scene:
     objects, taken = [], set()
     for _ in range(int(rng.integers(1, max_objects + 1))):
         obj = random_object(rng, height, width, taken, still)
@@ -186,8 +206,9 @@ def _other(rng: np.random.Generator, options, current):
     return choices[rng.integers(len(choices))]
 
 
-def random_edit(rng: np.random.Generator, scene: Scene, height: int, width: int,
-                still: bool = False) -> tuple[Scene, str, dict]:
+def random_edit(
+    rng: np.random.Generator, scene: Scene, height: int, width: int, still: bool = False
+) -> tuple[Scene, str, dict]:
     """(edited scene, instruction, edit record). The record names the edit and the object index it
     touches in the source (remove/recolour/replace/restyle) or the target (add)."""
     edit = EDITS[rng.integers(len(EDITS))]
@@ -205,8 +226,12 @@ def random_edit(rng: np.random.Generator, scene: Scene, height: int, width: int,
     others = taken - {(obj.colour, obj.shape)}
     name = obj.describe()
     if edit == "remove":
-        objects = scene.objects[:k] + scene.objects[k + 1:]
-        return dataclasses.replace(scene, objects=objects), f"Remove the {name}.", dict(type="remove", object=k)
+        objects = scene.objects[:k] + scene.objects[k + 1 :]
+        return (
+            dataclasses.replace(scene, objects=objects),
+            f"Remove the {name}.",
+            dict(type="remove", object=k),
+        )
     if edit == "recolour":
         colour = _other(rng, [c for c in COLOURS if (c, obj.shape) not in others], obj.colour)
         new, text = dataclasses.replace(obj, colour=colour), f"Change the color of the {name} to {colour}."
@@ -217,9 +242,12 @@ def random_edit(rng: np.random.Generator, scene: Scene, height: int, width: int,
     else:  # restyle
         style = _other(rng, STYLES, obj.style)
         new = dataclasses.replace(obj, style=style)
-        text = {"filled": f"Fill in the {name}.", "outline": f"Make the {name} an outline only.",
-                "striped": f"Give the {name} diagonal stripes."}[style]
-    objects = scene.objects[:k] + (new,) + scene.objects[k + 1:]
+        text = {
+            "filled": f"Fill in the {name}.",
+            "outline": f"Make the {name} an outline only.",
+            "striped": f"Give the {name} diagonal stripes.",
+        }[style]
+    objects = scene.objects[:k] + (new,) + scene.objects[k + 1 :]
     return dataclasses.replace(scene, objects=objects), text, dict(type=edit, object=k)
 
 
@@ -250,32 +278,43 @@ def _draw(rng: np.random.Generator, held_out: bool | None, make):
             return result
 
 
-def make_video_edit(seed: int, index: int, frames: int, height: int, width: int,
-                    held_out: bool | None = None):
+def make_video_edit(
+    seed: int, index: int, frames: int, height: int, width: int, held_out: bool | None = None
+):
     """(source (T,H,W,3), target, instruction, edit record) for video-edit sample `index`."""
+
     def make(rng):
         scene = random_scene(rng, height, width)
         edited, text, record = random_edit(rng, scene, height, width)
-        return (scene, edited), (render(scene, frames, height, width),
-                                 render(edited, frames, height, width), text, record)
+        return (scene, edited), (
+            render(scene, frames, height, width),
+            render(edited, frames, height, width),
+            text,
+            record,
+        )
 
     return _draw(sample_rng(seed, "video_edit", index), held_out, make)
 
 
 def make_image_edit(seed: int, index: int, height: int, width: int, held_out: bool | None = None):
     """(source (H,W,3), target, instruction, edit record) for image-edit sample `index`."""
+
     def make(rng):
         scene = random_scene(rng, height, width, still=True)
         edited, text, record = random_edit(rng, scene, height, width, still=True)
-        return (scene, edited), (render(scene, 1, height, width)[0], render(edited, 1, height, width)[0],
-                                 text, record)
+        return (scene, edited), (
+            render(scene, 1, height, width)[0],
+            render(edited, 1, height, width)[0],
+            text,
+            record,
+        )
 
     return _draw(sample_rng(seed, "image_edit", index), held_out, make)
 
 
-def make_clip(seed: int, index: int, frames: int, height: int, width: int,
-              held_out: bool | None = None):
+def make_clip(seed: int, index: int, frames: int, height: int, width: int, held_out: bool | None = None):
     """(clip (T,H,W,3), caption) for raw clip `index`."""
+
     def make(rng):
         scene = random_scene(rng, height, width)
         return (scene,), (render(scene, frames, height, width), caption(scene))
@@ -283,9 +322,18 @@ def make_clip(seed: int, index: int, frames: int, height: int, width: int,
     return _draw(sample_rng(seed, "t2v", index), held_out, make)
 
 
-def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 64, clips: int = 64,
-             frames: int = 17, height: int = 64, width: int = 96, fps: float = 16.0,
-             held_out: bool | None = None) -> dict:
+def generate(
+    out: str,
+    seed: int = 0,
+    video_edits: int = 64,
+    image_edits: int = 64,
+    clips: int = 64,
+    frames: int = 17,
+    height: int = 64,
+    width: int = 96,
+    fps: float = 16.0,
+    held_out: bool | None = None,
+) -> dict:
     """Writes the media and the three manifests under `out`; returns {manifest name: path}.
 
     held_out: None draws any scene; False (a training split) never shows a HELD_OUT_PAIRS object;
@@ -302,16 +350,37 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
         src, tgt = f"videos/{sid}_src.mp4", f"videos/{sid}_tgt.mp4"
         video_io.write_video(os.path.join(out, src), source, fps)
         video_io.write_video(os.path.join(out, tgt), target, fps)
-        rows["video_edits"].append(dict(id=sid, kind="video_edit", source=src, target=tgt, text=text,
-                                        edit=record, origin="synthetic", **size))
+        rows["video_edits"].append(
+            dict(
+                id=sid,
+                kind="video_edit",
+                source=src,
+                target=tgt,
+                text=text,
+                edit=record,
+                origin="synthetic",
+                **size,
+            )
+        )
     for i in range(image_edits):
         sid = f"synimg_{i:06d}"
         source, target, text, record = make_image_edit(seed, i, height, width, held_out)
         src, tgt = f"images/{sid}_src.png", f"images/{sid}_tgt.png"
         video_io.write_image(os.path.join(out, src), source)
         video_io.write_image(os.path.join(out, tgt), target)
-        rows["image_edits"].append(dict(id=sid, kind="image_edit", source=src, target=tgt, text=text,
-                                        edit=record, origin="synthetic", height=height, width=width))
+        rows["image_edits"].append(
+            dict(
+                id=sid,
+                kind="image_edit",
+                source=src,
+                target=tgt,
+                text=text,
+                edit=record,
+                origin="synthetic",
+                height=height,
+                width=width,
+            )
+        )
     for i in range(clips):
         sid = f"synclip_{i:06d}"
         clip, text = make_clip(seed, i, frames, height, width, held_out)
@@ -328,8 +397,8 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
 # The embedded default of the tiny presets (sama-smoke, sama-train): small enough to make in seconds.
 DEFAULT_SIZE = dict(frames=9, height=64, width=64)
 DEFAULT_COUNTS = dict(video_edits=32, image_edits=32, clips=32)
-VAL_COUNTS = dict(video_edits=8, image_edits=8, clips=8)
-VAL_SEED = 1     # held out: a generator seed the training split never uses
+VAL_COUNTS = dict(video_edits=20, image_edits=8, clips=8)  # the demo scores the video edits
+VAL_SEED = 1  # held out: a generator seed the training split never uses
 
 
 def ensure_dataset(data_dir: str, vocab_size: int) -> str:
@@ -351,8 +420,11 @@ def ensure_dataset(data_dir: str, vocab_size: int) -> str:
         generate(val_dir, seed=VAL_SEED, **VAL_COUNTS, **DEFAULT_SIZE, held_out=True)
     tokenizer_dir = os.path.join(data_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
-        texts = [s["text"] for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
-                 for s in manifest_lib.read_manifest(path)]
+        texts = [
+            s["text"]
+            for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+            for s in manifest_lib.read_manifest(path)
+        ]
         texts += list(pretext.DEFAULT_TOKENS.values()) + ["[Video edit]"]
         text.build_sentencepiece_tokenizer(texts, tokenizer_dir, vocab_size=vocab_size)
     return tokenizer_dir
@@ -363,8 +435,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="sama-make-synthetic", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-make-synthetic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="data/synthetic", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video-edits", type=int, default=64, help="paired video edits")
@@ -374,12 +449,25 @@ def _main(argv) -> int:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--fps", type=float, default=16.0)
-    parser.add_argument("--split", default="any", choices=("any", "train", "held_out"),
-                        help="train: never a HELD_OUT_PAIRS (colour, shape) object; held_out: always one")
+    parser.add_argument(
+        "--split",
+        default="any",
+        choices=("any", "train", "held_out"),
+        help="train: never a HELD_OUT_PAIRS (colour, shape) object; held_out: always one",
+    )
     args = parser.parse_args(argv)
-    paths = generate(args.out, seed=args.seed, video_edits=args.video_edits, image_edits=args.image_edits,
-                     clips=args.clips, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
-                     held_out={"any": None, "train": False, "held_out": True}[args.split])
+    paths = generate(
+        args.out,
+        seed=args.seed,
+        video_edits=args.video_edits,
+        image_edits=args.image_edits,
+        clips=args.clips,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        held_out={"any": None, "train": False, "held_out": True}[args.split],
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
