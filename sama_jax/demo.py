@@ -143,8 +143,7 @@ class Demo:
             "sama_jax.train",
             f"--config={CONFIGS}/stage0_pretrain.py:tiny",
             f"--workdir={self.path('stage0')}",
-            *self.common_overrides(),
-            f"--config.train.steps={self.steps['stage0_steps']}",
+            *self.common_overrides(self.steps["stage0_steps"]),
         )
         return dict(workdir=self.path("stage0"), steps=self.steps["stage0_steps"])
 
@@ -153,9 +152,8 @@ class Demo:
             "sama_jax.train",
             f"--config={CONFIGS}/stage1_sft.py:tiny",
             f"--workdir={self.path('stage1')}",
-            *self.common_overrides(),
+            *self.common_overrides(self.steps["stage1_steps"]),
             f"--config.checkpoint.init_from={self.path('stage0')}",
-            f"--config.train.steps={self.steps['stage1_steps']}",
         )
         return dict(workdir=self.path("stage1"), steps=self.steps["stage1_steps"])
 
