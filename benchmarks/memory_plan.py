@@ -1,15 +1,20 @@
 """14B memory plans: XLA's per-device memory analysis of the real train step and edit loop, lowered
-for a TPU or GPU slice on simulated CPU devices. Nothing is allocated.
+for a TPU or GPU slice without the hardware. Nothing is allocated.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py                       # all (~15 min, 2 cores)
+    pip install "libtpu==0.0.42.*"     # the jax[tpu] pin of jax 0.10.2: TPU slices compile for TPU
+    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py                  # every plan below
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout v6e-64 --frames 81 --kind train
-    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout 8xh100 --sharding fsdp
+    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout 8xh100 --sharding fsdp --all-candidates
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --config=configs/stage1_sft.py:tiny \
-        --layout 8xh100 --frames 5 --height 64 --width 64                        # seconds: a smoke run
+        --layout 8xh100 --frames 5 --height 64 --width 64 --steps 4           # a smoke run, ~1 min
 
 Layouts: v5p-64 (32 chips of 95 GiB; the name counts TensorCores), v6e-64 (64 chips of 32 GiB),
-8xh100 (8 GPUs of 80 GiB). Per layout a few candidate shardings (mesh.ici + precision.remat) are
-lowered with jax.jit(...).lower(abstract inputs).compile() and `compiled.memory_analysis()` is read:
+8xh100 (8 GPUs of 80 GiB). TPU slices are compiled ahead of time by the TPU compiler for their
+topology (jax.experimental.topologies, needs only libtpu installed); without libtpu, and always for
+the H100s, the program is compiled for as many simulated CPU devices. Per layout and frame count the
+candidate shardings (mesh.ici, precision.remat, extra logical rules) are lowered in preference
+order, fastest first (less recomputation, fewer collectives), until one fits (--all-candidates:
+all), with jax.jit(...).lower(abstract inputs).compile(), and `compiled.memory_analysis()` is read:
   train   sama_jax.train_step.make_train_step of the config (default configs/stage1_sft.py:wan_14b)
           with every frozen-encoder output precomputed (data.features = all), one sample per device
           of the batch axes (train.batch_size = data x fsdp); the DiT forward + backward of SAMA's
@@ -22,18 +27,16 @@ Tokens: 480x832 and F frames -> latents (1 + (F-1)/4) x 60 x 104 -> source + 65 
 Printed per device (GiB): argument, output, alias (donated), temp; params / optimizer / EMA from the
 sharded state's shapes (exact per-device shard sizes), activations = temp (XLA's temporaries:
 activations, gradients, gathered weights); peak = argument + output - alias + temp, compared with
-the chip's HBM. A candidate fits when the peak leaves at least --headroom of HBM free; the
-recommendation per slice and frame count is the first fitting candidate in the listed order (the
-order is fastest first: less recomputation, fewer collectives).
+the chip's HBM. A candidate fits when the peak leaves at least --headroom of HBM free.
 
-On CPU, XLA's attention would materialise (B, H, S, S) logits, which no accelerator path does
-(splash on TPU, cuDNN on GPU keep O(S) memory). So the DiT's attention is lowered as the TPU splash
-kernel in Pallas interpret mode: the memory of a flash kernel (output + log-sum-exp kept for the
-backward). The numbers are XLA:CPU's buffer assignment of the same program: TPU/GPU compilers fuse
-and lay out differently (e.g. TPU pads minor dimensions to 128), so leave some margin.
+Attention is the TPU splash kernel everywhere: the real kernel for a TPU compile; on CPU devices it
+runs in Pallas interpret mode, because XLA's attention would materialise (B, H, S, S) logits, which
+no accelerator path does (cuDNN on GPU keeps O(S) memory like splash). CPU numbers are XLA:CPU's
+buffer assignment of the same program: it computes bf16 in f32 (f32 copies of bf16 temporaries)
+and keeps a second copy of the scan's stacked residuals, so they overstate a GPU's memory.
 
-Results are merged into --json (default memory_plan.json) keyed by kind/layout/frames/sharding: a
-rerun of one case replaces that case only.
+Results are merged into --json (default memory_plan.json) keyed by kind/layout/frames/sharding/
+backend: a rerun of one case replaces that case only.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class Candidate:
     name: str
     ici: dict          # mesh.ici axis sizes (-1 fills)
     remat: str = "full"
+    rules: tuple = ()  # logical rules put before the config's (the first match wins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +68,26 @@ class Layout:
     name: str
     chips: int
     hbm_gib: float
+    topology: str | None   # TPU topology for an ahead-of-time TPU compile (libtpu), else None
     train: tuple[Candidate, ...]
     edit: tuple[Candidate, ...]
 
 
-def _c(name, remat="full", **ici):
-    return Candidate(name, {**dict(data=1, fsdp=1, context=1, tensor=1), **ici}, remat)
+def _c(name, remat="full", rules=(), **ici):
+    return Candidate(name, {**dict(data=1, fsdp=1, context=1, tensor=1), **ici}, remat, rules)
+
+
+# Sequence-parallel residual stream: the activations' channel dimension on 'tensor', so the residual
+# each layer keeps for the backward is split over the tensor axis too (tensor parallelism alone
+# replicates it on every device of a tensor group).
+_SP = (("act_embed", "tensor"),)
 
 
 # Fastest first: remat of the attention only (no recomputation of the attention, the largest
 # FLOP share at these lengths) before full remat; plain FSDP before tensor parallelism.
 _TRAIN = (_c("fsdp/attn-remat", "attention", fsdp=-1), _c("fsdp", fsdp=-1),
-          _c("fsdp+tp4", fsdp=-1, tensor=4))
+          _c("fsdp+tp4+sp", rules=_SP, fsdp=-1, tensor=4),
+          _c("fsdp+tp8+sp", rules=_SP, fsdp=-1, tensor=8))
 _TRAIN_CP = (_c("fsdp+cp4", fsdp=-1, context=4),)
 # sama-edit's default mesh is fsdp=-1 (CFG batch replicated); data=2 splits the doubled batch.
 _EDIT = (_c("dp2+fsdp", "none", data=2, fsdp=-1), _c("fsdp", "none", fsdp=-1),
@@ -83,9 +95,9 @@ _EDIT = (_c("dp2+fsdp", "none", data=2, fsdp=-1), _c("fsdp", "none", fsdp=-1),
 _EDIT_CP = (_c("dp2+cp4", "none", data=2, context=4, fsdp=-1),)
 
 LAYOUTS = {
-    "v5p-64": Layout("v5p-64", 32, 95.0, _TRAIN, _EDIT),
-    "v6e-64": Layout("v6e-64", 64, 32.0, _TRAIN, _EDIT),
-    "8xh100": Layout("8xh100", 8, 80.0, _TRAIN, _EDIT),
+    "v5p-64": Layout("v5p-64", 32, 95.0, "v5p:2x4x4", _TRAIN, _EDIT),
+    "v6e-64": Layout("v6e-64", 64, 32.0, "v6e:8x8", _TRAIN, _EDIT),
+    "8xh100": Layout("8xh100", 8, 80.0, None, _TRAIN, _EDIT),
 }
 FRAMES = (17, 49, 81)
 KINDS = ("train", "edit")
@@ -104,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the edit")
+    p.add_argument("--all-candidates", action="store_true",
+                   help="lower every candidate (default: stop at the first that fits)")
+    p.add_argument("--backend", choices=("auto", "cpu"), default="auto",
+                   help="auto: TPU slices compile ahead of time for their TPU when libtpu is "
+                        "importable, the rest on simulated CPU devices; cpu: all on CPU devices")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of HBM a fitting plan must leave free (default 0.1)")
     p.add_argument("--json", default="memory_plan.json", help="results file (merged, not replaced)")
@@ -135,15 +152,35 @@ def parse(argv):
 
 # -- lowering -------------------------------------------------------------------------------------
 
-def flash_attention_on_cpu():
-    """The DiT's attention as the splash kernel in Pallas interpret mode (see the docstring)."""
+_INTERPRET = [True]
+
+
+def splash_attention_everywhere():
+    """The DiT's attention as the TPU splash kernel: compiled for the TPU ahead of time, or in
+    Pallas interpret mode on CPU devices (see the docstring). 'auto' would pick by the default
+    backend, which is the CPU here in both cases."""
     from sama_jax.models import attention as attention_lib
     from sama_jax.models import wan_dit
 
-    def splash_interpreted(q, k, v, implementation="auto"):
-        return attention_lib.attention(q, k, v, "splash", splash_interpret=True)
+    def splash(q, k, v, implementation="auto"):
+        return attention_lib.attention(q, k, v, "splash", splash_interpret=_INTERPRET[0])
 
-    wan_dit.attention = splash_interpreted
+    wan_dit.attention = splash
+
+
+def tpu_devices(topology: str):
+    """The devices of a TPU slice for an ahead-of-time compile (needs libtpu, not a TPU)."""
+    from jax.experimental import topologies
+
+    # Compile-only use: several plans may run at once (libtpu otherwise locks the TPU for one).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def libtpu_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
 
 
 def latent_shape(frames, height, width):
@@ -165,6 +202,7 @@ def run_config(config, candidate: Candidate, kind: str):
     c = ml_collections.ConfigDict(config.to_dict())
     c.mesh.ici = dict(candidate.ici)
     c.precision.remat = candidate.remat
+    c.sharding_rules = [list(r) for r in candidate.rules] + list(c.sharding_rules)
     if kind == "train":
         c.data.features = features.NAMES
         c.train.grad_accum = 1
@@ -189,8 +227,35 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def lower_train(config, mesh, rules, frames, height, width):
-    """-> (compiled, {part: per-device bytes}, global batch)."""
+class NotLowered(Exception):
+    """A candidate whose memory lower bound already exceeds the chip: not worth a compile."""
+
+
+def saved_residual_bytes(config, mesh, rules, frames, height, width) -> int:
+    """What the backward must keep per device at least, whatever XLA does: the residual stream
+    entering each layer (remat full), plus each layer's attention output (remat attention), for the
+    device's share of one sample's tokens."""
+    import numpy as np
+
+    from sama_jax import sharding
+
+    cfg, shape = config.model.dit, dict(mesh.shape)
+    split = lambda name: math.prod(shape[a] for a in jax_axes(sharding.logical_to_mesh_spec((name,), rules)[0]))
+    samples = config.train.batch_size / split("batch")
+    local_tokens = samples * tokens(config, frames, height, width) / split("length")
+    per_layer = local_tokens * cfg.dim / split("act_embed") * np.dtype(config.precision.residual_dtype).itemsize
+    if config.precision.remat == "attention":
+        per_layer += local_tokens * cfg.dim / split("act_heads") * np.dtype(config.precision.compute_dtype).itemsize
+    return int(cfg.num_layers * per_layer)
+
+
+def jax_axes(axes):
+    return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+
+
+def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None):
+    """-> (compiled, {part: per-device bytes}, global batch). With hbm_bytes, raises NotLowered when
+    the state, its gradient and the saved residuals alone exceed it."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -215,6 +280,12 @@ def lower_train(config, mesh, rules, frames, height, width):
              for k, s in shapes.items()}
     batch["valid"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=parts.batch_sharding)
     encoder_state = _sds(parts.encoder_state, parts.encoder_shardings)
+    if hbm_bytes is not None:
+        bound = (per_device_bytes(state) + per_device_bytes(state["params"])
+                 + saved_residual_bytes(config, mesh, rules, frames, height, width))
+        if bound > hbm_bytes:
+            raise NotLowered(f"not lowered: state + gradient + saved residuals alone are "
+                             f"{bound / GIB:.1f} GiB")
     compiled = train_step.make_train_step(config, parts).lower(state, encoder_state, batch).compile()
     split = dict(params=per_device_bytes(state["params"]), optimizer=per_device_bytes(state["opt_state"]),
                  ema=per_device_bytes(state["ema"]), batch=per_device_bytes(batch))
@@ -272,7 +343,8 @@ def analyse(compiled, split, hbm_gib, headroom):
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def cases(args, context_parallel: bool):
+def groups(args, context_parallel: bool):
+    """[(layout, kind, frames, candidates in preference order)]."""
     out = []
     for layout_name in args.layout:
         layout = LAYOUTS[layout_name]
@@ -280,11 +352,10 @@ def cases(args, context_parallel: bool):
             candidates = layout.train if kind == "train" else layout.edit
             if context_parallel:
                 candidates += _TRAIN_CP if kind == "train" else _EDIT_CP
+            candidates = [c for c in candidates if not args.sharding or c.name in args.sharding]
             for frames in args.frames:
-                for cand in candidates:
-                    if args.sharding and cand.name not in args.sharding:
-                        continue
-                    out.append((layout, kind, frames, cand))
+                if candidates:
+                    out.append((layout, kind, frames, candidates))
     return out
 
 
@@ -302,57 +373,75 @@ def save_results(path, results):
     os.replace(tmp, path)
 
 
+def _key(r):
+    return (r["kind"], r["layout"], r["frames"], r["sharding"], r["preset"], r["num_layers"],
+            r["height"], r["width"], r["backend"])
+
+
+def lower_case(config, args, layout, kind, frames, cand, backend):
+    """One lowering -> its result record."""
+    import jax
+
+    from sama_jax import sharding
+
+    c = run_config(config, cand, kind)
+    _INTERPRET[0] = backend == "cpu"
+    devices = tpu_devices(layout.topology) if backend == "tpu" else jax.devices()[:layout.chips]
+    t0 = time.perf_counter()
+    memory, error, batch, mesh = None, None, 0, None
+    try:
+        mesh = sharding.create_mesh(c.mesh, devices)
+        rules = sharding.axis_rules(c.sharding_rules)
+        if kind == "edit":   # as sama-edit: the CFG batch on 'data' only, never on fsdp
+            rules = (("batch", "data"),) + rules
+        if kind == "train":
+            compiled, split, batch = lower_train(c, mesh, rules, frames, args.height, args.width,
+                                                 (1 - args.headroom) * layout.hbm_gib * GIB)
+        else:
+            compiled, split, batch = lower_edit(c, mesh, rules, frames, args.height, args.width,
+                                                args.steps)
+        memory = analyse(compiled, split, layout.hbm_gib, args.headroom)
+    except (ValueError, TypeError, NotLowered) as e:   # a mesh or shape this candidate cannot take
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    return dict(kind=kind, layout=layout.name, chips=layout.chips, hbm_gib=layout.hbm_gib,
+                backend=backend, frames=frames, tokens=tokens(config, frames, args.height, args.width),
+                height=args.height, width=args.width, sharding=cand.name,
+                mesh=dict(mesh.shape) if mesh is not None else cand.ici, remat=cand.remat,
+                rules=[list(r) for r in cand.rules], batch=batch, preset=config.model.preset,
+                num_layers=int(config.model.dit.num_layers), memory=memory, error=error,
+                compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__)
+
+
 def main(argv=None) -> int:
     config, args = parse(sys.argv[1:] if argv is None else argv)
     import jax
 
-    from sama_jax import sharding
     from sama_jax.models import wan_dit
 
-    if not os.environ.get("MEMPLAN_XLA_ATTENTION"):
-        flash_attention_on_cpu()
+    splash_attention_everywhere()
+    use_tpu = args.backend == "auto" and libtpu_available()
     context_parallel = "context_parallel" in {f.name for f in dataclasses.fields(wan_dit.WanDiTConfig)}
-    todo = cases(args, context_parallel)
+    todo = groups(args, context_parallel)
     if not todo:
         raise SystemExit(f"memory_plan: error: no candidate named {args.sharding}")
     results = load_results(args.json)
-    print(f"{len(todo)} lowerings of {config.model.preset} ({config.model.dit.num_layers} layers) on "
-          f"{jax.device_count()} simulated devices; results -> {args.json}", flush=True)
-    start = time.perf_counter()
-    for i, (layout, kind, frames, cand) in enumerate(todo):
-        c = run_config(config, cand, kind)
-        devices = jax.devices()[:layout.chips]
-        t0 = time.perf_counter()
-        try:
-            mesh = sharding.create_mesh(c.mesh, devices)
-            rules = sharding.axis_rules(c.sharding_rules)
-            if kind == "edit":   # as sama-edit: the CFG batch on 'data' only, never on fsdp
-                rules = (("batch", "data"),) + rules
-            if kind == "train":
-                compiled, split, batch = lower_train(c, mesh, rules, frames, args.height, args.width)
-            else:
-                compiled, split, batch = lower_edit(c, mesh, rules, frames, args.height, args.width,
-                                                    args.steps)
-            memory = analyse(compiled, split, layout.hbm_gib, args.headroom)
-            error = None
-        except (ValueError, TypeError) as e:   # a mesh or shape this candidate cannot take
-            memory, error, batch, mesh = None, f"{type(e).__name__}: {str(e).splitlines()[0]}", 0, None
-        seconds = time.perf_counter() - t0 if error is None else 0.0
-        record = dict(kind=kind, layout=layout.name, chips=layout.chips, hbm_gib=layout.hbm_gib,
-                      frames=frames, tokens=tokens(config, frames, args.height, args.width),
-                      height=args.height, width=args.width, sharding=cand.name,
-                      mesh=dict(mesh.shape) if mesh is not None else cand.ici, remat=cand.remat,
-                      batch=batch, preset=config.model.preset,
-                      num_layers=int(config.model.dit.num_layers), memory=memory, error=error,
-                      compile_s=round(seconds, 1), jax=jax.__version__)
-        key = lambda r: (r["kind"], r["layout"], r["frames"], r["sharding"], r["preset"],
-                         r["num_layers"], r["height"], r["width"])
-        results = [r for r in results if key(r) != key(record)] + [record]
-        save_results(args.json, results)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        print(f"[{i + 1}/{len(todo)}] {_line(record)}  ({seconds:.0f}s; ETA {eta / 60:.1f} min)",
-              flush=True)
+    total = sum(len(g[3]) if args.all_candidates else 1 for g in todo)
+    print(f"{config.model.preset} ({config.model.dit.num_layers} layers): {len(todo)} plans, at least "
+          f"{total} lowerings; TPU slices {'compiled for TPU (libtpu)' if use_tpu else 'on CPU devices'}"
+          f", others on {jax.device_count()} simulated CPU devices; results -> {args.json}", flush=True)
+    start, done = time.perf_counter(), 0
+    for i, (layout, kind, frames, candidates) in enumerate(todo):
+        backend = "tpu" if use_tpu and layout.topology else "cpu"
+        for cand in candidates:
+            record = lower_case(config, args, layout, kind, frames, cand, backend)
+            results = [r for r in results if _key(r) != _key(record)] + [record]
+            save_results(args.json, results)
+            done += 1
+            eta = (time.perf_counter() - start) / (i + 1) * (len(todo) - i - 1)
+            print(f"[plan {i + 1}/{len(todo)}] {_line(record)}  ({record['compile_s']:.0f}s; "
+                  f"ETA {eta / 60:.1f} min)", flush=True)
+            if record["memory"] and record["memory"]["fits"] and not args.all_candidates:
+                break
     print()
     print_table([r for r in results if r["preset"] == config.model.preset and
                  r["num_layers"] == int(config.model.dit.num_layers)])
@@ -371,10 +460,14 @@ def _line(r):
 def print_table(results):
     cols = ("params", "optimizer", "ema", "inputs", "argument", "output", "alias", "temp", "peak")
     order = {name: i for i, name in enumerate(LAYOUTS)}
-    results = sorted(results, key=lambda r: (r["kind"], order.get(r["layout"], 9), r["frames"]))
+    preference = {(kind, c.name): i for kind, cands in
+                  (("train", _TRAIN + _TRAIN_CP), ("edit", _EDIT + _EDIT_CP))
+                  for i, c in enumerate(cands)}
+    results = sorted(results, key=lambda r: (r["kind"], order.get(r["layout"], 9), r["frames"],
+                                             preference.get((r["kind"], r["sharding"]), 99)))
     print("per-device memory (GiB); activations = temp; peak = argument + output - alias + temp")
-    print(f"{'kind':5} {'layout':7} {'frames':>6} {'tokens':>6} {'sharding':16} {'mesh d/f/c/t':12} "
-          f"{'batch':>5} " + " ".join(f"{c:>9}" for c in cols) + "  fits")
+    print(f"{'kind':5} {'layout':7} {'backend':7} {'frames':>6} {'tokens':>6} {'sharding':16} "
+          f"{'mesh d/f/c/t':12} {'batch':>5} " + " ".join(f"{c:>9}" for c in cols) + "  fits")
     best = {}
     for r in results:
         mesh = "/".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "context", "tensor"))
@@ -385,8 +478,8 @@ def print_table(results):
             vals = " ".join(f"{m[c]:9.2f}" for c in cols) + f"  {'yes' if m['fits'] else 'NO'}"
             if m["fits"]:
                 best.setdefault((r["kind"], r["layout"], r["frames"]), r)
-        print(f"{r['kind']:5} {r['layout']:7} {r['frames']:6} {r['tokens']:6} {r['sharding']:16} "
-              f"{mesh:12} {r['batch']:5} {vals}")
+        print(f"{r['kind']:5} {r['layout']:7} {r['backend']:7} {r['frames']:6} {r['tokens']:6} "
+              f"{r['sharding']:16} {mesh:12} {r['batch']:5} {vals}")
     print("\nrecommended (first fitting candidate, fastest first):")
     for (kind, layout, frames), r in sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
         ici = ",".join(f"{a}={s}" for a, s in r["mesh"].items() if s != 1) or "one device"
