@@ -42,12 +42,15 @@ setup(
         "console_scripts": [
             "sama-mesh-info=sama_jax.mesh_info:main",
             "sama-smoke=sama_jax.smoke:main",
+            "sama-train=sama_jax.train:main",
             "convert-wan-weights=tools.convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
             "sama-build-shards=sama_jax.data.arrayrecord:main",
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
             "sama-edit=sama_jax.edit:main",
+            "sama-fit-vae=sama_jax.vae_fit:main",
+            "sama-demo=sama_jax.demo:main",
         ],
     },
 )

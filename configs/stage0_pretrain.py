@@ -1,7 +1,8 @@
 """SAMA stage 0: factorized pre-training (image edits + raw clips with motion-alignment pretext tasks).
 
-Run (after `pip install -r requirements.txt -e .`); the train loop is not built yet, so today:
-  sama-smoke --config=configs/stage0_pretrain.py:tiny --cpu_devices=8   # the objective end to end, CPU
+Run (after `pip install -r requirements.txt -e .`):
+  sama-train --config=configs/stage0_pretrain.py:tiny --workdir=runs/tiny0 --cpu_devices=8  # CPU
+  sama-smoke --config=configs/stage0_pretrain.py:tiny --cpu_devices=8   # the objective, no update
   sama-mesh-info --config=configs/stage0_pretrain.py:wan_14b            # the mesh it asks for
 
 Same sections as configs/stage1_sft.py; this file changes the stage, the data mixture and the
@@ -23,6 +24,10 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     c.data.mixture = [
         dict(kind="image_edit", manifest="data/synthetic/image_edits.jsonl", weight=0.5),
         dict(kind="t2v", manifest="data/synthetic/clips.jsonl", weight=0.5),
+    ]
+    c.eval.val_loss.mixture = [
+        dict(kind="image_edit", manifest="data/synthetic/val/image_edits.jsonl", weight=0.5),
+        dict(kind="t2v", manifest="data/synthetic/val/clips.jsonl", weight=0.5),
     ]
     c.data.motion_alignment = True
     c.data.pretext = ml_collections.ConfigDict(dict(

@@ -1,7 +1,10 @@
 """SAMA stage 1: supervised fine-tuning on paired video edits + image edits.
 
-Run (after `pip install -r requirements.txt -e .`); the train loop is not built yet, so today:
-  sama-smoke --config=configs/stage1_sft.py:tiny --cpu_devices=8   # the objective end to end, CPU
+Run (after `pip install -r requirements.txt -e .`):
+  sama-train --config=configs/stage1_sft.py:tiny --workdir=runs/tiny --cpu_devices=8   # CPU, minutes
+  sama-train --config=configs/stage1_sft.py:wan_14b --workdir=gs://... \
+      --config.checkpoint.init_from=ckpt/wan14b_dit --config.model.checkpoints.vae=ckpt/vae ...
+  sama-smoke --config=configs/stage1_sft.py:tiny --cpu_devices=8   # the objective, no update
   sama-mesh-info --config=configs/stage1_sft.py:wan_14b            # the mesh it asks for
 Sizing (not yet measured with this code): wan_14b is the paper's model; the anchors have the 1.3B
 DiT training at 81 frames in 19.2 GiB on one H100 with remat (diffusers).
@@ -38,6 +41,11 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
         residual_dtype="float32",
         attention="auto",          # auto | xla | cudnn | splash
         remat="none" if tiny else "full",   # none | full | attention
+        # Self-attention over the mesh's `context` axis (when its size > 1): ulysses (all-to-all
+        # over heads), ring (k/v blocks passed around, for too few heads), auto (ulysses if the
+        # heads divide, else ring).
+        context_parallel="auto",
+        scan_layers=True,          # nnx.scan over the blocks (False: a Python loop)
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(
@@ -86,23 +94,60 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=8 if tiny else 32,   # tiny: one sample per simulated CPU device
+        batch_size=8 if tiny else 32,   # global; tiny: one sample per simulated CPU device
+        # Micro-batches per step, accumulated inside the jitted step (batch_size must divide).
+        grad_accum=1,
         steps=20 if tiny else 20_000,
         semantic_loss_weight=0.1,
+        # Ablation switch: False trains without semantic tokens (no SigLIP, no semantic loss).
+        semantic_anchoring=True,
         timestep_shift=5.0,
+        loss_weighting="none",      # none | gaussian_bump (the released DiffSynth trainer's w(t))
+        # The run stops (after saving the last good state) when this many steps in a row had a
+        # non-finite loss or gradient; each such step leaves parameters and optimizer unchanged.
+        max_nonfinite_in_row=3 if tiny else 20,
         log_every=5 if tiny else 50,
+        # Peak dense bf16 TFLOP/s of one device, for MFU (v5p 459, v6e 918, H100 989 spec / 800
+        # measured matmul).
+        peak_tflops=459.0,
+        profile_steps=0,            # > 0: a profiler trace of this many steps after the first log
+        log_sample_ids=False,       # append each step's sample ids to WORKDIR/sample_ids.*.jsonl
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", lr=1e-3 if tiny else 2e-5, b1=0.9, b2=0.999, weight_decay=0.01,
-        grad_clip_norm=1.0, ema_decay=0.9998,
+        name="adamw", lr=1e-3 if tiny else 2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+        grad_clip_norm=1.0,
+        # fp32 EMA of the parameters; tiny: a short horizon so a 20-step run's EMA moves.
+        ema_decay=0.99 if tiny else 0.9998,
     ))
-    c.schedule = ml_collections.ConfigDict(dict(warmup_steps=2 if tiny else 500, decay="constant"))
+    c.schedule = ml_collections.ConfigDict(dict(
+        warmup_steps=2 if tiny else 500,   # linear from 0
+        decay="constant",                  # constant | cosine (to end_lr_fraction * lr at the last step)
+        end_lr_fraction=0.0,
+    ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=10 if tiny else 1000, keep=3, async_save=not tiny,
-        init_from="",   # an Orbax checkpoint written by convert-wan-weights
+        # A converted Wan2.1 DiT or SAMA-14B params checkpoint (convert-wan-weights), or a stage-0
+        # run directory (its parameters, a fresh optimizer); empty: random initialisation.
+        init_from="",
     ))
+    # Frozen encoders and tokenizer: converted checkpoints (convert-wan-weights) and the umT5
+    # tokenizer directory. Empty is allowed for the tiny preset only: random encoders, saved into
+    # the workdir, and a tokenizer trained on the generated data.
+    c.model.checkpoints = ml_collections.ConfigDict(dict(vae="", text_encoder="", siglip="",
+                                                         tokenizer=""))
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=10 if tiny else 2000, num_steps=4 if tiny else 50, guidance=5.0, shift=5.0,
         sampler="euler",
+        # Evaluator modules of sama_jax/evaluators run every every_steps on the EMA parameters.
+        evaluators=("val_loss",) if tiny else (),
+        use_ema=True,
+        val_loss=dict(
+            # Held-out data (tiny: the generated val split); the loss at fixed sigmas and noise.
+            mixture=[
+                dict(kind="video_edit", manifest="data/synthetic/val/video_edits.jsonl", weight=0.5),
+                dict(kind="image_edit", manifest="data/synthetic/val/image_edits.jsonl", weight=0.5),
+            ],
+            batch_size=8, batches=2, sigmas=(0.25, 0.5, 0.75),
+        ),
     ))
     return c

@@ -406,7 +406,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 # Run-time fields a stored config may carry next to the architecture ("dtype": older converters'
 # name for the compute dtype). They describe how a run computes, not the weights.
-PRECISION_KEYS = ("param_dtype", "compute_dtype", "dtype", "residual_dtype", "attention", "remat")
+PRECISION_KEYS = ("param_dtype", "compute_dtype", "dtype", "residual_dtype", "attention", "remat",
+                  "context_parallel", "scan_layers")
 
 
 def split_precision(stored: Mapping[str, Any], precision: Mapping[str, Any] | None = None

@@ -14,30 +14,11 @@ compose, shard and differentiate (sama-train trains).
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
 
 from sama_jax import cli
-
-
-def prepare_data(data_dir: str, text_vocab_size: int) -> str:
-    """Synthetic dataset + a tokenizer trained on its texts, made once; returns the tokenizer dir."""
-    from sama_jax import text
-    from sama_jax.data import manifest, pretext, synthetic
-
-    tokenizer_dir = os.path.join(data_dir, "tokenizer")
-    if not os.path.exists(os.path.join(data_dir, "video_edits.jsonl")):
-        print(f"generating the synthetic dataset in {data_dir}")
-        synthetic.generate(data_dir, seed=0, video_edits=32, image_edits=32, clips=32, frames=9,
-                           height=64, width=64)
-    if not os.path.isdir(tokenizer_dir):
-        texts = [s["text"] for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
-                 for s in manifest.read_manifest(path)]
-        texts += list(pretext.DEFAULT_TOKENS.values()) + ["[Video edit]"]
-        text.build_sentencepiece_tokenizer(texts, tokenizer_dir, vocab_size=text_vocab_size)
-    return tokenizer_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +39,7 @@ def _main(config, args) -> int:
     from flax import nnx
 
     from sama_jax import conditioning, flow_matching, sharding, text
-    from sama_jax.data import pipeline
+    from sama_jax.data import pipeline, synthetic
     from sama_jax.models import wan_dit
 
     model_cfg = config.model
@@ -70,7 +51,8 @@ def _main(config, args) -> int:
     rules = sharding.axis_rules(config.sharding_rules)
     sharding.check_batch_size(config.train.batch_size, mesh, rules)
     data_dir = os.path.dirname(os.path.join(config.data.root, config.data.mixture[0]["manifest"]))
-    tokenizer = text.load_tokenizer(prepare_data(data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
+    tokenizer = text.load_tokenizer(
+        synthetic.ensure_dataset(data_dir, min(model_cfg.text_encoder.vocab_size, 400)))
     sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 

@@ -120,3 +120,26 @@ def test_cli(tmp_path, capsys):
     assert "clips.jsonl" in capsys.readouterr().out
     sample = json.loads(open(tmp_path / "video_edits.jsonl").readline())
     assert video_io.video_info(tmp_path / sample["source"]) == dict(frames=3, fps=16.0, height=16, width=24)
+
+
+def test_held_out_split_shows_pairs_the_training_split_never_does(tmp_path):
+    pairs = lambda scene: {(o.colour, o.shape) for o in scene.objects}
+
+    def scene_of(rng):
+        scene = synthetic.random_scene(rng, 32, 32)
+        return (scene,), scene
+
+    draw = lambda i, held_out: synthetic._draw(synthetic.sample_rng(0, "t2v", i), held_out, scene_of)
+    assert all(not (pairs(draw(i, False)) & synthetic.HELD_OUT_PAIRS) for i in range(30))
+    assert all(pairs(draw(i, True)) & synthetic.HELD_OUT_PAIRS for i in range(30))
+    # Every colour and every shape is seen in training, only not in these combinations.
+    assert {c for c, _ in synthetic.HELD_OUT_PAIRS} == set(synthetic.COLOURS)
+    assert {s for _, s in synthetic.HELD_OUT_PAIRS} == set(synthetic.SHAPES)
+    for index in range(6):   # samples stay pure functions of (seed, kind, index, split)
+        first = synthetic.make_video_edit(0, index, 3, 32, 32, held_out=True)
+        again = synthetic.make_video_edit(0, index, 3, 32, 32, held_out=True)
+        assert np.array_equal(first[0], again[0]) and first[2] == again[2]
+    paths = synthetic.generate(str(tmp_path), video_edits=2, image_edits=2, clips=2, frames=3,
+                               height=32, width=32, held_out=True)
+    assert sorted(paths) == ["clips", "image_edits", "video_edits"]
+    assert len(manifest.read_manifest(paths["video_edits"])) == 2

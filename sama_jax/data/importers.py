@@ -38,8 +38,10 @@ import csv
 import json
 import logging
 import os
+import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
+from sama_jax import cli
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import video_io
 
@@ -219,8 +221,13 @@ def import_manifest(fmt: str, inputs: Iterable[str], manifest_path: str, root: s
     return dict(manifest=manifest_path, samples=len(samples), kinds=kinds, bad_rows=len(bad), bad=bad)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    return cli.run("sama-import-manifest", lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="sama-import-manifest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, nargs="+", help="metadata files (csv/json/jsonl)")
     parser.add_argument("--out", required=True, help="manifest (.jsonl) to write")
@@ -233,7 +240,8 @@ def main(argv=None) -> None:
     summary = import_manifest(args.format, args.input, args.out, args.root, args.absolute, args.skip_bad_rows)
     print(f"{summary['samples']} samples {summary['kinds']} -> {summary['manifest']}"
           + (f"; skipped {summary['bad_rows']} bad rows" if summary["bad_rows"] else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

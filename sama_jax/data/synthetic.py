@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
+from sama_jax import cli
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import video_io
 
@@ -38,6 +40,9 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 STYLES = ("filled", "outline", "striped")
 EDITS = ("recolour", "replace", "remove", "add", "restyle")
 KIND_CODES = {"video_edit": 0, "image_edit": 1, "t2v": 2}
+# (colour, shape) pairs of the held-out split only: every colour and every shape is seen in training,
+# never in these combinations. A training sample never shows one; a held-out sample always does.
+HELD_OUT_PAIRS = frozenset((colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,32 +233,63 @@ def sample_rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, KIND_CODES[kind], index])
 
 
-def make_video_edit(seed: int, index: int, frames: int, height: int, width: int):
+def _in_split(held_out: bool | None, *scenes: Scene) -> bool:
+    """None: any sample; False: no held-out pair anywhere; True: at least one."""
+    if held_out is None:
+        return True
+    shown = {(o.colour, o.shape) for scene in scenes for o in scene.objects}
+    return bool(shown & HELD_OUT_PAIRS) == held_out
+
+
+def _draw(rng: np.random.Generator, held_out: bool | None, make):
+    """make(rng) -> (scenes, result), redrawn from the same generator until the scenes belong to the
+    split: a sample stays a pure function of (seed, kind, index, split)."""
+    while True:
+        scenes, result = make(rng)
+        if _in_split(held_out, *scenes):
+            return result
+
+
+def make_video_edit(seed: int, index: int, frames: int, height: int, width: int,
+                    held_out: bool | None = None):
     """(source (T,H,W,3), target, instruction, edit record) for video-edit sample `index`."""
-    rng = sample_rng(seed, "video_edit", index)
-    scene = random_scene(rng, height, width)
-    edited, text, record = random_edit(rng, scene, height, width)
-    return render(scene, frames, height, width), render(edited, frames, height, width), text, record
+    def make(rng):
+        scene = random_scene(rng, height, width)
+        edited, text, record = random_edit(rng, scene, height, width)
+        return (scene, edited), (render(scene, frames, height, width),
+                                 render(edited, frames, height, width), text, record)
+
+    return _draw(sample_rng(seed, "video_edit", index), held_out, make)
 
 
-def make_image_edit(seed: int, index: int, height: int, width: int):
+def make_image_edit(seed: int, index: int, height: int, width: int, held_out: bool | None = None):
     """(source (H,W,3), target, instruction, edit record) for image-edit sample `index`."""
-    rng = sample_rng(seed, "image_edit", index)
-    scene = random_scene(rng, height, width, still=True)
-    edited, text, record = random_edit(rng, scene, height, width, still=True)
-    return render(scene, 1, height, width)[0], render(edited, 1, height, width)[0], text, record
+    def make(rng):
+        scene = random_scene(rng, height, width, still=True)
+        edited, text, record = random_edit(rng, scene, height, width, still=True)
+        return (scene, edited), (render(scene, 1, height, width)[0], render(edited, 1, height, width)[0],
+                                 text, record)
+
+    return _draw(sample_rng(seed, "image_edit", index), held_out, make)
 
 
-def make_clip(seed: int, index: int, frames: int, height: int, width: int):
+def make_clip(seed: int, index: int, frames: int, height: int, width: int,
+              held_out: bool | None = None):
     """(clip (T,H,W,3), caption) for raw clip `index`."""
-    rng = sample_rng(seed, "t2v", index)
-    scene = random_scene(rng, height, width)
-    return render(scene, frames, height, width), caption(scene)
+    def make(rng):
+        scene = random_scene(rng, height, width)
+        return (scene,), (render(scene, frames, height, width), caption(scene))
+
+    return _draw(sample_rng(seed, "t2v", index), held_out, make)
 
 
 def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 64, clips: int = 64,
-             frames: int = 17, height: int = 64, width: int = 96, fps: float = 16.0) -> dict:
-    """Writes the media and the three manifests under `out`; returns {manifest name: path}."""
+             frames: int = 17, height: int = 64, width: int = 96, fps: float = 16.0,
+             held_out: bool | None = None) -> dict:
+    """Writes the media and the three manifests under `out`; returns {manifest name: path}.
+
+    held_out: None draws any scene; False (a training split) never shows a HELD_OUT_PAIRS object;
+    True (a held-out split) always shows at least one, in the source or the target."""
     if height % 2 or width % 2 or height < 16 or width < 16:
         raise ValueError(f"height and width must be even and >= 16 (H.264 yuv420p), got {height}x{width}")
     if frames < 1:
@@ -262,7 +298,7 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
     rows = {"video_edits": [], "image_edits": [], "clips": []}
     for i in range(video_edits):
         sid = f"synvid_{i:06d}"
-        source, target, text, record = make_video_edit(seed, i, frames, height, width)
+        source, target, text, record = make_video_edit(seed, i, frames, height, width, held_out)
         src, tgt = f"videos/{sid}_src.mp4", f"videos/{sid}_tgt.mp4"
         video_io.write_video(os.path.join(out, src), source, fps)
         video_io.write_video(os.path.join(out, tgt), target, fps)
@@ -270,7 +306,7 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
                                         edit=record, origin="synthetic", **size))
     for i in range(image_edits):
         sid = f"synimg_{i:06d}"
-        source, target, text, record = make_image_edit(seed, i, height, width)
+        source, target, text, record = make_image_edit(seed, i, height, width, held_out)
         src, tgt = f"images/{sid}_src.png", f"images/{sid}_tgt.png"
         video_io.write_image(os.path.join(out, src), source)
         video_io.write_image(os.path.join(out, tgt), target)
@@ -278,7 +314,7 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
                                         edit=record, origin="synthetic", height=height, width=width))
     for i in range(clips):
         sid = f"synclip_{i:06d}"
-        clip, text = make_clip(seed, i, frames, height, width)
+        clip, text = make_clip(seed, i, frames, height, width, held_out)
         path = f"clips/{sid}.mp4"
         video_io.write_video(os.path.join(out, path), clip, fps)
         rows["clips"].append(dict(id=sid, kind="t2v", target=path, text=text, origin="synthetic", **size))
@@ -289,8 +325,45 @@ def generate(out: str, seed: int = 0, video_edits: int = 64, image_edits: int = 
     return paths
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+# The embedded default of the tiny presets (sama-smoke, sama-train): small enough to make in seconds.
+DEFAULT_SIZE = dict(frames=9, height=64, width=64)
+DEFAULT_COUNTS = dict(video_edits=32, image_edits=32, clips=32)
+VAL_COUNTS = dict(video_edits=8, image_edits=8, clips=8)
+VAL_SEED = 1     # held out: a generator seed the training split never uses
+
+
+def ensure_dataset(data_dir: str, vocab_size: int) -> str:
+    """The tiny presets' data, made once under data_dir: the training split (seed 0, no
+    HELD_OUT_PAIRS object), a held-out split in data_dir/val (seed 1, each sample shows one) and a
+    SentencePiece tokenizer trained on the training texts.
+    Returns the tokenizer directory. Parts already present are kept."""
+    import glob
+
+    from sama_jax import text
+    from sama_jax.data import pretext
+
+    if not os.path.exists(os.path.join(data_dir, "video_edits.jsonl")):
+        print(f"generating the synthetic dataset in {data_dir}")
+        generate(data_dir, seed=0, **DEFAULT_COUNTS, **DEFAULT_SIZE, held_out=False)
+    val_dir = os.path.join(data_dir, "val")
+    if not os.path.exists(os.path.join(val_dir, "video_edits.jsonl")):
+        print(f"generating the held-out synthetic split in {val_dir}")
+        generate(val_dir, seed=VAL_SEED, **VAL_COUNTS, **DEFAULT_SIZE, held_out=True)
+    tokenizer_dir = os.path.join(data_dir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        texts = [s["text"] for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+                 for s in manifest_lib.read_manifest(path)]
+        texts += list(pretext.DEFAULT_TOKENS.values()) + ["[Video edit]"]
+        text.build_sentencepiece_tokenizer(texts, tokenizer_dir, vocab_size=vocab_size)
+    return tokenizer_dir
+
+
+def main(argv=None) -> int:
+    return cli.run("sama-make-synthetic", lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="sama-make-synthetic", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic", help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -301,12 +374,16 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--fps", type=float, default=16.0)
+    parser.add_argument("--split", default="any", choices=("any", "train", "held_out"),
+                        help="train: never a HELD_OUT_PAIRS (colour, shape) object; held_out: always one")
     args = parser.parse_args(argv)
     paths = generate(args.out, seed=args.seed, video_edits=args.video_edits, image_edits=args.image_edits,
-                     clips=args.clips, frames=args.frames, height=args.height, width=args.width, fps=args.fps)
+                     clips=args.clips, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+                     held_out={"any": None, "train": False, "held_out": True}[args.split])
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,12 +15,21 @@ semantic head reads the last hidden states at the semantic positions, unmodulate
 Precision (config): parameters in `param_dtype`, matmuls in `compute_dtype`; with
 residual_dtype='float32' (the official code) the residual stream, the modulation, the time MLP and
 the heads stay fp32 whatever the compute dtype. LayerNorm/RMSNorm statistics are always fp32.
-Blocks are stacked (leading 'layers' axis) and run with nnx.scan; `remat` is none | full |
-attention (keep only the attention outputs).
+Blocks are stacked (leading 'layers' axis) and run with nnx.scan (scan_layers=False: a Python
+loop); `remat` is none | full | attention (keep only the attention outputs). GELU and the norms
+have hand-written backward passes that keep one residual each.
+
+Context parallelism: called inside `sharding.use_mesh(mesh, rules)` where 'length' maps to mesh
+axes of total size > 1, the model pads the token sequence to a multiple of that size (padded keys
+masked, padded tokens dropped before the heads) and runs self-attention as `context_parallel` says
+(auto | ulysses | ring, models/attention.py); cross-attention keeps the queries sequence-sharded
+against whole text keys/values. Nothing else changes for the caller: the same call, the same
+results, under jit, grad and any remat policy.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -33,11 +42,13 @@ from jax.ad_checkpoint import checkpoint_name
 from sama_jax import config as config_lib
 from sama_jax import params_io, sharding
 from sama_jax.models import rope
-from sama_jax.models.attention import IMPLEMENTATIONS, attention
+from sama_jax.models import attention as attention_lib
+from sama_jax.models.attention import CONTEXT_PARALLEL, IMPLEMENTATIONS, attention
 
 KIND = "wan_dit"
 REMAT_POLICIES = ("none", "full", "attention")
-PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat")
+PRECISION_FIELDS = ("param_dtype", "compute_dtype", "residual_dtype", "attention", "remat",
+                    "context_parallel", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +74,8 @@ class WanDiTConfig:
     residual_dtype: str = "float32"      # float32 (official Wan) | the compute dtype (all-bf16)
     attention: str = "auto"              # auto | xla | cudnn | splash
     remat: str = "none"                  # none | full | attention
+    context_parallel: str = "auto"       # auto | ulysses | ring (used when the mesh has context > 1)
+    scan_layers: bool = True             # nnx.scan over the stacked blocks; False: a Python loop
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -72,6 +85,8 @@ class WanDiTConfig:
             raise ValueError(f"attention {self.attention!r} not in {IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ValueError(f"context_parallel {self.context_parallel!r} not in {CONTEXT_PARALLEL}")
         rope.constant_phasors(0, 2, self.semantic_rope)  # validates the mode
 
     @property
@@ -104,11 +119,39 @@ def _linear(cfg, din, dout, names, rngs, dtype=None, kernel_init=_xavier, bias_i
                       rngs=rngs)
 
 
-def _layer_norm_stats(x, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize(x, eps, center):
+    """fp32 (x - mean) / std over the last axis (LayerNorm, center=True) or x / rms (RMSNorm)."""
+    return _normalize_fwd(x, eps, center)[0]
+
+
+# The backward needs only the normalised output (which the following scale multiply keeps anyway)
+# and the per-token 1/std: autodiff of the formula would keep x, x - mean and y, three
+# (tokens x dim) fp32 arrays per norm, six norms per block.
+def _normalize_fwd(x, eps, center):
+    dtype_token = jnp.zeros((0,), x.dtype)    # the gradient goes back in the input's dtype
     x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    if center:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    y = x * inv_std
+    return y, (y, inv_std, dtype_token)
+
+
+def _normalize_bwd(eps, center, residuals, g):
+    y, inv_std, dtype_token = residuals
+    g = g.astype(jnp.float32)
+    dx = g - y * jnp.mean(g * y, axis=-1, keepdims=True)
+    if center:
+        dx = dx - jnp.mean(g, axis=-1, keepdims=True)
+    return ((dx * inv_std).astype(dtype_token.dtype),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _layer_norm_stats(x, eps):
+    return _normalize(x, eps, True)
 
 
 class LayerNorm(nnx.Module):
@@ -132,8 +175,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(_p(_ones, ("heads",))(rngs.params(), (dim,), param_dtype))
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = _normalize(x, self.eps, False)
         # Official order: normalise in fp32, back to the activation dtype, then scale.
         return y.astype(x.dtype) * self.scale.value.astype(x.dtype)
 
@@ -149,8 +191,30 @@ class MLP(nnx.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
+@jax.custom_vjp
 def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
+
+
+# Autodiff of the tanh formula keeps ~4 extra (tokens x ffn_dim) intermediates per layer for the
+# backward (x^2, x^3, the tanh, ...): the largest activations of the block. The derivative needs
+# only x, so that is all this saves (as PyTorch's fused gelu does).
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + _GELU_A * x32 ** 3))
+    grad = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * x32 * x32)
+    return ((g.astype(jnp.float32) * grad).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def gelu_erf(x):
@@ -169,7 +233,9 @@ class Attention(nnx.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps, cfg.param_dtype, rngs)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps, cfg.param_dtype, rngs)
 
-    def __call__(self, x, context=None, phasors=None):
+    def __call__(self, x, context=None, phasors=None, kv_valid=None):
+        """Self-attention when context is None (keys >= kv_valid masked: sequence padding), else
+        cross-attention to context."""
         cfg = self.cfg
         kv_input = x if context is None else context
         heads = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)
@@ -183,7 +249,11 @@ class Attention(nnx.Module):
         kv_names = ("batch", "length" if context is None else None, "act_heads", None)
         k = sharding.constrain(k, kv_names)
         v = sharding.constrain(v, kv_names)
-        out = attention(q, k, v, cfg.attention)
+        if context is None:
+            out = attention_lib.self_attention(q, k, v, cfg.attention, cfg.context_parallel, kv_valid)
+        else:
+            # Queries stay sequence-sharded; the text keys/values are whole on every context shard.
+            out = attention(q, k, v, cfg.attention)
         out = checkpoint_name(out, "attention")
         return self.o(out.reshape(*out.shape[:2], cfg.dim))
 
@@ -199,14 +269,15 @@ class WanBlock(nnx.Module):
         self.cross_attn = Attention(cfg, rngs)
         self.ffn = MLP(cfg, cfg.dim, cfg.ffn_dim, cfg.dim, gelu_tanh, rngs)
 
-    def __call__(self, x, context, e0, phasors):
+    def __call__(self, x, context, e0, phasors, kv_valid=None):
         cfg = self.cfg
         rd, cd = x.dtype, jnp.dtype(cfg.compute_dtype)
         mod = self.modulation.value.astype(rd) + e0
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         norm = lambda t: _layer_norm_stats(t, cfg.eps).astype(rd)
 
-        y = self.self_attn((norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors)
+        y = self.self_attn((norm(x) * (1 + scale_msa) + shift_msa).astype(cd), phasors=phasors,
+                           kv_valid=kv_valid)
         x = x + y.astype(rd) * gate_msa
         x = x + self.cross_attn(self.norm3(x).astype(cd), context=context).astype(rd)
         y = self.ffn((norm(x) * (1 + scale_mlp) + shift_mlp).astype(cd))
@@ -339,16 +410,25 @@ class WanDiT(nnx.Module):
         e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, cfg.dim)
         return e, sharding.constrain(e0, ("batch", None, "act_embed"))
 
-    def run_blocks(self, x, context, e0, phasors):
+    def run_blocks(self, x, context, e0, phasors, kv_valid=None):
         remat = self.cfg.remat
 
         def layer(block, x):
-            return block(x, context, e0, phasors)
+            return block(x, context, e0, phasors, kv_valid)
 
         if remat == "full":
             layer = nnx.remat(layer)
         elif remat == "attention":
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.save_only_these_names("attention"))
+
+        if not self.cfg.scan_layers:
+            # One copy of the block per layer in the program: longer compiles, but no per-layer
+            # dynamic-slice of the stacked weights and no stacked gradient accumulators, which on
+            # XLA:CPU cost as much as the matmuls at short sequences.
+            graphdef, state = nnx.split(self.blocks)
+            for i in range(self.cfg.num_layers):
+                x = layer(nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state)), x)
+            return x
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -389,16 +469,27 @@ class WanDiT(nnx.Module):
         num_source = tokens[0].shape[1] if source_latents is not None else 0
         num_target = target.shape[1]
 
-        x = sharding.constrain(jnp.concatenate(tokens, axis=1), ("batch", "length", "act_embed"))
-        phasors = (jnp.asarray(np.concatenate(cos)), jnp.asarray(np.concatenate(sin)))
+        x = jnp.concatenate(tokens, axis=1)
+        cos, sin = np.concatenate(cos), np.concatenate(sin)
+        # Context parallelism splits the tokens evenly: pad to a multiple of the context axis with
+        # tokens that no query attends to (kv_valid) and that are dropped before the heads.
+        num_tokens = x.shape[1]
+        pad = -num_tokens % attention_lib.context_size()
+        kv_valid = num_tokens if pad else None
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            cos = np.pad(cos, ((0, pad), (0, 0)), constant_values=1.0)
+            sin = np.pad(sin, ((0, pad), (0, 0)))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        phasors = (jnp.asarray(cos), jnp.asarray(sin))
         e, e0 = self.embed_time(timesteps)
         context = self.embed_text(text)
-        x = self.run_blocks(x, context, e0, phasors)
+        x = self.run_blocks(x, context, e0, phasors, kv_valid)[:, :num_tokens]
 
         semantic_velocity = None
         if semantic_tokens is not None:
             semantic_velocity = self.semantic_head(x[:, num_source:num_source + num_semantic])
-        velocity = self.unpatchify(self.head(x[:, x.shape[1] - num_target:], e), grid)
+        velocity = self.unpatchify(self.head(x[:, num_tokens - num_target:], e), grid)
         return velocity, semantic_velocity
 
 

@@ -1,0 +1,220 @@
+"""A training run directory: everything needed to continue the run or to edit with it.
+
+    WORKDIR/config.json        the resolved config (a resumed run must match it, key by key)
+    WORKDIR/checkpoints/<step>/  Orbax items params, ema, opt_state, train, data, config
+    WORKDIR/encoders.json      the frozen encoders and tokenizer the run used: {vae, text_encoder,
+                               siglip, tokenizer} -> path (relative paths are inside WORKDIR)
+    WORKDIR/encoders/<name>/   params checkpoints of generated encoders (tiny preset: random ones)
+    WORKDIR/tokenizer/         the generated tokenizer (tiny preset)
+    WORKDIR/events.out.tfevents.*   TensorBoard metrics (clu)
+
+    run = run_dir.load_run("runs/x", use_ema=True, mesh=mesh, rules=rules)
+    run.config, run.dit, run.encoders, run.tokenizer, run.step
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sama_jax import conditioning, params_io, sharding
+from sama_jax.config import ConfigError
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+ENCODERS_FILE = "encoders.json"
+ENCODERS_DIR = "encoders"
+TOKENIZER_DIR = "tokenizer"
+ENCODER_NAMES = ("vae", "text_encoder", "siglip")
+# Keys that may differ between the runs of one workdir without changing what is trained.
+IGNORED_KEYS = ("workdir",)
+
+
+class Run(NamedTuple):
+    config: ml_collections.ConfigDict
+    dit: nnx.Module
+    encoders: conditioning.Encoders
+    tokenizer: Any
+    step: int
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
+        os.path.join(path, CHECKPOINTS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The config
+
+
+def config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a sama-train run directory")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.lock()
+    return config
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(old: Mapping, new: Mapping) -> list[str]:
+    """'key: old -> new' for every differing leaf of two config JSONs."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b))
+            if k not in IGNORED_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
+    """Writes WORKDIR/config.json; a workdir holding another config is refused, its differing keys
+    named (allow_change: accepted, and the new config is written)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    new = config_json(config)
+    if os.path.isfile(path):
+        with open(path) as f:
+            differences = config_differences(json.load(f), new)
+        if differences and not allow_change:
+            raise ConfigError(
+                f"{workdir} holds a run with another config ({len(differences)} differing keys: "
+                + "; ".join(differences) + "); use another --workdir, or --allow-config-change to "
+                "continue this run with the new config")
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(new, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoders and tokenizer
+
+
+def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, config) -> dict:
+    """Writes the run's generated encoders into WORKDIR/encoders/<name>; -> {name: relative path}.
+    Every process calls it (the arrays are gathered; Orbax's save is collective)."""
+    from jax.experimental import multihost_utils
+
+    from sama_jax.models import siglip, umt5, wan_vae
+
+    kinds = {"vae": (wan_vae.KIND, config.model.vae), "text_encoder": (umt5.KIND, config.model.text_encoder),
+             "siglip": (siglip.KIND, config.model.siglip)}
+    modules = {"vae": encoders.vae, "text_encoder": encoders.text_encoder, "siglip": encoders.vision}
+    paths = {}
+    for name, module in modules.items():
+        if module is None:
+            continue
+        relative = os.path.join(ENCODERS_DIR, name)
+        target = os.path.join(workdir, relative)
+        if not os.path.isdir(target):
+            params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                  nnx.to_pure_dict(nnx.state(module)))
+            kind, section = kinds[name]
+            # Collective in Orbax (every process calls it; process 0 writes host arrays).
+            params_io.save_params(target, params, kind, section.to_dict())
+        paths[name] = relative
+    return paths
+
+
+def write_encoder_paths(workdir: str, paths: Mapping[str, str]) -> None:
+    with open(os.path.join(workdir, ENCODERS_FILE), "w") as f:
+        json.dump(dict(paths), f, indent=1, sort_keys=True)
+
+
+def read_encoder_paths(workdir: str) -> dict:
+    path = os.path.join(workdir, ENCODERS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the run did not record its encoders")
+    with open(path) as f:
+        paths = json.load(f)
+    return {k: (v if not v or os.path.isabs(v) else os.path.join(workdir, v)) for k, v in paths.items()}
+
+
+def copy_tokenizer(workdir: str, tokenizer_dir: str) -> str:
+    """A generated tokenizer, copied into the run directory; -> its relative path."""
+    target = os.path.join(workdir, TOKENIZER_DIR)
+    if not os.path.isdir(target):
+        shutil.copytree(tokenizer_dir, target)
+    return TOKENIZER_DIR
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def abstract_params(dit_config, mesh=None, rules=None):
+    """(graphdef, abstract nnx.Param state with shardings, rest) of the DiT `dit_config` builds."""
+    from sama_jax.models import wan_dit
+
+    abstract = wan_dit.abstract_dit(dit_config)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if mesh is not None:
+        shardings = sharding.state_shardings(params, mesh, rules or sharding.DEFAULT_RULES)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, params)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params, shardings)
+    return graphdef, params, rest
+
+
+def check_same_architecture(run_config, config, where: str) -> None:
+    old, new = dict(run_config.model.dit), dict(config.model.dit)
+    differences = config_differences(old, new)
+    if differences:
+        raise ConfigError(f"{where}: its model.dit differs from this config's: " + "; ".join(differences))
+
+
+def restore_params(workdir: str, params_abstract, *, use_ema: bool, step: int | None = None):
+    """The params (or EMA) of a run directory's latest (or given) checkpoint, cast to the abstract
+    target's dtypes; -> (params, step)."""
+    from sama_jax import checkpointing
+
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS), read_only=True)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint")
+    item = "ema" if use_ema else "params"
+    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, np.float32 if use_ema else x.dtype, sharding=x.sharding), params_abstract)
+    params = checkpointer.restore_tree(step, item, stored)
+    checkpointer.close()
+    return jax.tree.map(lambda p, a: p.astype(a.dtype), params, params_abstract), step
+
+
+def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Run:
+    """A run directory alone -> its config, DiT (EMA or raw parameters of the latest checkpoint),
+    frozen encoders, tokenizer and step. With `mesh`, arrays are placed by `rules` (default: the
+    run's sharding_rules)."""
+    from sama_jax import text
+    from sama_jax.models import wan_dit
+
+    config = read_config(workdir)
+    rules = rules if rules is not None else sharding.axis_rules(config.sharding_rules)
+    graphdef, params_abstract, rest = abstract_params(
+        wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision), mesh, rules)
+    params, step = restore_params(workdir, params_abstract, use_ema=use_ema)
+    dit = nnx.merge(graphdef, params, rest)
+    paths = read_encoder_paths(workdir)
+    names = tuple(n for n in ENCODER_NAMES if paths.get(n))
+    encoders = conditioning.load_encoders(config, paths, mesh=mesh, rules=rules, names=names)
+    tokenizer = text.load_tokenizer(paths["tokenizer"]) if paths.get("tokenizer") else None
+    return Run(config, dit, encoders, tokenizer, step)

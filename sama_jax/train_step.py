@@ -1,0 +1,252 @@
+"""The train state and the jitted, sharded train step of sama-train.
+
+    parts = train_step.StepParts.build(config, mesh, rules, dit_graphdef, encoders)
+    state = parts.init_state(params)                 # sharded; or checkpointing.restore(...)
+    step = train_step.make_train_step(config, parts)
+    state, metrics = step(state, parts.encoder_state, batch)   # batch: sharding.shard_batch(...)
+
+The state is a dict of pytrees: params (nnx.State of the DiT's nnx.Param), opt_state (optax), ema
+(fp32 copy of params), and scalars step, rng (the run's base key; step s uses fold_in(rng, s)),
+skipped_updates and nonfinite_in_row. Everything the step needs is in it, so a resumed run repeats
+an uninterrupted one bit for bit.
+
+The step (jax.jit, explicit in/out shardings, state donated): the frozen encoders make the DiT inputs
+from the batch (conditioning.dit_inputs), one shifted sigma per sample noises the target latents and
+the semantic tokens, the loss is SAMA's (flow_matching.sama_loss, weighted by the batch's `valid`),
+averaged over train.grad_accum micro-batches with lax.scan, clipped, AdamW, EMA. A step whose loss or
+gradient norm is not finite leaves params, opt_state and ema as they were and is counted.
+
+Abstract use (benchmarks): build the parts from an abstract DiT/encoders (nnx.eval_shape), then
+step.lower(abstract_state, abstract_encoder_state, abstract_batch).compile().memory_analysis().
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sama_jax import conditioning, flow_matching, optim, sharding
+from sama_jax.config import ConfigError
+from sama_jax.features import BATCH_PREFIX
+
+LOSS_WEIGHTINGS = ("none", "gaussian_bump")
+SCALARS = ("step", "skipped_updates", "nonfinite_in_row")
+
+
+def encoder_names(config) -> tuple[str, ...]:
+    """The frozen encoders the run needs: conditioning.needed, without SigLIP when semantic
+    anchoring is switched off (train.semantic_anchoring=False)."""
+    names = conditioning.needed(config)
+    if not config.train.semantic_anchoring:
+        names = tuple(n for n in names if n != "siglip")
+    return names
+
+
+def check_config(config, num_batch_shards: int) -> None:
+    """Bad train settings, named before anything is built."""
+    train = config.train
+    if train.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"train.loss_weighting={train.loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
+    accum, batch = int(train.grad_accum), int(train.batch_size)
+    if accum < 1 or batch % accum:
+        raise ConfigError(f"train.grad_accum={accum} must be >= 1 and divide train.batch_size={batch}")
+    if (batch // accum) % num_batch_shards:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {batch // accum} samples per "
+                          f"micro-batch is not divisible by the {num_batch_shards} devices the batch "
+                          "is sharded over (mesh data x fsdp): change train.batch_size or the mesh")
+
+
+def batch_axes(rules) -> Any:
+    return sharding.logical_to_mesh_spec(("batch",), rules)[0]
+
+
+@dataclasses.dataclass
+class StepParts:
+    """What the step is built from: graph definitions, shardings, the frozen encoders' state."""
+    mesh: jax.sharding.Mesh
+    rules: Any
+    dit_graphdef: Any
+    dit_rest: Any                 # the DiT's non-parameter variables (none today), unchanged
+    encoder_graphdef: Any
+    encoder_state: Any            # sharded arrays (or abstract ones for a benchmark)
+    encoder_shardings: Any
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    tx: optax.GradientTransformation
+    seed: int
+
+    @classmethod
+    def build(cls, config, mesh, rules, dit: nnx.Module, encoders: nnx.Module) -> "StepParts":
+        """dit, encoders: real (sharded) or abstract modules."""
+        dit_graphdef, params, rest = nnx.split(dit, nnx.Param, ...)
+        encoder_graphdef, encoder_state = nnx.split(encoders)
+        tx = optim.make_optimizer(config)
+        abstract = jax.eval_shape(lambda p: _init(p, tx, 0), params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        param_shardings = sharding.state_shardings(params, mesh, rules)
+        state_shardings = dict(
+            params=param_shardings,
+            ema=param_shardings,
+            opt_state=sharding.logical_shardings(nnx.get_partition_spec(abstract["opt_state"]),
+                                                 mesh, rules),
+            rng=replicated, **{k: replicated for k in SCALARS})
+        return cls(mesh, rules, dit_graphdef, rest, encoder_graphdef, encoder_state,
+                   sharding.state_shardings(encoder_state, mesh, rules), state_shardings,
+                   NamedSharding(mesh, PartitionSpec(batch_axes(rules))), tx, int(config.seed))
+
+    def init_state(self, params) -> dict:
+        """A fresh train state (optimizer, EMA, counters) around params, placed on the mesh."""
+        return jax.jit(lambda p: _init(p, self.tx, self.seed),
+                       out_shardings=self.state_shardings)(params)
+
+    def abstract_state(self, params) -> dict:
+        """The state's ShapeDtypeStructs with their shardings (checkpoint restore, benchmarks);
+        params: the DiT's nnx.Param state, real or abstract."""
+        shapes = jax.eval_shape(lambda p: _init(p, self.tx, self.seed), params)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, self.state_shardings)
+
+
+def _init(params, tx, seed: int) -> dict:
+    return dict(params=params, opt_state=tx.init(params), ema=optim.ema_init(params),
+                rng=jax.random.PRNGKey(seed), step=jnp.zeros((), jnp.int32),
+                skipped_updates=jnp.zeros((), jnp.int32), nonfinite_in_row=jnp.zeros((), jnp.int32))
+
+
+class TrainStep:
+    """The jitted step; calls and lowerings run under the mesh and its logical rules."""
+
+    def __init__(self, jitted, mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, state, encoder_state, batch):
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self.jitted(state, encoder_state, batch)
+
+    def lower(self, state, encoder_state, batch):
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(state, encoder_state, batch)
+
+
+def make_objective(config, dit_graphdef, dit_rest, encoder_graphdef):
+    """SAMA's objective in two parts: prepare(encoder_state, batch, key, sigma=None) runs the frozen
+    encoders and noises (outside any gradient); loss(params, prepared) -> (loss, metrics) runs the
+    DiT. The validation-loss evaluator uses them with fixed sigmas."""
+    train = config.train
+    shift, anchoring = float(train.timestep_shift), bool(train.semantic_anchoring)
+    semantic_weight, weighting = float(train.semantic_loss_weight), train.loss_weighting
+
+    def prepare(encoder_state, batch, key, sigma=None) -> dict:
+        encoders = nnx.merge(encoder_graphdef, encoder_state)
+        if not anchoring:
+            # No SigLIP in the run: an empty stand-in keeps dit_inputs from running one.
+            batch = dict(batch, **{BATCH_PREFIX + "semantic": jnp.zeros((batch["valid"].shape[0], 0, 1))})
+        inputs = conditioning.dit_inputs(encoders, batch)
+        k_sigma, k_noise, k_semantic = jax.random.split(key, 3)
+        size = inputs.x0.shape[0]
+        if sigma is None:
+            sigma = flow_matching.sample_sigma(k_sigma, size, shift)
+        sigma = jnp.broadcast_to(sigma, (size,))
+        noise = jax.random.normal(k_noise, inputs.x0.shape, inputs.x0.dtype)
+        out = dict(x0=inputs.x0, noise=noise, x_t=flow_matching.add_noise(inputs.x0, noise, sigma),
+                   timesteps=flow_matching.NUM_TRAIN_TIMESTEPS * sigma, context=inputs.context,
+                   source_latents=inputs.source_latents, valid=batch["valid"])
+        if anchoring:
+            semantic_noise = jax.random.normal(k_semantic, inputs.semantic_x0.shape,
+                                               inputs.semantic_x0.dtype)
+            out.update(semantic_x0=inputs.semantic_x0, semantic_noise=semantic_noise,
+                       semantic_t=flow_matching.add_noise(inputs.semantic_x0, semantic_noise, sigma))
+        return out
+
+    def loss(params, p: dict):
+        dit = nnx.merge(dit_graphdef, params, dit_rest)
+        velocity, semantic_velocity = dit(p["x_t"], p["timesteps"], p["context"],
+                                          source_latents=p["source_latents"],
+                                          semantic_tokens=p.get("semantic_t"))
+        fm_weight = (flow_matching.gaussian_bump_weight(p["timesteps"], shift)
+                     if weighting == "gaussian_bump" else None)
+        return flow_matching.sama_loss(
+            velocity, p["noise"], p["x0"], semantic_velocity, p.get("semantic_noise"),
+            p.get("semantic_x0"), semantic_weight, valid=p["valid"], fm_weight=fm_weight)
+
+    return prepare, loss
+
+
+def _micro_batches(batch, accum: int):
+    """(B, ...) -> (accum, B / accum, ...), micro-batch i = samples i, i + accum, ...: each device
+    keeps its own samples (no data movement), and every micro-batch stays sharded on 'batch'."""
+    def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(config, parts: StepParts) -> TrainStep:
+    prepare, loss_fn = make_objective(config, parts.dit_graphdef, parts.dit_rest,
+                                      parts.encoder_graphdef)
+    accum = int(config.train.grad_accum)
+    ema_decay = float(config.optimizer.ema_decay)
+    schedule = optim.learning_rate(config)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(params, encoder_state, batch, key):
+        return grad_fn(params, prepare(encoder_state, batch, key))
+
+    def step_fn(state, encoder_state, batch):
+        params = state["params"]
+        key = jax.random.fold_in(state["rng"], state["step"])
+        if accum == 1:
+            (_, metrics), grads = micro_step(params, encoder_state, batch, key)
+        else:
+            def body(carry, xs):
+                micro, i = xs
+                (_, m), g = micro_step(params, encoder_state, micro, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            first = jax.tree.map(lambda x: x[:x.shape[0] // accum], batch)
+            shapes = jax.eval_shape(lambda: micro_step(params, encoder_state, first, key)[0][1])
+            zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, metrics), _ = jax.lax.scan(
+                body, (zeros, zero_metrics), (_micro_batches(batch, accum), jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            metrics = jax.tree.map(lambda m: m / accum, metrics)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = parts.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ema = optim.ema_update(state["ema"], new_params, ema_decay)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        skipped = state["skipped_updates"] + (~finite).astype(jnp.int32)
+        new_state = dict(
+            params=keep_if_finite(new_params, params),
+            opt_state=keep_if_finite(opt_state, state["opt_state"]),
+            ema=keep_if_finite(ema, state["ema"]),
+            rng=state["rng"], step=state["step"] + 1, skipped_updates=skipped,
+            nonfinite_in_row=jnp.where(finite, 0, state["nonfinite_in_row"] + 1))
+        metrics = dict(
+            metrics, grad_norm=grad_norm, update_norm=optax.global_norm(updates),
+            param_norm=optax.global_norm(new_state["params"]),
+            # The rate of the update this step applied: AdamW's count skips skipped steps.
+            lr=schedule(state["step"] - state["skipped_updates"]),
+            valid_fraction=jnp.mean(batch["valid"].astype(jnp.float32)),
+            finite=finite.astype(jnp.float32), skipped_updates=skipped,
+            nonfinite_in_row=new_state["nonfinite_in_row"])
+        return new_state, metrics
+
+    replicated = NamedSharding(parts.mesh, PartitionSpec())
+    jitted = jax.jit(step_fn,
+                     in_shardings=(parts.state_shardings, parts.encoder_shardings,
+                                   parts.batch_sharding),
+                     out_shardings=(parts.state_shardings, replicated),
+                     donate_argnums=(0,))
+    return TrainStep(jitted, parts.mesh, parts.rules)

@@ -1,0 +1,32 @@
+"""sama-demo end to end, shortened (--quick: a few steps of every phase): the same commands the full
+demo runs, and every output it promises."""
+import json
+import os
+
+import pytest
+
+from sama_jax import demo
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "inside and outside the edited region" in out
+    with open(workdir / "report.json") as f:
+        report = json.load(f)
+    assert set(report["tables"]) == {"trained", "untrained", "copy"}
+    cases = report["tables"]["trained"]["all"]["cases"]
+    assert cases == demo.QUICK["cases"] == len(report["per_case"]["copy"])
+    # Copying the source is exact outside the edited region up to the H.264 round trip.
+    assert report["tables"]["copy"]["all"]["psnr_out"] > 30
+    assert set(report["phase_seconds"]) == set(demo.PHASES)
+    for name in ("report.txt", "sheet.png", "index.html"):
+        assert os.path.getsize(workdir / name) > 0
+    page = (workdir / "index.html").read_text()
+    assert page.count("<video") == 4 * cases
+    # A rerun continues from what is done: every phase but the report is skipped.
+    assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
+    rerun = capsys.readouterr().out
+    assert all(f"{phase} done before" in rerun for phase in demo.PHASES[:-1])
