@@ -257,13 +257,17 @@ def saved_residual_bytes(config, mesh, rules, frames, height, width) -> int:
 
     from sama_jax import sharding
 
-    cfg, shape = config.model.dit, dict(mesh.shape)
-    split = lambda name: math.prod(shape[a] for a in jax_axes(sharding.logical_to_mesh_spec((name,), rules)[0]))
+    cfg, shape, precision = config.model.dit, dict(mesh.shape), config.precision
+
+    def split(name):
+        return math.prod(shape[a] for a in jax_axes(sharding.logical_to_mesh_spec((name,), rules)[0]))
+
     samples = config.train.batch_size / split("batch")
     local_tokens = samples * tokens(config, frames, height, width) / split("length")
-    per_layer = local_tokens * cfg.dim / split("act_embed") * np.dtype(config.precision.residual_dtype).itemsize
-    if config.precision.remat == "attention":
-        per_layer += local_tokens * cfg.dim / split("act_heads") * np.dtype(config.precision.compute_dtype).itemsize
+    per_layer = local_tokens * cfg.dim / split("act_embed") * np.dtype(precision.residual_dtype).itemsize
+    if precision.remat == "attention":
+        per_layer += (local_tokens * cfg.dim / split("act_heads")
+                      * np.dtype(precision.compute_dtype).itemsize)
     return int(cfg.num_layers * per_layer)
 
 
@@ -361,16 +365,16 @@ def analyse(compiled, split, hbm_gib, headroom):
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def groups(args, context_parallel: bool):
+def groups(args):
     """[(layout, kind, frames, candidates in preference order)]."""
     out = []
     for layout_name in args.layout:
         layout = LAYOUTS[layout_name]
         for kind in args.kind:
             candidates = layout.train if kind == "train" else layout.edit
-            if context_parallel:   # after plain FSDP, before tensor parallelism
-                extra = _TRAIN_CP if kind == "train" else _EDIT_CP
-                candidates = candidates[:1] + extra + candidates[1:]
+            # Context parallelism after plain FSDP, before tensor parallelism.
+            extra = _TRAIN_CP if kind == "train" else _EDIT_CP
+            candidates = candidates[:1] + extra + candidates[1:]
             candidates = [c for c in candidates if not args.sharding or c.name in args.sharding]
             for frames in args.frames:
                 if candidates:
@@ -435,12 +439,9 @@ def main(argv=None) -> int:
     config, args = parse(sys.argv[1:] if argv is None else argv)
     import jax
 
-    from sama_jax.models import wan_dit
-
     splash_attention_everywhere()
     use_tpu = args.backend == "tpu"
-    context_parallel = "context_parallel" in {f.name for f in dataclasses.fields(wan_dit.WanDiTConfig)}
-    todo = groups(args, context_parallel)
+    todo = groups(args)
     if not todo:
         raise SystemExit(f"memory_plan: error: no candidate named {args.sharding}")
     results = load_results(args.json)
@@ -500,7 +501,8 @@ def print_table(results):
         print(f"{r['kind']:5} {r['layout']:7} {r['backend']:7} {r['frames']:6} {r['tokens']:6} "
               f"{r['sharding']:16} {mesh:12} {r['batch']:5} {vals}")
     print("\nrecommended (first fitting candidate, fastest first):")
-    for (kind, layout, frames), r in sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
+    ranked = sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2]))
+    for (kind, layout, frames), r in ranked:
         ici = ",".join(f"{a}={s}" for a, s in r["mesh"].items() if s != 1) or "one device"
         print(f"  {kind:5} {layout:7} {frames:3}f: {r['sharding']:16} mesh {ici}, remat={r['remat']}"
               f" -> {r['memory']['peak']:.1f} GiB of {r['hbm_gib']:.0f}")
