@@ -43,6 +43,7 @@ minutes on 2 idle cores (first fit), several times that on a loaded machine.
 Results are merged into --json (default memory_plan.json) keyed by kind/layout/frames/sharding/
 backend: a rerun of one case replaces that case only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,15 +56,16 @@ import time
 
 from sama_jax import config as config_lib  # starts no jax backend: --cpu-devices still applies
 
-GIB = 1024 ** 3
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
-                              "stage1_sft.py") + ":wan_14b"
+GIB = 1024**3
+DEFAULT_CONFIG = (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "stage1_sft.py") + ":wan_14b"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     name: str
-    ici: dict          # mesh.ici axis sizes (-1 fills)
+    ici: dict  # mesh.ici axis sizes (-1 fills)
     remat: str = "full"
     rules: tuple = ()  # logical rules put before the config's (the first match wins)
 
@@ -73,7 +75,7 @@ class Layout:
     name: str
     chips: int
     hbm_gib: float
-    topology: str | None   # TPU topology for an ahead-of-time TPU compile (libtpu), else None
+    topology: str | None  # TPU topology for an ahead-of-time TPU compile (libtpu), else None
     train: tuple[Candidate, ...]
     edit: tuple[Candidate, ...]
 
@@ -91,16 +93,24 @@ _SP = (("act_embed", "tensor"),)
 # Fastest first: plain FSDP, then context parallelism (an all-to-all per attention), then tensor
 # parallelism (collectives in every matmul). Remat of the attention outputs only is last: measured,
 # it keeps far more than full remat (14B, 8xH100, 17 frames: 88.7 GiB per device against 41).
-_TRAIN = (_c("fsdp", fsdp=-1), _c("fsdp+tp4+sp", rules=_SP, fsdp=-1, tensor=4),
-          _c("fsdp/attn-remat", "attention", fsdp=-1))
+_TRAIN = (
+    _c("fsdp", fsdp=-1),
+    _c("fsdp+tp4+sp", rules=_SP, fsdp=-1, tensor=4),
+    _c("fsdp/attn-remat", "attention", fsdp=-1),
+)
 # With context parallelism the parameters (and AdamW, EMA) shard over fsdp x context, not over fsdp
 # alone: the context devices of a sample need the same gathered weights anyway.
 _ZERO_OVER_CONTEXT = (("embed", ("fsdp", "context")),)
-_TRAIN_CP = (_c("fsdp+cp4", rules=_ZERO_OVER_CONTEXT, fsdp=-1, context=4),
-             _c("fsdp+cp8", rules=_ZERO_OVER_CONTEXT, fsdp=-1, context=8))
+_TRAIN_CP = (
+    _c("fsdp+cp4", rules=_ZERO_OVER_CONTEXT, fsdp=-1, context=4),
+    _c("fsdp+cp8", rules=_ZERO_OVER_CONTEXT, fsdp=-1, context=8),
+)
 # sama-edit's default mesh is fsdp=-1 (CFG batch replicated); data=2 splits the doubled batch.
-_EDIT = (_c("dp2+fsdp", "none", data=2, fsdp=-1), _c("fsdp", "none", fsdp=-1),
-         _c("dp2+tp4", "none", data=2, tensor=4, fsdp=-1))
+_EDIT = (
+    _c("dp2+fsdp", "none", data=2, fsdp=-1),
+    _c("fsdp", "none", fsdp=-1),
+    _c("dp2+tp4", "none", data=2, tensor=4, fsdp=-1),
+)
 _EDIT_CP = (_c("dp2+cp4", "none", data=2, context=4, fsdp=-1),)
 
 LAYOUTS = {
@@ -115,26 +125,45 @@ SEMANTIC_TOKENS = 65
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", action="append", choices=sorted(LAYOUTS),
-                   help="slice to plan (repeatable; default all)")
-    p.add_argument("--frames", type=int, action="append",
-                   help=f"video frames, 4k+1 (repeatable; default {FRAMES})")
+    p.add_argument(
+        "--layout", action="append", choices=sorted(LAYOUTS), help="slice to plan (repeatable; default all)"
+    )
+    p.add_argument(
+        "--frames", type=int, action="append", help=f"video frames, 4k+1 (repeatable; default {FRAMES})"
+    )
     p.add_argument("--kind", action="append", choices=KINDS, help="train and/or edit (default both)")
-    p.add_argument("--sharding", action="append",
-                   help="candidate name(s) to lower (default all of the layout's)")
+    p.add_argument(
+        "--sharding", action="append", help="candidate name(s) to lower (default all of the layout's)"
+    )
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the edit")
-    p.add_argument("--all-candidates", action="store_true",
-                   help="lower every candidate (default: stop at the first that fits)")
-    p.add_argument("--backend", choices=("cpu", "tpu"), default="cpu",
-                   help="cpu: every slice on simulated CPU devices; tpu: TPU slices compiled ahead "
-                        "of time by the TPU compiler (needs libtpu; ~4x the compile time)")
-    p.add_argument("--headroom", type=float, default=0.1,
-                   help="fraction of HBM a fitting plan must leave free (default 0.1)")
+    p.add_argument(
+        "--all-candidates",
+        action="store_true",
+        help="lower every candidate (default: stop at the first that fits)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("cpu", "tpu"),
+        default="cpu",
+        help="cpu: every slice on simulated CPU devices; tpu: TPU slices compiled ahead "
+        "of time by the TPU compiler (needs libtpu; ~4x the compile time)",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=0.1,
+        help="fraction of HBM a fitting plan must leave free (default 0.1)",
+    )
     p.add_argument("--json", default="memory_plan.json", help="results file (merged, not replaced)")
-    p.add_argument("--cpu-devices", "--cpu_devices", type=int, default=0,
-                   help="simulated devices (default: the most chips of the layouts asked for)")
+    p.add_argument(
+        "--cpu-devices",
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="simulated devices (default: the most chips of the layouts asked for)",
+    )
     return p
 
 
@@ -149,15 +178,20 @@ def parse(argv):
         if f < 1 or (f - 1) % 4:
             raise SystemExit(f"memory_plan: error: --frames {f}: the Wan VAE takes 4k+1 frames")
     if args.height % 16 or args.width % 16:
-        raise SystemExit(f"memory_plan: error: --height/--width {args.height}x{args.width} must be "
-                         "multiples of 16 (VAE 8x, patch 2x)")
+        raise SystemExit(
+            f"memory_plan: error: --height/--width {args.height}x{args.width} must be "
+            "multiples of 16 (VAE 8x, patch 2x)"
+        )
     chips = max(LAYOUTS[name].chips for name in args.layout)
     if args.cpu_devices and args.cpu_devices < chips:
-        raise SystemExit(f"memory_plan: error: --cpu-devices {args.cpu_devices} < {chips} chips of "
-                         f"{args.layout}")
+        raise SystemExit(
+            f"memory_plan: error: --cpu-devices {args.cpu_devices} < {chips} chips of {args.layout}"
+        )
     if args.backend == "tpu" and not libtpu_available():
-        raise SystemExit('memory_plan: error: --backend tpu needs libtpu: pip install "libtpu==0.0.42.*" '
-                         "(the jax[tpu] pin of jax 0.10.2)")
+        raise SystemExit(
+            'memory_plan: error: --backend tpu needs libtpu: pip install "libtpu==0.0.42.*" '
+            "(the jax[tpu] pin of jax 0.10.2)"
+        )
     config_lib.simulate_cpu_devices([f"--cpu_devices={max(chips, args.cpu_devices)}"])
     return config_lib.build_config(spec or DEFAULT_CONFIG, overrides), args
 
@@ -180,8 +214,7 @@ def splash_attention_everywhere():
         return attention(q, k, v, "splash", splash_interpret=_INTERPRET[0])
 
     def own(q, k, v, implementation="auto", context_parallel="auto", kv_valid=None):
-        return self_attention(q, k, v, "splash", context_parallel, kv_valid,
-                              splash_interpret=_INTERPRET[0])
+        return self_attention(q, k, v, "splash", context_parallel, kv_valid, splash_interpret=_INTERPRET[0])
 
     wan_dit.attention, attention_lib.self_attention = cross, own
 
@@ -266,8 +299,7 @@ def saved_residual_bytes(config, mesh, rules, frames, height, width) -> int:
     local_tokens = samples * tokens(config, frames, height, width) / split("length")
     per_layer = local_tokens * cfg.dim / split("act_embed") * np.dtype(precision.residual_dtype).itemsize
     if precision.remat == "attention":
-        per_layer += (local_tokens * cfg.dim / split("act_heads")
-                      * np.dtype(precision.compute_dtype).itemsize)
+        per_layer += local_tokens * cfg.dim / split("act_heads") * np.dtype(precision.compute_dtype).itemsize
     return int(cfg.num_layers * per_layer)
 
 
@@ -296,21 +328,35 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None):
     _, params, _ = nnx.split(dit, nnx.Param, ...)
     state = parts.abstract_state(params)
     b, lat, cfg = num_shards, latent_shape(frames, height, width), config.model.dit
-    shapes = {"target_latents": (b, *lat), "source_latents": (b, *lat),
-              "text": (b, cfg.text_len, cfg.text_dim), "semantic": (b, SEMANTIC_TOKENS, cfg.semantic_dim)}
-    batch = {BATCH_PREFIX + k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=parts.batch_sharding)
-             for k, s in shapes.items()}
+    shapes = {
+        "target_latents": (b, *lat),
+        "source_latents": (b, *lat),
+        "text": (b, cfg.text_len, cfg.text_dim),
+        "semantic": (b, SEMANTIC_TOKENS, cfg.semantic_dim),
+    }
+    batch = {
+        BATCH_PREFIX + k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=parts.batch_sharding)
+        for k, s in shapes.items()
+    }
     batch["valid"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=parts.batch_sharding)
     encoder_state = _sds(parts.encoder_state, parts.encoder_shardings)
     if hbm_bytes is not None:
-        bound = (per_device_bytes(state) + per_device_bytes(state["params"])
-                 + saved_residual_bytes(config, mesh, rules, frames, height, width))
+        bound = (
+            per_device_bytes(state)
+            + per_device_bytes(state["params"])
+            + saved_residual_bytes(config, mesh, rules, frames, height, width)
+        )
         if bound > hbm_bytes:
-            raise NotLowered(f"not lowered: state + gradient + saved residuals alone are "
-                             f"{bound / GIB:.1f} GiB")
+            raise NotLowered(
+                f"not lowered: state + gradient + saved residuals alone are {bound / GIB:.1f} GiB"
+            )
     compiled = train_step.make_train_step(config, parts).lower(state, encoder_state, batch).compile()
-    split = dict(params=per_device_bytes(state["params"]), optimizer=per_device_bytes(state["opt_state"]),
-                 ema=per_device_bytes(state["ema"]), batch=per_device_bytes(batch))
+    split = dict(
+        params=per_device_bytes(state["params"]),
+        optimizer=per_device_bytes(state["opt_state"]),
+        ema=per_device_bytes(state["ema"]),
+        batch=per_device_bytes(batch),
+    )
     return compiled, split, b
 
 
@@ -325,8 +371,9 @@ def lower_edit(config, mesh, rules, frames, height, width, steps):
     from sama_jax.models import wan_dit
 
     # As sama-edit loads the DiT: parameters and compute in bfloat16, residual stream fp32.
-    precision = dict(config.precision, param_dtype="bfloat16", compute_dtype="bfloat16",
-                     residual_dtype="float32")
+    precision = dict(
+        config.precision, param_dtype="bfloat16", compute_dtype="bfloat16", residual_dtype="float32"
+    )
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, precision)
     graphdef, state = nnx.split(wan_dit.abstract_dit(dit_cfg))
     state = _sds(state, sharding.state_shardings(state, mesh, rules))
@@ -340,30 +387,46 @@ def lower_edit(config, mesh, rules, frames, height, width, steps):
     velocity_fn = sampling.dit_velocity_fn(graphdef)
 
     def edit(state, noise, semantic_noise, cond, uncond):
-        return sampling.sample(velocity_fn, state, noise, semantic_noise, cond, uncond, schedule,
-                               guidance=5.0, cfg_mode="batch")
+        return sampling.sample(
+            velocity_fn, state, noise, semantic_noise, cond, uncond, schedule, guidance=5.0, cfg_mode="batch"
+        )
 
     with sharding.use_mesh(mesh, rules):
         compiled = jax.jit(edit).lower(state, noise, semantic_noise, cond, dict(cond)).compile()
-    split = dict(params=per_device_bytes(state), optimizer=0, ema=0,
-                 batch=per_device_bytes((noise, semantic_noise, cond, cond)))
+    split = dict(
+        params=per_device_bytes(state),
+        optimizer=0,
+        ema=0,
+        batch=per_device_bytes((noise, semantic_noise, cond, cond)),
+    )
     return compiled, split, 2
 
 
 def analyse(compiled, split, hbm_gib, headroom):
     m = compiled.memory_analysis()
-    arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes")) for k in
-                             ("argument", "output", "alias", "temp"))
+    arg, out, alias, temp = (
+        int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")
+    )
     peak = arg + out - alias + temp
     gib = lambda x: round(x / GIB, 3)
-    return dict(argument=gib(arg), output=gib(out), alias=gib(alias), temp=gib(temp),
-                params=gib(split["params"]), optimizer=gib(split["optimizer"]), ema=gib(split["ema"]),
-                inputs=gib(split["batch"]), activations=gib(temp), peak=gib(peak),
-                headroom=gib(hbm_gib * GIB - peak),
-                fits=bool(peak <= (1.0 - headroom) * hbm_gib * GIB))
+    return dict(
+        argument=gib(arg),
+        output=gib(out),
+        alias=gib(alias),
+        temp=gib(temp),
+        params=gib(split["params"]),
+        optimizer=gib(split["optimizer"]),
+        ema=gib(split["ema"]),
+        inputs=gib(split["batch"]),
+        activations=gib(temp),
+        peak=gib(peak),
+        headroom=gib(hbm_gib * GIB - peak),
+        fits=bool(peak <= (1.0 - headroom) * hbm_gib * GIB),
+    )
 
 
 # -- the run ---------------------------------------------------------------------------------------
+
 
 def groups(args):
     """[(layout, kind, frames, candidates in preference order)]."""
@@ -397,8 +460,17 @@ def save_results(path, results):
 
 
 def _key(r):
-    return (r["kind"], r["layout"], r["frames"], r["sharding"], r["preset"], r["num_layers"],
-            r["height"], r["width"], r["backend"])
+    return (
+        r["kind"],
+        r["layout"],
+        r["frames"],
+        r["sharding"],
+        r["preset"],
+        r["num_layers"],
+        r["height"],
+        r["width"],
+        r["backend"],
+    )
 
 
 def lower_case(config, args, layout, kind, frames, cand, backend):
@@ -409,30 +481,45 @@ def lower_case(config, args, layout, kind, frames, cand, backend):
 
     c = run_config(config, cand, kind)
     _INTERPRET[0] = backend == "cpu"
-    devices = tpu_devices(layout.topology) if backend == "tpu" else jax.devices()[:layout.chips]
+    devices = tpu_devices(layout.topology) if backend == "tpu" else jax.devices()[: layout.chips]
     t0 = time.perf_counter()
     memory, error, batch, mesh = None, None, 0, None
     try:
         mesh = sharding.create_mesh(c.mesh, devices)
         rules = sharding.axis_rules(c.sharding_rules)
-        if kind == "edit":   # as sama-edit: the CFG batch on 'data' only, never on fsdp
+        if kind == "edit":  # as sama-edit: the CFG batch on 'data' only, never on fsdp
             rules = (("batch", "data"),) + rules
         if kind == "train":
-            compiled, split, batch = lower_train(c, mesh, rules, frames, args.height, args.width,
-                                                 (1 - args.headroom) * layout.hbm_gib * GIB)
+            compiled, split, batch = lower_train(
+                c, mesh, rules, frames, args.height, args.width, (1 - args.headroom) * layout.hbm_gib * GIB
+            )
         else:
-            compiled, split, batch = lower_edit(c, mesh, rules, frames, args.height, args.width,
-                                                args.steps)
+            compiled, split, batch = lower_edit(c, mesh, rules, frames, args.height, args.width, args.steps)
         memory = analyse(compiled, split, layout.hbm_gib, args.headroom)
-    except (ValueError, TypeError, NotLowered) as e:   # a mesh or shape this candidate cannot take
+    except (ValueError, TypeError, NotLowered) as e:  # a mesh or shape this candidate cannot take
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-    return dict(kind=kind, layout=layout.name, chips=layout.chips, hbm_gib=layout.hbm_gib,
-                backend=backend, frames=frames, tokens=tokens(config, frames, args.height, args.width),
-                height=args.height, width=args.width, sharding=cand.name,
-                mesh=dict(mesh.shape) if mesh is not None else cand.ici, remat=cand.remat,
-                rules=[list(r) for r in cand.rules], batch=batch, preset=config.model.preset,
-                num_layers=int(config.model.dit.num_layers), memory=memory, error=error,
-                compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__)
+    return dict(
+        kind=kind,
+        layout=layout.name,
+        chips=layout.chips,
+        hbm_gib=layout.hbm_gib,
+        backend=backend,
+        frames=frames,
+        tokens=tokens(config, frames, args.height, args.width),
+        height=args.height,
+        width=args.width,
+        sharding=cand.name,
+        mesh=dict(mesh.shape) if mesh is not None else cand.ici,
+        remat=cand.remat,
+        rules=[list(r) for r in cand.rules],
+        batch=batch,
+        preset=config.model.preset,
+        num_layers=int(config.model.dit.num_layers),
+        memory=memory,
+        error=error,
+        compile_s=round(time.perf_counter() - t0, 1),
+        jax=jax.__version__,
+    )
 
 
 def main(argv=None) -> int:
@@ -446,9 +533,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"memory_plan: error: no candidate named {args.sharding}")
     results = load_results(args.json)
     total = sum(len(g[3]) if args.all_candidates else 1 for g in todo)
-    print(f"{config.model.preset} ({config.model.dit.num_layers} layers): {len(todo)} plans, at least "
-          f"{total} lowerings; TPU slices {'compiled for TPU (libtpu)' if use_tpu else 'on CPU devices'}"
-          f", others on {jax.device_count()} simulated CPU devices; results -> {args.json}", flush=True)
+    print(
+        f"{config.model.preset} ({config.model.dit.num_layers} layers): {len(todo)} plans, at least "
+        f"{total} lowerings; TPU slices {'compiled for TPU (libtpu)' if use_tpu else 'on CPU devices'}"
+        f", others on {jax.device_count()} simulated CPU devices; results -> {args.json}",
+        flush=True,
+    )
     start, done = time.perf_counter(), 0
     for i, (layout, kind, frames, candidates) in enumerate(todo):
         backend = "tpu" if use_tpu and layout.topology else "cpu"
@@ -458,13 +548,21 @@ def main(argv=None) -> int:
             save_results(args.json, results)
             done += 1
             eta = (time.perf_counter() - start) / (i + 1) * (len(todo) - i - 1)
-            print(f"[plan {i + 1}/{len(todo)}] {_line(record)}  ({record['compile_s']:.0f}s; "
-                  f"ETA {eta / 60:.1f} min)", flush=True)
+            print(
+                f"[plan {i + 1}/{len(todo)}] {_line(record)}  ({record['compile_s']:.0f}s; "
+                f"ETA {eta / 60:.1f} min)",
+                flush=True,
+            )
             if record["memory"] and record["memory"]["fits"] and not args.all_candidates:
                 break
     print()
-    print_table([r for r in results if r["preset"] == config.model.preset and
-                 r["num_layers"] == int(config.model.dit.num_layers)])
+    print_table(
+        [
+            r
+            for r in results
+            if r["preset"] == config.model.preset and r["num_layers"] == int(config.model.dit.num_layers)
+        ]
+    )
     return 0
 
 
@@ -473,21 +571,37 @@ def _line(r):
     if r["memory"] is None:
         return f"{head} {r['error']}"
     m = r["memory"]
-    return (f"{head} peak {m['peak']:7.2f} GiB of {r['hbm_gib']:.0f} "
-            f"({'fits' if m['fits'] else 'DOES NOT FIT'}, headroom {m['headroom']:.1f})")
+    return (
+        f"{head} peak {m['peak']:7.2f} GiB of {r['hbm_gib']:.0f} "
+        f"({'fits' if m['fits'] else 'DOES NOT FIT'}, headroom {m['headroom']:.1f})"
+    )
 
 
 def print_table(results):
     cols = ("params", "optimizer", "ema", "inputs", "argument", "output", "alias", "temp", "peak")
     order = {name: i for i, name in enumerate(LAYOUTS)}
-    preference = {(kind, c.name): i for kind, cands in
-                  (("train", _TRAIN[:1] + _TRAIN_CP + _TRAIN[1:]), ("edit", _EDIT[:1] + _EDIT_CP + _EDIT[1:]))
-                  for i, c in enumerate(cands)}
-    results = sorted(results, key=lambda r: (r["kind"], order.get(r["layout"], 9), r["frames"],
-                                             preference.get((r["kind"], r["sharding"]), 99)))
+    preference = {
+        (kind, c.name): i
+        for kind, cands in (
+            ("train", _TRAIN[:1] + _TRAIN_CP + _TRAIN[1:]),
+            ("edit", _EDIT[:1] + _EDIT_CP + _EDIT[1:]),
+        )
+        for i, c in enumerate(cands)
+    }
+    results = sorted(
+        results,
+        key=lambda r: (
+            r["kind"],
+            order.get(r["layout"], 9),
+            r["frames"],
+            preference.get((r["kind"], r["sharding"]), 99),
+        ),
+    )
     print("per-device memory (GiB); activations = temp; peak = argument + output - alias + temp")
-    print(f"{'kind':5} {'layout':7} {'backend':7} {'frames':>6} {'tokens':>6} {'sharding':16} "
-          f"{'mesh d/f/c/t':12} {'batch':>5} " + " ".join(f"{c:>9}" for c in cols) + "  fits")
+    print(
+        f"{'kind':5} {'layout':7} {'backend':7} {'frames':>6} {'tokens':>6} {'sharding':16} "
+        f"{'mesh d/f/c/t':12} {'batch':>5} " + " ".join(f"{c:>9}" for c in cols) + "  fits"
+    )
     best = {}
     for r in results:
         mesh = "/".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "context", "tensor"))
@@ -498,14 +612,18 @@ def print_table(results):
             vals = " ".join(f"{m[c]:9.2f}" for c in cols) + f"  {'yes' if m['fits'] else 'NO'}"
             if m["fits"]:
                 best.setdefault((r["kind"], r["layout"], r["frames"]), r)
-        print(f"{r['kind']:5} {r['layout']:7} {r['backend']:7} {r['frames']:6} {r['tokens']:6} "
-              f"{r['sharding']:16} {mesh:12} {r['batch']:5} {vals}")
+        print(
+            f"{r['kind']:5} {r['layout']:7} {r['backend']:7} {r['frames']:6} {r['tokens']:6} "
+            f"{r['sharding']:16} {mesh:12} {r['batch']:5} {vals}"
+        )
     print("\nrecommended (first fitting candidate, fastest first):")
     ranked = sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2]))
     for (kind, layout, frames), r in ranked:
         ici = ",".join(f"{a}={s}" for a, s in r["mesh"].items() if s != 1) or "one device"
-        print(f"  {kind:5} {layout:7} {frames:3}f: {r['sharding']:16} mesh {ici}, remat={r['remat']}"
-              f" -> {r['memory']['peak']:.1f} GiB of {r['hbm_gib']:.0f}")
+        print(
+            f"  {kind:5} {layout:7} {frames:3}f: {r['sharding']:16} mesh {ici}, remat={r['remat']}"
+            f" -> {r['memory']['peak']:.1f} GiB of {r['hbm_gib']:.0f}"
+        )
     # Candidate orders differ per kind, so a key with no fitting candidate is named too.
     for r in results:
         key = (r["kind"], r["layout"], r["frames"])
