@@ -158,12 +158,22 @@ class FeatureCache:
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
-    if kernel.ndim == 5 and jax.default_backend() == "cpu":
+    if kernel.ndim == 5 and _one_cpu_device():
         return _conv3d_as_2d(x, kernel, stride, padding)
     spec = ("NDHWC", "DHWIO", "NDHWC") if kernel.ndim == 5 else ("NHWC", "HWIO", "NHWC")
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=tuple(stride), padding=padding, dimension_numbers=spec
     )
+
+
+def _one_cpu_device() -> bool:
+    """On CPU outside a multi-device mesh. Under one, the summed 2D convolutions let XLA:CPU's
+    concurrent thunks reach the devices' collectives in different orders (a rendezvous deadlock
+    seen with 8 simulated devices), so sharded programs keep the 3D convolution."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
 
 
 def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int], padding) -> jax.Array:
