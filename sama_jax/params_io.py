@@ -188,7 +188,7 @@ class ParamsWriter:
     ):
         self.path = os.path.abspath(path)
         check_output(self.path, overwrite)
-        self._id = uuid.uuid4().hex[:8]
+        self._id = _shared_id()
         self._target = f"{self.path}.partial-{self._id}"
         self._metadata = {"kind": kind, "config": _jsonable(dict(config))}
         self._started = False
@@ -232,10 +232,17 @@ class ParamsWriter:
         if not self._started:
             raise ParamsCheckpointError(f"{self.path}: nothing was written")
         ocp.partial.finalize(self._target)
-        for by_rows in self._by_rows:
-            self._write_rows(*by_rows)
-        _after_step("written")
-        self._put_in_place()
+        # Orbax's save and finalize are collective; the rest is file work for one process, which
+        # the others wait for, so OUT exists everywhere when finalize returns.
+        if jax.process_index() == 0:
+            for by_rows in self._by_rows:
+                self._write_rows(*by_rows)
+            _after_step("written")
+            self._put_in_place()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"params_io.finalize {self.path}")
 
     def _write_rows(self, keys, shape, dtype, block_rows, rows) -> None:
         import tensorstore as ts
@@ -319,6 +326,17 @@ class ParamsWriter:
         for partial in (self._target, self._target + ".partial_save"):
             if os.path.lexists(partial):
                 shutil.rmtree(partial)
+
+
+def _shared_id() -> str:
+    """A random id for this write, the same on every process (Orbax's collective save needs one
+    path on all of them)."""
+    token = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(token):08x}"
 
 
 def save_params(

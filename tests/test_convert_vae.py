@@ -187,7 +187,7 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(checkpoints, tmp_path):
     _, diffusers_dir, _ = checkpoints
     assert cli.main([diffusers_dir, str(tmp_path / "bf16"), "--kind", "vae"]) == 0
     params, config = params_io.load_params(str(tmp_path / "bf16"))
-    assert config["dtype"] == "bfloat16"
+    assert config["compute_dtype"] == "bfloat16"
     assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
     vae = wan_vae.load_vae(str(tmp_path / "bf16"))
     assert vae.encoder.conv_in.kernel[...].dtype == jax.numpy.bfloat16

@@ -22,7 +22,7 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     assert cases == demo.QUICK["cases"] == len(report["per_case"]["copy"])
     # Copying the source is exact outside the edited region up to the H.264 round trip.
     assert report["tables"]["copy"]["all"]["psnr_out"] > 30
-    assert set(report["phase_seconds"]) == set(demo.PHASES)
+    assert set(report["phase_seconds"]) == set(demo.PHASES[:-1])  # the report cannot time itself
     for name in ("report.txt", "sheet.png", "index.html"):
         assert os.path.getsize(workdir / name) > 0
     page = (workdir / "index.html").read_text()

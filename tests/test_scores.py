@@ -126,9 +126,9 @@ def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
 
 
 def _random_module(module_fn, seed):
-    """A module with random weights set by shape (test_edit.random_params: no slow eager init)."""
+    """A module with random weights set by shape (model_helpers.random_params: no slow eager init)."""
     from flax import nnx
-    from test_edit import random_params
+    from model_helpers import random_params
 
     graphdef, state = nnx.split(nnx.eval_shape(module_fn))
     nnx.replace_by_pure_dict(state, random_params(module_fn, seed))
