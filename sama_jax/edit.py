@@ -291,8 +291,9 @@ def parse_mesh(text: str) -> dict | None:
     return {"ici": sizes}
 
 
-def _main(args) -> int:
-    settings = inference.EditSettings(
+def settings_from_args(args, semantic_tokens: int | None = None) -> inference.EditSettings:
+    """The EditSettings of sama-edit's editing flags (sama-export takes the same flags)."""
+    return inference.EditSettings(
         steps=args.steps,
         guidance=args.guidance,
         shift=args.shift,
@@ -307,8 +308,12 @@ def _main(args) -> int:
         prompt_prefix=edit_rules.PROMPT_PREFIX if args.prompt_prefix else "",
         keep_padding=args.keep_padding,
         latent_dtype=args.latent_dtype,
-        semantic_tokens=args.semantic_tokens,
+        semantic_tokens=args.semantic_tokens if semantic_tokens is None else semantic_tokens,
     )
+
+
+def _main(args) -> int:
+    settings = settings_from_args(args)
     if args.fps <= 0:
         raise edit_rules.EditInputError(f"--fps must be positive, got {args.fps}")
     jobs = collect_jobs(args)

@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def edit_settings(args):
-    from sama_jax import edit_rules, inference, presets, semantic
+    from sama_jax import presets, semantic
 
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
@@ -647,23 +647,9 @@ def edit_settings(args):
             ).num_tokens
         elif args.preset:
             semantic_tokens = semantic.SemanticConfig(**presets.model_config(args.preset).semantic).num_tokens
-    return inference.EditSettings(
-        steps=args.steps,
-        guidance=args.guidance,
-        shift=args.shift,
-        sampler=args.sampler,
-        cfg_mode=args.cfg_mode,
-        seed=args.seed,
-        max_frames=args.max_frames,
-        height=args.height,
-        width=args.width,
-        exact_size=args.exact_size,
-        tiled=args.tiled,
-        prompt_prefix=edit_rules.PROMPT_PREFIX if args.prompt_prefix else "",
-        keep_padding=args.keep_padding,
-        latent_dtype=args.latent_dtype,
-        semantic_tokens=semantic_tokens,
-    )
+    from sama_jax import edit
+
+    return edit.settings_from_args(args, semantic_tokens)
 
 
 def _mesh(text: str):
