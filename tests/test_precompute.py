@@ -3,12 +3,11 @@
 import dataclasses
 import os
 
-import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from model_helpers import make_tokenizer_dir
+from model_helpers import make_tokenizer_dir, random_params
 from transformers import SiglipVisionConfig, SiglipVisionModel, UMT5Config, UMT5EncoderModel
 
 from sama_jax import config as config_lib
@@ -18,23 +17,6 @@ from sama_jax.models import load_siglip, load_text_encoder, wan_vae
 from tools.convert_wan_weights import cli
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_sft.py") + ":tiny"
-
-
-def random_vae_params(cfg):
-    """Random tiny-VAE weights without running the VAE's eager initialisers (slow on CPU): kernels
-    scaled by fan-in, norm scales near 1, biases near 0."""
-    rng = np.random.default_rng(0)
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: wan_vae.WanVAE(cfg, rngs=nnx.Rngs(0)))))
-
-    def init(path, leaf):
-        if len(leaf.shape) >= 2:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        else:
-            is_scale = any(str(getattr(k, "key", k)) in ("gamma", "scale") for k in path)
-            value = float(is_scale) + 0.1 * rng.standard_normal(leaf.shape)
-        return value.astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(init, abstract)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,10 @@ def setup(tmp_path_factory):
         )
     vae_cfg = wan_vae.WanVAEConfig(**presets.VAE["tiny"])
     params_io.save_params(
-        str(root / "vae"), random_vae_params(vae_cfg), wan_vae.KIND, dataclasses.asdict(vae_cfg)
+        str(root / "vae"),
+        random_params(lambda: wan_vae.WanVAE(vae_cfg, rngs=nnx.Rngs(0))),
+        wan_vae.KIND,
+        dataclasses.asdict(vae_cfg),
     )
     paths = synthetic.generate(
         str(root / "data"), video_edits=2, image_edits=1, clips=1, frames=5, height=32, width=48
