@@ -103,6 +103,10 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         dict(
             batch_size=8 if tiny else 32,  # global; tiny: one sample per simulated CPU device
+            # Global size of the image-edit (single-frame) batches; 0 = batch_size. A 1-frame sample
+            # costs ~1/20 of an 81-frame one, so images come 4x as many per batch (the released
+            # trainer's bs_img 16 : bs_vid 4). Both must divide by grad_accum x (mesh data x fsdp).
+            image_batch_size=16 if tiny else 128,
             # Micro-batches per step, accumulated inside the jitted step (batch_size must divide).
             grad_accum=1,
             steps=20 if tiny else 20_000,
@@ -184,6 +188,8 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
                 frames=5 if tiny else 17,
                 height=64 if tiny else 480,
                 width=64 if tiny else 832,
+                # The first cases also go to TensorBoard as pictures (rows: source, edit, target).
+                sample_images=2,
             ),
         )
     )

@@ -8,7 +8,9 @@ Runs the real commands, one after the other, each printed before it runs:
   2. vae      sama-fit-vae: the tiny Wan VAE fitted on the training frames (a random VAE cannot
               reconstruct frames, so nothing decoded through it could be scored)
   3. stage0   sama-train --config=configs/stage0_pretrain.py:tiny (image edits + motion-aligned clips)
-  4. stage1   sama-train --config=configs/stage1_sft.py:tiny, initialised from stage 0
+  4. stage1   sama-train --config=configs/stage1_sft.py:tiny, initialised from stage 0; its
+              evaluations also edit held-out cases (scores and pictures in TensorBoard:
+              tensorboard --logdir WORKDIR/stage1)
   5. export   sama-export of the held-out edits with the trained run's EMA DiT, and with the same
               DiT untrained (same VAE, text encoder and tokenizer)
   6. report   PSNR/SSIM inside and outside the edited region per edit type for the trained model,
@@ -41,8 +43,10 @@ PHASES = ("data", "vae", "stage0", "stage1", "export", "report")
 MODELS = ("trained", "untrained", "copy")
 EDIT_TYPES = ("recolour", "replace", "remove", "add", "restyle")
 # Steps of each phase: the full demo, and --quick (the test: the same commands, a few steps).
-FULL = dict(vae_steps=150, stage0_steps=60, stage1_steps=150, edit_steps=20, cases=20)
-QUICK = dict(vae_steps=4, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=3)
+# eval_cases: held-out edits that stage 1's edit_scores evaluator scores at each evaluation (the
+# first two also go to TensorBoard as pictures).
+FULL = dict(vae_steps=150, stage0_steps=60, stage1_steps=150, edit_steps=20, cases=20, eval_cases=4)
+QUICK = dict(vae_steps=4, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=3, eval_cases=1)
 
 
 class DemoError(ValueError):
@@ -154,6 +158,10 @@ class Demo:
             f"--workdir={self.path('stage1')}",
             *self.common_overrides(self.steps["stage1_steps"]),
             f"--config.checkpoint.init_from={self.path('stage0')}",
+            "--config.eval.evaluators=('val_loss', 'edit_scores')",
+            f"--config.eval.num_steps={self.steps['edit_steps']}",
+            f"--config.eval.edit_scores.num_cases={self.steps['eval_cases']}",
+            f"--config.eval.edit_scores.sample_images={min(2, self.steps['eval_cases'])}",
         )
         return dict(workdir=self.path("stage1"), steps=self.steps["stage1_steps"])
 

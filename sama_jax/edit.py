@@ -34,9 +34,8 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image
 
-from sama_jax import cli, edit_rules, inference, sharding
+from sama_jax import cli, edit_rules, inference, previews, sharding
 from sama_jax.data import video_io
 
 SHEET_COLUMNS = 8
@@ -209,20 +208,6 @@ def check_jobs(jobs: list[Job], args, settings) -> None:
         raise edit_rules.EditInputError("\n  ".join(["cannot edit:"] + problems))
 
 
-def contact_sheet(source, edited, columns: int = SHEET_COLUMNS, height: int = SHEET_HEIGHT):
-    """Two rows (source, edit) of up to `columns` evenly spaced frames, `height` px tall (or less)."""
-    idx = np.unique(np.round(np.linspace(0, len(edited) - 1, min(columns, len(edited)))).astype(int))
-    h, w = edited.shape[1:3]
-    th = min(height, h)
-    tw = max(1, round(w * th / h))
-    sheet = np.zeros((2 * th, len(idx) * tw, 3), np.uint8)
-    for row, frames in enumerate((source, edited)):
-        for col, i in enumerate(idx):
-            thumb = Image.fromarray(frames[i]).resize((tw, th), Image.BICUBIC)
-            sheet[row * th : (row + 1) * th, col * tw : (col + 1) * tw] = np.asarray(thumb)
-    return sheet
-
-
 def write_outputs(
     job: Job, result, fps: float, fps_from: str, args, settings, identities: dict, total_seconds: float
 ) -> dict[str, str]:
@@ -237,7 +222,12 @@ def write_outputs(
         video_io.write_video(
             staged["compare"], np.concatenate([result.source, result.frames], axis=2), fps, crf=args.crf
         )
-        video_io.write_image(staged["sheet"], contact_sheet(result.source, result.frames))
+        video_io.write_image(
+            staged["sheet"],
+            previews.contact_sheet(
+                [result.source, result.frames], columns=SHEET_COLUMNS, height=SHEET_HEIGHT
+            ),
+        )
         sidecar = {
             "source": os.path.abspath(job.source),
             "outputs": {k: os.path.abspath(p) for k, p in paths.items()},

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sama_jax import benchmarks_io, cli
+from sama_jax import benchmarks_io, cli, previews
 from sama_jax import scores as scores_lib
 
 RECORDS_DIR = "records"
@@ -136,24 +136,6 @@ def shard(cases: list, process_index: int, process_count: int) -> list:
     return cases[process_index::process_count]
 
 
-def contact_sheet(
-    rows: list[np.ndarray], columns: int = SHEET_COLUMNS, height: int = SHEET_HEIGHT
-) -> np.ndarray:
-    """One row of evenly spaced frames per video (source | ground truth | edit), at the first
-    video's size scaled to `height` px."""
-    count = min(len(v) for v in rows)
-    idx = np.unique(np.round(np.linspace(0, count - 1, min(columns, count))).astype(int))
-    h, w = rows[0].shape[1:3]
-    th = min(height, h)
-    tw = max(1, round(w * th / h))
-    sheet = np.zeros((len(rows) * th, len(idx) * tw, 3), np.uint8)
-    for r, video in enumerate(rows):
-        thumbs = scores_lib.resize_frames(video[idx], th, tw)
-        for c in range(len(idx)):
-            sheet[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = thumbs[c]
-    return sheet
-
-
 def preview_name(case_id: str) -> str:
     return case_id.replace("/", "__") + ".png"
 
@@ -220,7 +202,9 @@ def edit_case(
     path = os.path.join(out_dir, case.output)
     rows = [source] + ([target] if target is not None else []) + [edited]
     size = edited.shape[1:3]
-    sheet = contact_sheet([scores_lib.resize_frames(v, *size) for v in rows])
+    sheet = previews.contact_sheet(
+        [scores_lib.resize_frames(v, *size) for v in rows], columns=SHEET_COLUMNS, height=SHEET_HEIGHT
+    )
     video_io.write_image(os.path.join(out_dir, PREVIEWS_DIR, preview_name(case.case_id)), sheet)
     out_fps = info["fps"] if info["fps"] > 0 else fps
     # Both writers write a temporary file and rename it, so `path` is always a whole file.

@@ -116,17 +116,13 @@ def _main(config, args) -> int:
     batch_shards = int(
         np.prod([mesh.shape[a] for a in np.atleast_1d(train_step.batch_axes(rules)) if a is not None])
     )
-    train_step.check_config(config, batch_shards)
+    train_step.check_config(config, batch_shards, processes)
     pipeline.check_data_config(
         config.data,
         int(config.seed),
         anchor_frames=int(config.model.semantic.num_anchor_frames),
         text_len=int(config.model.dit.text_len),
     )
-    if int(config.train.batch_size) % processes:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by the {processes} processes"
-        )
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     if primary:
         run_dir.check_and_write_config(workdir, config, args.allow_config_change)
@@ -230,7 +226,8 @@ def _main(config, args) -> int:
     data = pipeline.build_pipeline(
         config.data,
         sources,
-        batch_size=int(config.train.batch_size) // processes,
+        batch_size=train_step.batch_sizes(config)["video"] // processes,
+        image_batch_size=train_step.batch_sizes(config)["image"] // processes,
         seed=int(config.seed),
         anchor_frames=encoders.semantic.num_anchor_frames,
         text_len=int(config.model.dit.text_len),
@@ -268,11 +265,21 @@ def _main(config, args) -> int:
         tree = state["ema"] if config.eval.use_ema else state["params"]
         tree = jax.tree.map(lambda x, a: x.astype(a.dtype), tree, params_abstract)
         dit = nnx.merge(graphdef, tree, rest)
-        scalars = {}
+        scalars, images = {}, {}
         for evaluator in evals:
-            scalars.update(dict(evaluator.run(dit, step)))
+            for name, value in evaluator.run(dit, step):
+                if np.ndim(value) == 0:
+                    scalars[name] = float(value)
+                else:
+                    images[name] = np.asarray(value)[None]  # [N=1, H, W, 3]
         writer.write_scalars(step, scalars)
-        say(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        if images:
+            writer.write_images(step, images)
+        say(
+            f"step {step} eval: "
+            + " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+            + (f" (+{len(images)} sample images)" if images else "")
+        )
 
     stop = {"signal": None}
 
@@ -356,7 +363,7 @@ def _main(config, args) -> int:
             ids_file.flush()
         frames, height, width = batch["target"].shape[1:4]
         tokens = 2 * video_tokens(frames, height, width, dit_cfg.patch_size)
-        samples = int(config.train.batch_size)
+        samples = len(batch["valid"]) * processes
         current = (
             step,
             metrics,

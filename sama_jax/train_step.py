@@ -13,7 +13,9 @@ an uninterrupted one bit for bit.
 The step (jax.jit, explicit in/out shardings, state donated): the frozen encoders make the DiT inputs
 from the batch (conditioning.dit_inputs), one shifted sigma per sample noises the target latents and
 the semantic tokens, the loss is SAMA's (flow_matching.sama_loss, weighted by the batch's `valid`),
-averaged over train.grad_accum micro-batches with lax.scan, clipped, AdamW, EMA. A step whose loss or
+accumulated over train.grad_accum micro-batches with lax.scan (the same loss and gradient as the
+whole batch at once: per-sample noise keys, micro-batches weighted by their valid samples),
+clipped, AdamW, EMA. A step whose loss or
 gradient norm is not finite leaves params, opt_state and ema as they were and is counted.
 
 Abstract use (benchmarks): build the parts from an abstract DiT/encoders (nnx.eval_shape), then
@@ -48,20 +50,35 @@ def encoder_names(config) -> tuple[str, ...]:
     return names
 
 
-def check_config(config, num_batch_shards: int) -> None:
+def batch_sizes(config) -> dict[str, int]:
+    """The global batch sizes: {"video": train.batch_size, "image": train.image_batch_size} (image
+    edits, single-frame batches; 0 = train.batch_size)."""
+    batch = int(config.train.batch_size)
+    return {"video": batch, "image": int(config.train.get("image_batch_size", 0)) or batch}
+
+
+def check_config(config, num_batch_shards: int, num_processes: int = 1) -> None:
     """Bad train settings, named before anything is built."""
     train = config.train
     if train.loss_weighting not in LOSS_WEIGHTINGS:
         raise ConfigError(f"train.loss_weighting={train.loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
-    accum, batch = int(train.grad_accum), int(train.batch_size)
-    if accum < 1 or batch % accum:
-        raise ConfigError(f"train.grad_accum={accum} must be >= 1 and divide train.batch_size={batch}")
-    if (batch // accum) % num_batch_shards:
-        raise ConfigError(
-            f"train.batch_size / train.grad_accum = {batch // accum} samples per "
-            f"micro-batch is not divisible by the {num_batch_shards} devices the batch "
-            "is sharded over (mesh data x fsdp): change train.batch_size or the mesh"
-        )
+    accum = int(train.grad_accum)
+    if accum < 1:
+        raise ConfigError(f"train.grad_accum={accum} must be >= 1")
+    for kind, batch in batch_sizes(config).items():
+        key = "train.batch_size" if kind == "video" else "train.image_batch_size"
+        if batch < 1:
+            raise ConfigError(f"{key}={batch} must be >= 1")
+        if batch % accum:
+            raise ConfigError(f"train.grad_accum={accum} must divide {key}={batch}")
+        if (batch // accum) % num_batch_shards:
+            raise ConfigError(
+                f"{key} / train.grad_accum = {batch // accum} samples per "
+                f"micro-batch is not divisible by the {num_batch_shards} devices the batch "
+                f"is sharded over (mesh data x fsdp): change {key} or the mesh"
+            )
+        if batch % num_processes:
+            raise ConfigError(f"{key}={batch} is not divisible by the {num_processes} processes")
 
 
 def batch_axes(rules) -> Any:
@@ -162,18 +179,28 @@ def make_objective(config, dit_graphdef, dit_rest, encoder_graphdef):
     shift, anchoring = float(train.timestep_shift), bool(train.semantic_anchoring)
     semantic_weight, weighting = float(train.semantic_loss_weight), train.loss_weighting
 
-    def prepare(encoder_state, batch, key, sigma=None) -> dict:
+    def prepare(encoder_state, batch, key, sigma=None, sample_index=None) -> dict:
+        """sample_index: (B,) positions of the samples in the step's whole batch (default 0..B-1).
+        Each sample's sigma and noise come from fold_in(key, its position), so splitting a batch
+        into micro-batches (train.grad_accum) changes memory, not the numbers."""
         encoders = nnx.merge(encoder_graphdef, encoder_state)
         if not anchoring:
             # No SigLIP in the run: an empty stand-in keeps dit_inputs from running one.
             batch = dict(batch, **{BATCH_PREFIX + "semantic": jnp.zeros((batch["valid"].shape[0], 0, 1))})
         inputs = conditioning.dit_inputs(encoders, batch)
-        k_sigma, k_noise, k_semantic = jax.random.split(key, 3)
         size = inputs.x0.shape[0]
+        if sample_index is None:
+            sample_index = jnp.arange(size)
+        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), 3))(sample_index)
+        k_sigma, k_noise, k_semantic = keys[:, 0], keys[:, 1], keys[:, 2]
+
+        def per_sample_normal(keys, like):
+            return jax.vmap(lambda k: jax.random.normal(k, like.shape[1:], like.dtype))(keys)
+
         if sigma is None:
-            sigma = flow_matching.sample_sigma(k_sigma, size, shift)
+            sigma = jax.vmap(lambda k: flow_matching.sample_sigma(k, 1, shift)[0])(k_sigma)
         sigma = jnp.broadcast_to(sigma, (size,))
-        noise = jax.random.normal(k_noise, inputs.x0.shape, inputs.x0.dtype)
+        noise = per_sample_normal(k_noise, inputs.x0)
         out = dict(
             x0=inputs.x0,
             noise=noise,
@@ -184,7 +211,7 @@ def make_objective(config, dit_graphdef, dit_rest, encoder_graphdef):
             valid=batch["valid"],
         )
         if anchoring:
-            semantic_noise = jax.random.normal(k_semantic, inputs.semantic_x0.shape, inputs.semantic_x0.dtype)
+            semantic_noise = per_sample_normal(k_semantic, inputs.semantic_x0)
             out.update(
                 semantic_x0=inputs.semantic_x0,
                 semantic_noise=semantic_noise,
@@ -239,8 +266,8 @@ def make_train_step(config, parts: StepParts) -> TrainStep:
     schedule = optim.learning_rate(config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_step(params, encoder_state, batch, key):
-        return grad_fn(params, prepare(encoder_state, batch, key))
+    def micro_step(params, encoder_state, batch, key, sample_index=None):
+        return grad_fn(params, prepare(encoder_state, batch, key, sample_index=sample_index))
 
     def step_fn(state, encoder_state, batch):
         params = state["params"]
@@ -248,21 +275,33 @@ def make_train_step(config, parts: StepParts) -> TrainStep:
         if accum == 1:
             (_, metrics), grads = micro_step(params, encoder_state, batch, key)
         else:
+            # The loss is a mean over the valid samples of the whole batch: micro-batch i's mean
+            # (and gradient) enters weighted by its share of the valid samples, so the sum equals
+            # the whole batch's mean even when padding leaves the micro-batches unequal.
+            size = batch["valid"].shape[0]
+            micro = _micro_batches(batch, accum)
+            counts = jnp.sum(micro["valid"].astype(jnp.float32), axis=1)
+            weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
+            # Micro-batch i holds samples i, i + accum, ... (_micro_batches): their noise keys.
+            indices = jnp.arange(size).reshape(size // accum, accum).T
 
+            def weighted(encoder_state, one, index, weight):
+                (_, m), g = micro_step(params, encoder_state, one, key, index)
+                return jax.tree.map(lambda x: weight * x, (g, m))
+
+            # The encoders' state rides in the carry: nnx modules merged inside the body must be
+            # built from the body's own tracers (flax refuses outer-trace values in nnx.scan).
             def body(carry, xs):
-                micro, i = xs
-                (_, m), g = micro_step(params, encoder_state, micro, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, carry, (g, m)), None
+                sums, encoders = carry
+                return (jax.tree.map(jnp.add, sums, weighted(encoders, *xs)), encoders), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            first = jax.tree.map(lambda x: x[: x.shape[0] // accum], batch)
-            shapes = jax.eval_shape(lambda: micro_step(params, encoder_state, first, key)[0][1])
-            zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            (grads, metrics), _ = jax.lax.scan(
-                body, (zeros, zero_metrics), (_micro_batches(batch, accum), jnp.arange(accum))
+            # Micro-batch 0 starts the sums (it gives their structure); the scan adds the others.
+            xs = (micro, indices, weights)
+            first = jax.tree.map(lambda x: x[0], xs)
+            rest = jax.tree.map(lambda x: x[1:], xs)
+            ((grads, metrics), _), _ = jax.lax.scan(
+                body, (weighted(encoder_state, *first), encoder_state), rest
             )
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            metrics = jax.tree.map(lambda m: m / accum, metrics)
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -30,3 +30,26 @@ def assert_same(a, b):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def tensorboard_events(logdir):
+    """{tag: {step: value}} of the TensorBoard event files in logdir: scalars as floats, images as
+    (H, W, C) uint8 arrays decoded from their PNGs (what TensorBoard itself would show)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    events = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    out = {}
+    for tag in events.Tags()["tensors"]:
+        for event in events.Tensors(tag):
+            value = tensor_util.make_ndarray(event.tensor_proto)
+            if value.dtype == object:  # an image summary: [width, height, png, ...]
+                value = np.asarray(Image.open(io.BytesIO(value[2])))
+            else:
+                value = float(value)
+            out.setdefault(tag, {})[event.step] = value
+    return out

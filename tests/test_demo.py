@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from helpers import tensorboard_events
 
 from sama_jax import demo
 
@@ -27,6 +28,16 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
         assert os.path.getsize(workdir / name) > 0
     page = (workdir / "index.html").read_text()
     assert page.count("<video") == 4 * cases
+    # Stage 1's TensorBoard events: the training scalars at the log steps, the evaluators' scores
+    # and a picture of a held-out edit (rows source, edit, target of 64 x 64 frames).
+    events = tensorboard_events(workdir / "stage1")
+    last = demo.QUICK["stage1_steps"]
+    for tag in ("loss", "loss_fm", "loss_semantic", "grad_norm", "lr", "mfu", "samples_per_sec"):
+        assert last in events[tag], tag
+    assert events["val_loss/mean"].keys() == events["edit_scores/psnr_in"].keys() == {1, 2}
+    (tag,) = [t for t in events if t.startswith("edit_samples/0_")]
+    picture = events[tag][last]
+    assert picture.shape[0] == 3 * 64 and picture.shape[2] == 3 and picture.std() > 0
     # A rerun continues from what is done: every phase but the report is skipped.
     assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
     rerun = capsys.readouterr().out

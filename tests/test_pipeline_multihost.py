@@ -145,6 +145,22 @@ def test_processes_slice_one_global_plan(multi_dir, count):
     assert_same(list(it), local[last][2:])
 
 
+def test_image_batches_have_their_own_size_on_every_process(multi_dir):
+    """image_batch_size (bs_img next to bs_vid): single-frame buckets are planned at their own
+    global size, and two processes still slice one plan."""
+    single = list(make(multi_dir, 4, num_epochs=1, image_batch_size=8))
+    local = [list(make(multi_dir, 2, index, 2, num_epochs=1, image_batch_size=4)) for index in range(2)]
+    sizes = sorted((b["source"].shape[1], len(b["id"])) for b in single)
+    # 24 images in 3 buckets -> 3 batches of 8; 48 clips and video edits in 6 buckets -> 12 of 4.
+    assert sizes == [(1, 8)] * 3 + [(5, 4)] * 6 + [(9, 4)] * 6
+    assert all(len(b) == len(single) for b in local)
+    for step, whole in enumerate(single):
+        parts = [batches[step] for batches in local]
+        assert [len(p["id"]) for p in parts] == [len(whole["id"]) // 2] * 2
+        for key in ARRAYS + ("id",):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
 def test_every_process_saves_the_same_plan_state(multi_dir):
     states = []
     for index in range(2):

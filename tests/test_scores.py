@@ -123,6 +123,19 @@ def test_edit_scores_evaluator_metrics_from_a_stand_in_editor():
     assert unedited["edit_scores/psnr_out"] == scores.PSNR_CAP
     assert unedited["edit_scores/psnr_in"] < 30 and unedited["edit_scores/temporal_diff_rmse"] > 0
     assert list(edit_scores.score_cases(lambda f, t: f, [])) == []
+    # The first two cases as pictures: rows source, edit (here: the source), target; 5 columns.
+    with_pictures = dict(edit_scores.score_cases(lambda f, t: f, cases, sample_images=2))
+    pictures = {k: v for k, v in with_pictures.items() if k.startswith("edit_samples/")}
+    assert sorted(pictures) == [f"edit_samples/{i}_{cases[i].edit_type}" for i in range(2)]
+    sheet = pictures[f"edit_samples/0_{cases[0].edit_type}"]
+    assert sheet.shape == (3 * 32, 5 * 32, 3) and sheet.dtype == np.uint8
+    np.testing.assert_array_equal(sheet[:32, :32], cases[0].source[0])
+    np.testing.assert_array_equal(sheet[32:64, 32:64], cases[0].source[1])
+    np.testing.assert_array_equal(sheet[64:, 128:], cases[0].target[4])
+    timed = "edit_scores/seconds_per_case"
+    assert {k: v for k, v in with_pictures.items() if k not in pictures and k != timed} == {
+        k: v for k, v in unedited.items() if k != timed
+    }
 
 
 def _random_module(module_fn, seed):

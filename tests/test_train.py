@@ -167,6 +167,32 @@ def test_sharded_step_equals_single_device_step(trained):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch(trained):
+    """grad_accum=2 (micro-batches of 4 on 4 devices) against the fixture's whole-batch step on 8:
+    the same loss, gradient norm and parameters, with a padded sample making the two micro-batches'
+    valid counts unequal (sample 0 is in micro-batch 0)."""
+    batch = make_batch(trained["config"], seed=3)
+    batch["valid"][0] = False
+    whole = jax.tree.map(lambda x: x.copy(), trained["fresh"])
+    accumulated = build(tiny_config(**{"train.grad_accum": "2"}), jax.devices()[:4])
+    results = []
+    for parts, state, step, mesh, rules in [
+        (trained["parts"], whole, trained["step"], trained["mesh"], trained["rules"]),
+        accumulated,
+    ]:
+        for _ in range(2):  # the first update runs at warmup's rate 0
+            state, metrics = step(state, parts.encoder_state, sharding.shard_batch(batch, mesh, rules))
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    (p1, m1), (p2, m2) = results
+    assert m1["update_norm"] > 0
+    for name in ("loss", "loss_fm", "loss_semantic", "grad_norm"):
+        assert m2[name] == pytest.approx(m1[name], rel=1e-5), name
+    assert m1["valid_fraction"] == m2["valid_fraction"] == 7 / 8
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_train_settings_are_named_before_building():
     with pytest.raises(config_lib.ConfigError, match="train.grad_accum=3"):
         train_step.check_config(tiny_config(**{"train.grad_accum": "3"}), 8)
@@ -174,6 +200,16 @@ def test_bad_train_settings_are_named_before_building():
         train_step.check_config(tiny_config(**{"train.grad_accum": "2"}), 8)
     with pytest.raises(config_lib.ConfigError, match="train.loss_weighting='bump'"):
         train_step.check_config(tiny_config(**{"train.loss_weighting": "bump"}), 8)
+    with pytest.raises(
+        config_lib.ConfigError, match=r"train.image_batch_size / train.grad_accum = 6 .* 4 devices"
+    ):
+        train_step.check_config(tiny_config(**{"train.image_batch_size": "12", "train.grad_accum": "2"}), 4)
+    with pytest.raises(
+        config_lib.ConfigError, match="train.image_batch_size=20 is not divisible by the 8 proc"
+    ):
+        train_step.check_config(tiny_config(**{"train.image_batch_size": "20"}), 4, 8)
+    sizes = train_step.batch_sizes(tiny_config(**{"train.image_batch_size": "0"}))
+    assert sizes == {"video": 8, "image": 8}
 
 
 def test_schedule_warmup_then_cosine():

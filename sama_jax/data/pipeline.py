@@ -54,11 +54,13 @@ def check_data_config(data, seed: int = 0, anchor_frames: int = 1, text_len: int
 
 
 def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: int, seed: int,
+                   image_batch_size: int | None = None,
                    num_epochs: int | None = None, process_index: int | None = None,
                    process_count: int | None = None, worker_count: int | None = None,
                    anchor_frames: int = 1, text_len: int = 512,
                    drop_remainder: bool = True) -> BucketBatchDataset:
-    """The training pipeline for config.data over opened sources; batch_size is per process.
+    """The training pipeline for config.data over opened sources; batch_size is per process, and
+    image_batch_size (None: batch_size) that of single-frame (image) batches.
 
     process_index/count default to jax.process_index()/process_count(); every process must be given
     the same config, sources, seed and batch_size (it computes the same global plan). worker_count
@@ -71,7 +73,8 @@ def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: 
     guard = SkipGuard.from_config(data, entries)
     stream = mix_sources(sources, seed, num_epochs)
     workers = _count(data, "worker_count", 0, 0) if worker_count is None else worker_count
-    return BucketBatchDataset(stream, spec, batch_size, process_index=process_index,
+    return BucketBatchDataset(stream, spec, batch_size, image_batch_size=image_batch_size,
+                              process_index=process_index,
                               process_count=process_count, worker_count=workers,
                               read_threads=_count(data, "read_threads", 1, 1),
                               metadata_threads=_count(data, "metadata_threads", 0, 0),

@@ -101,14 +101,17 @@ class SkipGuard:
 class GlobalPlanner:
     """Global batches of stream positions sharing one (T, H, W), from the metadata pass.
 
-    Positions wait in one buffer per shape; a buffer reaching global_batch is emitted, so the plan
+    Positions wait in one buffer per shape; a buffer reaching its batch size (global_batch, or
+    image_global_batch for single-frame shapes when given) is emitted, so the plan
     follows the stream deterministically and is the same on every process. At the end of a finite
     stream the partial buffers are emitted (oldest first) unless drop_remainder.
     """
 
     def __init__(self, shapes: grain.MapDataset, global_batch: int, read_options: grain.ReadOptions,
-                 drop_remainder: bool, max_consecutive_skips: int, guard: SkipGuard | None = None):
+                 drop_remainder: bool, max_consecutive_skips: int, guard: SkipGuard | None = None,
+                 image_global_batch: int | None = None):
         self.shapes, self.global_batch = shapes, global_batch
+        self.image_global_batch = image_global_batch or global_batch
         self.read_options, self.drop_remainder = read_options, drop_remainder
         self.max_consecutive_skips = max_consecutive_skips
         self.guard = guard or SkipGuard()
@@ -180,12 +183,16 @@ class GlobalPlanner:
             shape = tuple(item["shape"])
             bucket = self._buffers.setdefault(shape, [])
             bucket.append(position)
-            if len(bucket) == self.global_batch:
+            if len(bucket) == self.batch_size_of(shape):
                 return shape, self._buffers.pop(shape)
         if self._buffers and not self.drop_remainder:
             shape = min(self._buffers, key=lambda k: self._buffers[k][0])
             return shape, self._buffers.pop(shape)
         return None
+
+    def batch_size_of(self, shape: tuple[int, int, int]) -> int:
+        """The global batch size of a bucket: images (T = 1) may have their own."""
+        return self.image_global_batch if shape[0] == 1 else self.global_batch
 
     def state(self) -> dict:
         return {"next_position": self._next_position,
@@ -216,9 +223,12 @@ class BucketBatchDataset(grain.IterDataset):
     """This process's batches: its slice of each global batch of the plan, decoded and stacked.
 
     stream: the (entry index, record) pairs of sources.mix_sources; `records` is its records.
+    batch_size: per process; image_batch_size (per process, None: batch_size) is the size of the
+    single-frame batches (image edits), as the released trainer's bs_img next to bs_vid.
     """
 
     def __init__(self, stream: grain.MapDataset, spec: SampleSpec, batch_size: int, *,
+                 image_batch_size: int | None = None,
                  process_index: int = 0, process_count: int = 1, worker_count: int = 0,
                  read_threads: int = 1, metadata_threads: int = 0, prefetch: int = 2,
                  drop_remainder: bool = True, max_consecutive_skips: int = 1000,
@@ -226,6 +236,8 @@ class BucketBatchDataset(grain.IterDataset):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if image_batch_size is not None and image_batch_size < 1:
+            raise ValueError(f"image_batch_size must be >= 1, got {image_batch_size}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         if process_count > 1 and not drop_remainder:
@@ -233,6 +245,7 @@ class BucketBatchDataset(grain.IterDataset):
                              "batch would give processes different batch sizes")
         self.stream, self.records, self.spec = stream, stream.map(sources_lib.record_of), spec
         self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+        self.image_batch_size = image_batch_size or batch_size
         self.worker_count, self.read_threads, self.prefetch = worker_count, read_threads, prefetch
         # metadata_threads 0 runs the metadata pass in the calling thread: a thread probing headers
         # while this thread decodes makes both wait on the GIL (measured: decodes 2 ms -> 60 ms).
@@ -248,7 +261,8 @@ class BucketBatchDataset(grain.IterDataset):
         return BucketBatchIterator(self)
 
     def __str__(self) -> str:
-        return (f"BucketBatchDataset(batch_size={self.batch_size}, process {self.process_index} of "
+        return (f"BucketBatchDataset(batch_size={self.batch_size}, "
+                f"image_batch_size={self.image_batch_size}, process {self.process_index} of "
                 f"{self.process_count}, workers={self.worker_count})")
 
 
@@ -260,7 +274,8 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._pool = DecodePool(PlannedDecoder(ds.records, ds.spec), ds.worker_count, ds.read_threads)
         self._planner = GlobalPlanner(ds.stream.map_with_index(ShapeProbe(ds.spec)),
                                       ds.batch_size * ds.process_count, ds.metadata_options,
-                                      ds.drop_remainder, ds.max_consecutive_skips, ds.skip_guard)
+                                      ds.drop_remainder, ds.max_consecutive_skips, ds.skip_guard,
+                                      image_global_batch=ds.image_batch_size * ds.process_count)
         # Planned batches in flight: (shape, this process's positions, plan state after it, jobs).
         self._ahead: collections.deque = collections.deque()
         self._state = self._planner.state()      # the plan state after the last batch returned
@@ -273,8 +288,9 @@ class BucketBatchIterator(grain.DatasetIterator):
             if planned is None:
                 return
             shape, positions = planned
-            first = self._ds.process_index * self._ds.batch_size
-            mine = positions[first:first + self._ds.batch_size]
+            size = self._planner.batch_size_of(shape) // self._ds.process_count
+            first = self._ds.process_index * size
+            mine = positions[first:first + size]
             jobs = [self._pool.submit(p, shape) for p in mine]
             self._ahead.append((shape, mine, self._planner.state(), jobs))
 

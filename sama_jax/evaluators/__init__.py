@@ -1,8 +1,11 @@
 """Evaluators that sama-train runs every config.eval.every_steps, named by config.eval.evaluators.
 
 Each is a module here with one class: built as Class(config, mesh=, rules=, encoders=, tokenizer=),
-its `run(dit, step)` yields (metric name, value) pairs, written to TensorBoard under those names.
-    val_loss     SAMA's loss at fixed sigmas and noise on held-out data (evaluators/val_loss.py)
+its `run(dit, step)` yields (metric name, value) pairs, written to TensorBoard under those names:
+a number as a scalar, an (H, W, 3) uint8 array as an image.
+    val_loss      SAMA's loss at fixed sigmas and noise on held-out data (evaluators/val_loss.py)
+    edit_scores   held-out synthetic edits by the current DiT, scored against exact targets, and
+                  the first few as pictures (evaluators/edit_scores.py)
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ renders of source and target differ. Yields, over all cases, PSNR and SSIM insid
 (instruction following) and outside it (preservation), temporal_ssim and temporal_diff_rmse
 (sama_jax.scores), and PSNR in/out per edit type; PSNRs of identical pixels (inf) count as
 scores.PSNR_CAP in the means. Every run edits the same cases with the same noise seed, so the
-numbers are comparable across steps.
+numbers are comparable across steps. The first sample_images cases are also yielded as pictures
+(edit_samples/<i>_<type>: rows source, edit, target; sama-train writes them to TensorBoard's
+Images tab), so the edits can be watched, not only their scores.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sama_jax import scores
+from sama_jax import previews, scores
 from sama_jax.data import synthetic
 
 PREFIX = "edit_scores"
 METRICS = ("psnr_in", "ssim_in", "psnr_out", "ssim_out", "temporal_ssim", "temporal_diff_rmse")
 PER_TYPE_METRICS = ("psnr_in", "psnr_out")
+SAMPLES_PREFIX = "edit_samples"
+SAMPLE_COLUMNS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +57,19 @@ def held_out_cases(num_cases: int, seed: int, frames: int, height: int, width: i
 
 
 def score_cases(
-    edit: Callable[[np.ndarray, str], np.ndarray], cases: list[HeldOutCase]
-) -> Iterator[tuple[str, float]]:
-    """edit(source, instruction) -> uint8 frames; yields the aggregated (name, value) pairs."""
+    edit: Callable[[np.ndarray, str], np.ndarray], cases: list[HeldOutCase], sample_images: int = 0
+) -> Iterator[tuple[str, float | np.ndarray]]:
+    """edit(source, instruction) -> uint8 frames; yields the aggregated (name, value) pairs, then
+    (name, (H, W, 3) uint8 contact sheet) for the first sample_images cases."""
     if not cases:
         return
-    rows, start = [], time.perf_counter()
-    for case in cases:
+    rows, sheets, start = [], [], time.perf_counter()
+    for i, case in enumerate(cases):
         edited = edit(case.source, case.instruction)
         rows.append((case.edit_type, scores.score_edit(edited, case.target, region=case.region)))
+        if i < sample_images:
+            sheet = previews.contact_sheet([case.source, edited, case.target], columns=SAMPLE_COLUMNS)
+            sheets.append((f"{SAMPLES_PREFIX}/{i}_{case.edit_type}", sheet))
     seconds = (time.perf_counter() - start) / max(1, len(cases))
     table = scores.aggregate(rows)
     for name in METRICS:
@@ -74,6 +82,7 @@ def score_cases(
             if name in row:
                 yield f"{PREFIX}/{edit_type}/{name}", float(row[name])
     yield f"{PREFIX}/seconds_per_case", seconds
+    yield from sheets
 
 
 class EditScores:
@@ -105,6 +114,7 @@ class EditScores:
             exact_size=True,
         )
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, tokenizer
+        self.sample_images = int(section.sample_images)
         # An edit is one video (two with CFG): its batch replicates instead of following the
         # training batch rule, which would split 2 over the data and fsdp axes.
         self.mesh = mesh
@@ -119,5 +129,7 @@ class EditScores:
             dit, self.vae, self.text_encoder, self.tokenizer, mesh=self.mesh, rules=self.rules
         )
         yield from score_cases(
-            lambda frames, text: editor.edit(frames, text, self.settings).frames, self.cases
+            lambda frames, text: editor.edit(frames, text, self.settings).frames,
+            self.cases,
+            sample_images=self.sample_images,
         )
