@@ -102,7 +102,12 @@ class Demo:
         if self.cpu_devices:
             argv.append(f"--cpu-devices={self.cpu_devices}")
         print("+ " + " ".join(shlex.quote(a) for a in argv[2:]), flush=True)
-        rc = subprocess.call(argv)
+        # One persistent compilation cache for every phase (unless the user set one): stage 1
+        # reuses stage 0's compiled train steps, the second export the first's sampling loop,
+        # and a rerun of the demo compiles almost nothing.
+        env = dict(os.environ)
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", self.path("jax_cache"))
+        rc = subprocess.call(argv, env=env)
         if rc:
             raise DemoError(
                 f"{module} exited with status {rc}; fix the cause and rerun sama-demo "

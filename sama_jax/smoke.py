@@ -8,7 +8,7 @@ mesh, the frozen encoders (sama_jax.conditioning) and the SAMA DiT of the config
 weights, shards them, reads batches through the Grain pipeline and, for each, makes the DiT inputs
 (conditioning.dit_inputs), noises the target latents and the semantic tokens with one shifted sigma
 per sample, runs the DiT on [source | semantic | target] and prints SAMA's loss and the norm of its
-gradient with respect to the DiT parameters. No update is applied: this checks that the pieces
+gradient with respect to the DiT parameters: sama-train's objective (train_step.make_objective). No update is applied: this checks that the pieces
 compose, shard and differentiate (sama-train trains).
 """
 
@@ -40,7 +40,7 @@ def _main(config, args) -> int:
     import optax
     from flax import nnx
 
-    from sama_jax import conditioning, flow_matching, sharding, text
+    from sama_jax import conditioning, sharding, text, train_step
     from sama_jax.data import pipeline, synthetic
     from sama_jax.models import wan_dit
 
@@ -64,7 +64,7 @@ def _main(config, args) -> int:
 
     rngs = nnx.Rngs(config.seed)
     dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model_cfg.dit, config.precision), rngs=rngs)
-    encoders = conditioning.build_encoders(config, rngs)
+    encoders = conditioning.build_encoders(config, rngs, names=train_step.encoder_names(config))
     for model in (dit, encoders):
         sharding.shard_module(model, mesh, rules)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(dit, nnx.Param)))
@@ -78,38 +78,15 @@ def _main(config, args) -> int:
         anchor_frames=encoders.semantic.num_anchor_frames,
         text_len=model_cfg.dit.text_len,
     )
-    shift, semantic_weight = config.train.timestep_shift, config.train.semantic_loss_weight
+    # sama-train's objective (train_step.make_objective): the same inputs, noise and loss.
+    dit_graphdef, params, dit_rest = nnx.split(dit, nnx.Param, ...)
+    encoder_graphdef, encoder_state = nnx.split(encoders)
+    prepare, loss_fn = train_step.make_objective(config, dit_graphdef, dit_rest, encoder_graphdef)
 
-    @nnx.jit
-    def loss_and_grad_norm(dit, encoders, batch, key):
-        inputs = conditioning.dit_inputs(encoders, batch)
-        k_sigma, k_noise, k_semantic = jax.random.split(key, 3)
-        sigma = flow_matching.sample_sigma(k_sigma, inputs.x0.shape[0], shift)
-        noise = jax.random.normal(k_noise, inputs.x0.shape, inputs.x0.dtype)
-        semantic_noise = jax.random.normal(k_semantic, inputs.semantic_x0.shape, inputs.semantic_x0.dtype)
-        x_t = flow_matching.add_noise(inputs.x0, noise, sigma)
-        semantic_t = flow_matching.add_noise(inputs.semantic_x0, semantic_noise, sigma)
-
-        def loss_fn(dit):
-            velocity, semantic_velocity = dit(
-                x_t,
-                flow_matching.NUM_TRAIN_TIMESTEPS * sigma,
-                inputs.context,
-                source_latents=inputs.source_latents,
-                semantic_tokens=semantic_t,
-            )
-            return flow_matching.sama_loss(
-                velocity,
-                noise,
-                inputs.x0,
-                semantic_velocity,
-                semantic_noise,
-                inputs.semantic_x0,
-                semantic_weight,
-                valid=batch["valid"],
-            )
-
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(dit)
+    @jax.jit
+    def loss_and_grad_norm(params, encoder_state, batch, key):
+        inputs = prepare(encoder_state, batch, key)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)
         return dict(metrics, grad_norm=optax.global_norm(grads))
 
     key = jax.random.key(config.seed)
@@ -120,7 +97,10 @@ def _main(config, args) -> int:
         start = time.time()
         with sharding.use_mesh(mesh, rules):
             metrics = loss_and_grad_norm(
-                dit, encoders, sharding.shard_batch(arrays, mesh, rules), jax.random.fold_in(key, step)
+                params,
+                encoder_state,
+                sharding.shard_batch(arrays, mesh, rules),
+                jax.random.fold_in(key, step),
             )
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(list(metrics.values()))):

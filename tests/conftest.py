@@ -6,6 +6,8 @@ conftest, which pytest loads before any test module.
 
 import os
 import random
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -16,6 +18,14 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # Never reach a model hub from a test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent compilation cache per test run, shared by the xdist workers and every command a
+# test starts: the tiny models compile the same programs in many tests and processes (a second
+# sama-smoke run: 82 s -> 17 s). A fresh run starts cold, so CI and a local run see the same.
+CACHE_DIR = os.path.join(
+    tempfile.gettempdir(), f"sama-jax-test-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,3 +64,8 @@ def pytest_configure(config):
         f"tests expect 8 simulated CPU devices, got {jax.device_count()}: jax was imported before "
         "tests/conftest.py set XLA_FLAGS"
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)

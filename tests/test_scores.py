@@ -192,10 +192,14 @@ def test_edit_scores_evaluator_with_the_editor(tmp_path):
     evaluator = edit_scores.EditScores(config, mesh=None, rules=None, encoders=encoders, tokenizer=tokenizer)
     first = dict(evaluator.run(dit, 0))
     assert {f"edit_scores/{m}" for m in edit_scores.METRICS} <= set(first)
-    assert all(np.isfinite(v) for v in first.values())
+    pictures = sorted(k for k in first if k.startswith("edit_samples/"))
+    assert len(pictures) == config.eval.edit_scores.sample_images == 2
+    assert all(first[k].shape == (3 * 32, 5 * 32, 3) for k in pictures)
+    numbers = lambda d: {k: v for k, v in d.items() if "seconds" not in k and k not in pictures}
+    assert all(np.isfinite(v) for v in numbers(first).values())
     second = dict(evaluator.run(_random_module(dit_fn, 0), 10))
-    assert {k: v for k, v in second.items() if "seconds" not in k} == {
-        k: v for k, v in first.items() if "seconds" not in k
-    }
+    assert numbers(second) == numbers(first)
+    for k in pictures:  # the same edits, picture for picture
+        np.testing.assert_array_equal(second[k], first[k])
     other = dict(evaluator.run(_random_module(dit_fn, 5), 20))
     assert other["edit_scores/psnr_in"] != first["edit_scores/psnr_in"]
