@@ -296,6 +296,10 @@ def _main(config, args) -> int:
     last_log = None  # (time, step) after the first completed step
     pending = None  # the previous step's (step, device metrics, samples, flops): read one
     exit_code, stop_reason = 0, ""  # step late, so the host never waits on the step just issued
+    # Seconds since the last log spent compiling a new batch shape (a jitted call compiles before
+    # it returns), evaluating or saving: left out of step_time, samples/s and MFU.
+    paused = {"seconds": 0.0, "compile": 0.0}
+    compiled_shapes = set()
 
     def finish_step(step, metrics, samples, flops, tokens):
         nonlocal last_log, exit_code, stop_reason
@@ -306,9 +310,10 @@ def _main(config, args) -> int:
             say(f"first step {step} done (includes compilation)")
             last_log = (now, step)
             window.clear()
+            paused.update(seconds=0.0, compile=0.0)  # spent before the first timed window
         if step % log_every == 0 or step == total_steps:
             if window and step > last_log[1]:
-                dt = (now - last_log[0]) / (step - last_log[1])
+                dt = max(1e-9, now - last_log[0] - paused["seconds"]) / (step - last_log[1])
                 mean = {
                     k: float(np.mean([w[k] for w in window]))
                     for k in window[0]
@@ -323,6 +328,7 @@ def _main(config, args) -> int:
                     / dt
                     / (float(config.train.peak_tflops) * 1e12 * jax.device_count()),
                     skipped_updates=metrics["skipped_updates"],
+                    compile_seconds=paused["compile"],
                 )
                 skips = iterator.skip_summary()
                 mean.update({f"skipped_samples/{k}": v for k, v in skips["counts"].items()})
@@ -338,6 +344,7 @@ def _main(config, args) -> int:
                 )
             last_log = (now, step)
             window.clear()
+            paused.update(seconds=0.0, compile=0.0)
         if metrics["nonfinite_in_row"] >= int(config.train.max_nonfinite_in_row):
             exit_code = 1
             stop_reason = (
@@ -356,7 +363,12 @@ def _main(config, args) -> int:
                 stop_reason = "the data ran out"
                 break
             arrays = conditioning.host_arrays(batch, tokenizer, config)
+            dispatched = time.time()
             state, metrics = step_fn(state, parts.encoder_state, sharding.shard_batch(arrays, mesh, rules))
+            if batch["target"].shape not in compiled_shapes:
+                compiled_shapes.add(batch["target"].shape)
+                paused["compile"] += time.time() - dispatched
+                paused["seconds"] += time.time() - dispatched
         step += 1
         if ids_file is not None:
             ids_file.write(json.dumps({"step": step, "ids": [str(i) for i in batch["id"]]}) + "\n")
@@ -379,9 +391,13 @@ def _main(config, args) -> int:
         if step % int(config.eval.every_steps) == 0:
             finish_step(*pending)
             pending = None
+            started_eval = time.time()
             evaluate(step)
+            paused["seconds"] += time.time() - started_eval
+        started_save = time.time()
         if checkpointer.save(step, state, iterator.get_state(), config_json):
             saved_step = step
+        paused["seconds"] += time.time() - started_save
     if pending is not None:
         finish_step(*pending)
 

@@ -18,12 +18,13 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # Never reach a model hub from a test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 # One persistent compilation cache per test run, shared by the xdist workers and every command a
 # test starts: the tiny models compile the same programs in many tests and processes (a second
 # sama-smoke run: 82 s -> 17 s). A fresh run starts cold, so CI and a local run see the same.
-CACHE_DIR = os.path.join(
-    tempfile.gettempdir(), f"sama-jax-test-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
-)
+# Set in the pytest process (or xdist's controller); the workers it starts inherit the variable.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"sama-jax-test-jax-cache-{os.getpid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
