@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from sama_jax import cli, edit_rules, inference, previews, sharding
+from sama_jax import cli, edit_flags, edit_rules, inference, previews, sharding
 from sama_jax.data import video_io
 
 SHEET_COLUMNS = 8
@@ -53,55 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--list", help="file of 'video<TAB>prompt' lines (relative paths: to the file)")
     io.add_argument("--prompt", default="", help="edit instruction (for every --src-video)")
     io.add_argument("--output-dir", default="tmp")
-    io.add_argument("--height", type=int, default=480, help="pixel budget (with --width) for the buckets")
-    io.add_argument("--width", type=int, default=832)
-    io.add_argument(
-        "--exact-size",
-        action="store_true",
-        help="edit at exactly --height x --width (centre crop) instead of the bucket rule",
-    )
-    io.add_argument("--max-frames", type=int, default=81)
-    io.add_argument("--fps", type=float, default=20.0, help="output fps when the source has none")
-    io.add_argument("--seed", type=int, default=1, help="seeds the video and the semantic noise")
-    io.add_argument(
-        "--tiled", action="store_true", help="tiled VAE encode/decode (30x52 latents, stride 15x26)"
-    )
-    io.add_argument(
-        "--prompt-prefix",
-        action="store_true",
-        help="prompt '[Video edit] ' + prompt, negative '[Video edit]' (else '')",
-    )
     io.add_argument("--lora-path", default="", help="LoRA (released key format) merged with alpha 1.0")
     io.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    io.add_argument(
-        "--keep-padding",
-        action="store_true",
-        help="keep the frames repeated up to 4k+1 (the released output); default: trimmed",
-    )
-    io.add_argument("--crf", type=int, default=17, help="H.264 quality of the mp4s (17: visually lossless)")
     s = p.add_argument_group("sampler")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=5.0, help="CFG scale on the text (1: no CFG)")
-    s.add_argument("--shift", type=float, default=5.0)
-    s.add_argument(
-        "--sampler",
-        default="euler",
-        choices=("euler", "unipc"),
-        help="euler: the released SAMA sampler; unipc: Wan2.1's",
-    )
-    s.add_argument(
-        "--cfg-mode",
-        default="batch",
-        choices=("batch", "sequential"),
-        help="CFG passes as one doubled batch (faster) or two calls (less memory)",
-    )
-    s.add_argument(
-        "--latent-dtype",
-        default=None,
-        choices=("bfloat16", "float32"),
-        help="sampler state dtype (default: bfloat16 for euler as released, float32 for unipc)",
-    )
-    s.add_argument("--semantic-tokens", type=int, default=65, help="semantic tokens denoised with the video")
+    edit_flags.add_editing_flags(io, s)
     m = p.add_argument_group("models")
     m.add_argument("--dit", help="DiT params checkpoint (convert-wan-weights)")
     m.add_argument("--vae", help="Wan VAE params checkpoint")

@@ -47,14 +47,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sama_jax import benchmarks_io, cli, previews
+from sama_jax import benchmarks_io, cli, edit_flags, previews
 from sama_jax import scores as scores_lib
 
 RECORDS_DIR = "records"
 PREVIEWS_DIR = "previews"
 SHEET_COLUMNS = 8
 SHEET_HEIGHT = 96
-DEFAULT_FPS = 20.0  # the released inference's --fps: used when a source has none
+DEFAULT_FPS = edit_flags.DEFAULT_FPS
 
 
 # ----------------------------------------------------------------------------- records
@@ -560,31 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--siglip", default="", help="SigLIP params checkpoint: adds SigLIP frame consistency")
     e = p.add_argument_group("editing (sama-edit's flags)")
-    e.add_argument("--seed", type=int, default=1, help="seed of every case's noise")
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance", type=float, default=5.0, help="CFG scale on the text (1: no CFG)")
-    e.add_argument("--shift", type=float, default=5.0)
-    e.add_argument("--sampler", default="euler", choices=("euler", "unipc"))
-    e.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"))
-    e.add_argument("--latent-dtype", default=None, choices=("bfloat16", "float32"))
-    e.add_argument(
-        "--semantic-tokens",
-        type=int,
-        default=None,
-        help="semantic tokens denoised with the video (default: 65, the released model's; "
-        "with --preset, the preset's)",
+    edit_flags.add_editing_flags(
+        e,
+        e,
+        semantic_tokens=None,
+        semantic_help="semantic tokens denoised with the video (default: 65, the released "
+        "model's; with --run or --preset, the model's)",
     )
-    e.add_argument("--max-frames", type=int, default=81)
-    e.add_argument("--height", type=int, default=480, help="pixel budget (with --width) for the buckets")
-    e.add_argument("--width", type=int, default=832)
-    e.add_argument("--exact-size", action="store_true", help="edit at exactly --height x --width")
-    e.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode")
-    e.add_argument(
-        "--prompt-prefix", action="store_true", help="'[Video edit] ' + prompt, negative '[Video edit]'"
-    )
-    e.add_argument("--keep-padding", action="store_true", help="keep the frames repeated up to 4k+1")
-    e.add_argument("--fps", type=float, default=DEFAULT_FPS, help="output fps when a source has none")
-    e.add_argument("--crf", type=int, default=17, help="H.264 quality of the outputs")
     m = p.add_argument_group("models")
     m.add_argument("--dit", help="DiT params checkpoint (convert-wan-weights)")
     m.add_argument("--vae", help="Wan VAE params checkpoint")

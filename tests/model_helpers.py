@@ -35,6 +35,24 @@ SOURCE_FPS = 12
 TEXTS = ["Make the square red.", "Remove the square.", "[Video edit] Turn the background blue."]
 
 
+def tiny_hf_umt5(**overrides):
+    """A tiny transformers umT5 encoder (random weights), vocabulary 70: make_tokenizer_dir's."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = dict(
+        vocab_size=70,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+    )
+    return UMT5EncoderModel(UMT5Config(**{**config, **overrides}))
+
+
 def random_params(module_fn, seed=0):
     """Random weights by shape, without running eager initialisers (the VAE's are slow on CPU):
     kernels scaled by fan-in, scales near 1, everything else near 0."""

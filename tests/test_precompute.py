@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from model_helpers import make_tokenizer_dir, random_params
-from transformers import SiglipVisionConfig, SiglipVisionModel, UMT5Config, UMT5EncoderModel
+from model_helpers import make_tokenizer_dir, random_params, tiny_hf_umt5
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from sama_jax import config as config_lib
 from sama_jax import params_io, precompute, presets, semantic, text
@@ -24,19 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     torch.manual_seed(0)
     make_tokenizer_dir(root / "tok")
-    UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=70,
-            d_model=16,
-            d_kv=4,
-            d_ff=32,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-        )
-    ).save_pretrained(root / "hf_umt5")
+    tiny_hf_umt5().save_pretrained(root / "hf_umt5")
     tiny = presets.SIGLIP["tiny"]
     SiglipVisionModel(
         SiglipVisionConfig(

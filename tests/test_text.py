@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from model_helpers import SENTENCES, make_tokenizer_dir
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+from model_helpers import SENTENCES, make_tokenizer_dir, tiny_hf_umt5
+from transformers import AutoTokenizer
 
 from sama_jax import text
 from sama_jax.models import load_text_encoder
@@ -63,20 +63,7 @@ def test_tokenizer_errors(tmp_path):
 
 def test_text_encoder_end_to_end(tmp_path):
     make_tokenizer_dir(tmp_path / "tok")
-    reference = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=70,
-            d_model=16,
-            d_kv=4,
-            d_ff=32,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-        )
-    ).eval()
+    reference = tiny_hf_umt5(dropout_rate=0.0).eval()
     reference.save_pretrained(tmp_path / "hf")
     assert (
         cli.main([str(tmp_path / "hf"), str(tmp_path / "enc"), "--kind", "umt5", "--dtype", "float32"]) == 0
