@@ -117,6 +117,7 @@ def _main(config, args) -> int:
         np.prod([mesh.shape[a] for a in np.atleast_1d(train_step.batch_axes(rules)) if a is not None])
     )
     train_step.check_config(config, batch_shards, processes)
+    image_warning = train_step.image_batch_warning(config)
     pipeline.check_data_config(
         config.data,
         int(config.seed),
@@ -130,6 +131,8 @@ def _main(config, args) -> int:
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{processes} process(es); workdir {workdir}"
     )
+    if image_warning:
+        say("warning: " + image_warning)
 
     # -- Frozen encoders and tokenizer ---------------------------------------------------------
     checkpoints = config.model.checkpoints

@@ -81,6 +81,24 @@ def check_config(config, num_batch_shards: int, num_processes: int = 1) -> None:
             raise ConfigError(f"{key}={batch} is not divisible by the {num_processes} processes")
 
 
+def image_batch_warning(config) -> str:
+    """A warning when an image-edit batch would hold more tokens than a video batch (an image is
+    one latent frame, an F-frame video 1 + (F - 1) / 4): a layout sized for the video step may not
+    hold the image step. Empty when it does not."""
+    sizes = batch_sizes(config)
+    latent_frames = 1 + (int(config.data.num_frames) - 1) // 4
+    limit = sizes["video"] * latent_frames
+    if sizes["image"] <= limit:
+        return ""
+    return (
+        f"train.image_batch_size={sizes['image']} puts more tokens in an image batch than "
+        f"train.batch_size={sizes['video']} puts in a video batch of data.num_frames="
+        f"{config.data.num_frames} ({latent_frames} latent frames per video, 1 per image): a mesh "
+        f"sized for the video step may run out of memory on image batches; at most {limit} keeps "
+        "them within it"
+    )
+
+
 def batch_axes(rules) -> Any:
     return sharding.logical_to_mesh_spec(("batch",), rules)[0]
 

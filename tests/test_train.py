@@ -210,6 +210,10 @@ def test_bad_train_settings_are_named_before_building():
         train_step.check_config(tiny_config(**{"train.image_batch_size": "20"}), 4, 8)
     sizes = train_step.batch_sizes(tiny_config(**{"train.image_batch_size": "0"}))
     assert sizes == {"video": 8, "image": 8}
+    # Tiny: 5 frames = 2 latent frames, so 16 images per batch of 8 videos hold as many tokens.
+    assert train_step.image_batch_warning(tiny_config()) == ""
+    too_many = train_step.image_batch_warning(tiny_config(**{"train.image_batch_size": "24"}))
+    assert "train.image_batch_size=24" in too_many and "at most 16" in too_many
 
 
 def test_schedule_warmup_then_cosine():
