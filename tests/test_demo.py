@@ -32,7 +32,16 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     # and a picture of a held-out edit (rows source, edit, target of 64 x 64 frames).
     events = tensorboard_events(workdir / "stage1")
     last = demo.QUICK["stage1_steps"]
-    for tag in ("loss", "loss_fm", "loss_semantic", "grad_norm", "lr", "mfu", "samples_per_sec"):
+    for tag in (
+        "loss",
+        "loss_fm",
+        "loss_semantic",
+        "grad_norm",
+        "lr",
+        "mfu",
+        "samples_per_sec",
+        "compile_seconds",
+    ):
         assert last in events[tag], tag
     assert events["val_loss/mean"].keys() == events["edit_scores/psnr_in"].keys() == {1, 2}
     (tag,) = [t for t in events if t.startswith("edit_samples/0_")]
