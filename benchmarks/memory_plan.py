@@ -6,6 +6,8 @@ for a TPU or GPU slice without the hardware. Nothing is allocated.
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout v5p-64 --backend tpu
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout v6e-64 --frames 81 --kind train
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout 8xh100 --sharding fsdp --all-candidates
+    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --layout v5p-64 --kind train --frames 1 \
+        --samples-per-device 4    # the image-edit step at train.image_batch_size = 4 x batch_size
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --config=configs/stage1_sft.py:tiny \
         --layout 8xh100 --frames 5 --height 64 --width 64 --steps 4           # a smoke run, ~1 min
 
@@ -138,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the edit")
+    p.add_argument(
+        "--samples-per-device",
+        type=int,
+        default=1,
+        help="train: samples per device of the batch axes (image-edit batches: --frames 1 "
+        "--samples-per-device 4 is train.image_batch_size = 4 x train.batch_size)",
+    )
     p.add_argument(
         "--all-candidates",
         action="store_true",
@@ -307,7 +316,7 @@ def jax_axes(axes):
     return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
 
 
-def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None):
+def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samples_per_device=1):
     """-> (compiled, {part: per-device bytes}, global batch). With hbm_bytes, raises NotLowered when
     the state, its gradient and the saved residuals alone exceed it."""
     import jax
@@ -320,14 +329,14 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None):
 
     num_shards = math.prod(dict(mesh.shape)[a] for a in ("data", "fsdp"))
     with config.unlocked():
-        config.train.batch_size = num_shards
+        config.train.batch_size = num_shards * samples_per_device
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     dit = wan_dit.abstract_dit(dit_cfg)
     encoders = conditioning.build_encoders(config, nnx.Rngs(0), names=())
     parts = train_step.StepParts.build(config, mesh, rules, dit, encoders)
     _, params, _ = nnx.split(dit, nnx.Param, ...)
     state = parts.abstract_state(params)
-    b, lat, cfg = num_shards, latent_shape(frames, height, width), config.model.dit
+    b, lat, cfg = config.train.batch_size, latent_shape(frames, height, width), config.model.dit
     shapes = {
         "target_latents": (b, *lat),
         "source_latents": (b, *lat),
@@ -470,6 +479,7 @@ def _key(r):
         r["height"],
         r["width"],
         r["backend"],
+        r.get("samples_per_device", 1),
     )
 
 
@@ -491,7 +501,14 @@ def lower_case(config, args, layout, kind, frames, cand, backend):
             rules = (("batch", "data"),) + rules
         if kind == "train":
             compiled, split, batch = lower_train(
-                c, mesh, rules, frames, args.height, args.width, (1 - args.headroom) * layout.hbm_gib * GIB
+                c,
+                mesh,
+                rules,
+                frames,
+                args.height,
+                args.width,
+                (1 - args.headroom) * layout.hbm_gib * GIB,
+                samples_per_device=args.samples_per_device,
             )
         else:
             compiled, split, batch = lower_edit(c, mesh, rules, frames, args.height, args.width, args.steps)
@@ -513,6 +530,7 @@ def lower_case(config, args, layout, kind, frames, cand, backend):
         remat=cand.remat,
         rules=[list(r) for r in cand.rules],
         batch=batch,
+        samples_per_device=args.samples_per_device if kind == "train" else 1,
         preset=config.model.preset,
         num_layers=int(config.model.dit.num_layers),
         memory=memory,
