@@ -458,7 +458,11 @@ def load_results(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return json.load(f)["results"]
+        results = json.load(f)["results"]
+    for r in results:  # records of older versions lack the newer fields
+        r.setdefault("backend", "cpu")
+        r.setdefault("samples_per_device", 1)
+    return results
 
 
 def save_results(path, results):
@@ -479,7 +483,7 @@ def _key(r):
         r["height"],
         r["width"],
         r["backend"],
-        r.get("samples_per_device", 1),
+        r["samples_per_device"],
     )
 
 
