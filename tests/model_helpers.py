@@ -53,6 +53,21 @@ def tiny_hf_umt5(**overrides):
     return UMT5EncoderModel(UMT5Config(**{**config, **overrides}))
 
 
+def tiny_hf_siglip_config():
+    """transformers' SiglipVisionConfig of the tiny preset's SigLIP tower."""
+    from transformers import SiglipVisionConfig
+
+    tiny = presets.SIGLIP["tiny"]
+    return SiglipVisionConfig(
+        hidden_size=tiny["hidden_size"],
+        intermediate_size=tiny["intermediate_size"],
+        num_hidden_layers=tiny["num_layers"],
+        num_attention_heads=tiny["num_heads"],
+        patch_size=tiny["patch_size"],
+        image_size=tiny["image_size"],
+    )
+
+
 def random_params(module_fn, seed=0):
     """Random weights by shape, without running eager initialisers (the VAE's are slow on CPU):
     kernels scaled by fan-in, scales near 1, everything else near 0."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from model_helpers import make_tokenizer_dir, random_params, tiny_hf_umt5
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from model_helpers import make_tokenizer_dir, random_params, tiny_hf_siglip_config, tiny_hf_umt5
+from transformers import SiglipVisionModel
 
 from sama_jax import config as config_lib
 from sama_jax import params_io, precompute, presets, semantic, text
@@ -25,17 +25,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     make_tokenizer_dir(root / "tok")
     tiny_hf_umt5().save_pretrained(root / "hf_umt5")
-    tiny = presets.SIGLIP["tiny"]
-    SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=tiny["hidden_size"],
-            intermediate_size=tiny["intermediate_size"],
-            num_hidden_layers=tiny["num_layers"],
-            num_attention_heads=tiny["num_heads"],
-            patch_size=tiny["patch_size"],
-            image_size=tiny["image_size"],
-        )
-    ).save_pretrained(root / "hf_siglip")
+    SiglipVisionModel(tiny_hf_siglip_config()).save_pretrained(root / "hf_siglip")
     for kind in ("umt5", "siglip"):
         assert (
             cli.main([str(root / f"hf_{kind}"), str(root / kind), "--kind", kind, "--dtype", "float32"]) == 0

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from model_helpers import tiny_hf_siglip_config
+from transformers import SiglipVisionModel
 
 from sama_jax import presets, semantic
 from sama_jax.models import load_siglip
@@ -59,16 +60,7 @@ def test_anchor_frames_and_config_errors():
 
 def test_extractor_matches_transformers_siglip_and_torch_pooling(tmp_path):
     tiny = presets.SIGLIP["tiny"]
-    reference = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=tiny["hidden_size"],
-            intermediate_size=tiny["intermediate_size"],
-            num_hidden_layers=tiny["num_layers"],
-            num_attention_heads=tiny["num_heads"],
-            patch_size=tiny["patch_size"],
-            image_size=tiny["image_size"],
-        )
-    ).eval()
+    reference = SiglipVisionModel(tiny_hf_siglip_config()).eval()
     reference.save_pretrained(tmp_path / "hf")
     assert (
         cli.main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--kind", "siglip", "--dtype", "float32"])

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from model_helpers import tiny_hf_siglip_config
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionModel
 
 from sama_jax import presets
 from sama_jax.models import load_siglip
@@ -19,17 +20,6 @@ from tools.convert_wan_weights import siglip as siglip_converter
 from tools.convert_wan_weights.source import ConversionError, TensorSource
 
 TINY = presets.SIGLIP["tiny"]
-
-
-def vision_config():
-    return SiglipVisionConfig(
-        hidden_size=TINY["hidden_size"],
-        intermediate_size=TINY["intermediate_size"],
-        num_hidden_layers=TINY["num_layers"],
-        num_attention_heads=TINY["num_heads"],
-        patch_size=TINY["patch_size"],
-        image_size=TINY["image_size"],
-    )
 
 
 def randomize_norms(model):
@@ -57,7 +47,7 @@ def convert(checkpoint, out):
 
 
 def test_flat_layout_parity(tmp_path):
-    ref = randomize_norms(SiglipVisionModel(vision_config()).eval())
+    ref = randomize_norms(SiglipVisionModel(tiny_hf_siglip_config()).eval())
     ref.save_pretrained(tmp_path / "hf")  # transformers 5 writes the flat layout here
     source = TensorSource(str(tmp_path / "hf"))
     assert siglip_converter.prefix_of(source) == ""
@@ -82,7 +72,9 @@ def test_prefixed_full_siglip_model_parity(tmp_path):
         num_attention_heads=2,
         max_position_embeddings=8,
     )
-    full = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict()))
+    full = SiglipModel(
+        SiglipConfig(text_config=text.to_dict(), vision_config=tiny_hf_siglip_config().to_dict())
+    )
     full = randomize_norms(full.eval())
     full.save_pretrained(tmp_path / "hf")
     source = TensorSource(str(tmp_path / "hf"))
@@ -114,14 +106,14 @@ def test_preprocess_matches_the_transformers_processor():
 
 
 def test_wrong_input_size_is_a_clear_error(tmp_path):
-    SiglipVisionModel(vision_config()).save_pretrained(tmp_path / "hf")
+    SiglipVisionModel(tiny_hf_siglip_config()).save_pretrained(tmp_path / "hf")
     model = convert(tmp_path / "hf", tmp_path / "ours")
     with pytest.raises(ValueError, match="use siglip.preprocess"):
         model(np.zeros((1, 32, 32, 3), np.float32))
 
 
 def test_converter_needs_heads_from_config_json(tmp_path):
-    sd = {k: v.contiguous() for k, v in SiglipVisionModel(vision_config()).state_dict().items()}
+    sd = {k: v.contiguous() for k, v in SiglipVisionModel(tiny_hf_siglip_config()).state_dict().items()}
     save_file(sd, str(tmp_path / "model.safetensors"))  # no config.json beside it
     with pytest.raises(ConversionError, match="config.json"):
         siglip_converter.convert(
@@ -130,7 +122,7 @@ def test_converter_needs_heads_from_config_json(tmp_path):
             type("Args", (), dict(dtype="float32", overwrite=False))(),
         )
     del sd["encoder.layers.1.mlp.fc2.bias"]
-    vision_config().save_pretrained(tmp_path)
+    tiny_hf_siglip_config().save_pretrained(tmp_path)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConversionError, match=r"missing \(1\):\s+encoder.layers.1.mlp.fc2.bias"):
         siglip_converter.convert(
@@ -145,7 +137,7 @@ def test_sharded_load_matches_unsharded(tmp_path):
 
     from sama_jax import sharding
 
-    randomize_norms(SiglipVisionModel(vision_config()).eval()).save_pretrained(tmp_path / "hf")
+    randomize_norms(SiglipVisionModel(tiny_hf_siglip_config()).eval()).save_pretrained(tmp_path / "hf")
     plain = convert(tmp_path / "hf", tmp_path / "ours")
     mesh = sharding.create_mesh(dict(ici=dict(fsdp=2, tensor=4)))
     sharded = load_siglip(str(tmp_path / "ours"), mesh=mesh)
@@ -160,7 +152,7 @@ def test_sharded_load_matches_unsharded(tmp_path):
 def test_image_size_not_a_multiple_of_the_patch(tmp_path):
     # As so400m-patch14-384 (27 * 14 = 378 < 384): the size comes from config.json, and the patch
     # conv drops the remainder; preprocess must resize to 62 here, not to 4 * 14 = 56.
-    config = vision_config()
+    config = tiny_hf_siglip_config()
     config.image_size = 62
     ref = randomize_norms(SiglipVisionModel(config).eval())
     ref.save_pretrained(tmp_path / "hf")
