@@ -226,11 +226,12 @@ def _main(config, args) -> int:
     step_fn = train_step.make_train_step(config, parts)
 
     # -- Input ---------------------------------------------------------------------------------
+    batch_sizes = train_step.batch_sizes(config)  # global, per kind
     data = pipeline.build_pipeline(
         config.data,
         sources,
-        batch_size=train_step.batch_sizes(config)["video"] // processes,
-        image_batch_size=train_step.batch_sizes(config)["image"] // processes,
+        batch_size=batch_sizes["video"] // processes,
+        image_batch_size=batch_sizes["image"] // processes,
         seed=int(config.seed),
         anchor_frames=encoders.semantic.num_anchor_frames,
         text_len=int(config.model.dit.text_len),
@@ -370,8 +371,9 @@ def _main(config, args) -> int:
             state, metrics = step_fn(state, parts.encoder_state, sharding.shard_batch(arrays, mesh, rules))
             if batch["target"].shape not in compiled_shapes:
                 compiled_shapes.add(batch["target"].shape)
-                paused["compile"] += time.time() - dispatched
-                paused["seconds"] += time.time() - dispatched
+                compiling = time.time() - dispatched
+                paused["compile"] += compiling
+                paused["seconds"] += compiling
         step += 1
         if ids_file is not None:
             ids_file.write(json.dumps({"step": step, "ids": [str(i) for i in batch["id"]]}) + "\n")
