@@ -22,13 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sama_jax import presets
+from sama_jax import dit_cost, presets
 from sama_jax.models.wan_dit import WanDiT, WanDiTConfig
-
-
-def forward_flops(cfg: WanDiTConfig, video_tokens: int, text_tokens: int) -> float:
-    d, f, s, l = cfg.dim, cfg.ffn_dim, video_tokens, text_tokens
-    return cfg.num_layers * (s * (12 * d * d + 4 * d * f + 4 * s * d + 4 * l * d) + 4 * d * d * l)
 
 
 def _time(fn, iters):
@@ -75,7 +70,7 @@ def main() -> None:
     )
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
 
-    latent_shape = (1, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, cfg.in_dim)
+    latent_shape = (1, *dit_cost.latent_grid(args.frames, args.height, args.width), cfg.in_dim)
     key = jax.random.key(0)
     target = jax.random.normal(key, latent_shape, jnp.bfloat16)
     source = None if args.no_source else jax.random.normal(jax.random.key(1), latent_shape, jnp.bfloat16)
@@ -86,17 +81,12 @@ def main() -> None:
     )
     text = jax.random.normal(jax.random.key(3), (1, cfg.text_len, cfg.text_dim), jnp.bfloat16)
     timesteps = jnp.array([500.0], jnp.float32)
-    tokens_per_video = (
-        latent_shape[1]
-        * latent_shape[2]
-        * latent_shape[3]
-        // (cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
-    )
+    tokens_per_video = dit_cost.video_tokens(args.frames, args.height, args.width, cfg.patch_size)
     video_tokens = tokens_per_video * (1 if source is None else 2)
 
     forward = nnx.jit(lambda m, *a: m(*a))
     seconds = _time(lambda: forward(model, target, timesteps, text, source, semantic), args.iters)
-    flops = forward_flops(cfg, video_tokens + args.semantic, cfg.text_len)
+    flops = dit_cost.forward_flops(cfg, video_tokens + args.semantic, cfg.text_len)
     device = jax.devices()[0]
     print(
         f"device {device.device_kind} ({jax.default_backend()}), preset {args.preset}, "

@@ -57,6 +57,7 @@ import sys
 import time
 
 from sama_jax import config as config_lib  # starts no jax backend: --cpu-devices still applies
+from sama_jax import dit_cost
 
 GIB = 1024**3
 DEFAULT_CONFIG = (
@@ -244,7 +245,7 @@ def libtpu_available() -> bool:
 
 
 def latent_shape(frames, height, width):
-    return (1 + (frames - 1) // 4, height // 8, width // 8, 16)
+    return (*dit_cost.latent_grid(frames, height, width), 16)
 
 
 def tokens(config, frames, height, width):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sama_jax import flow_matching, presets
+from sama_jax import dit_cost, flow_matching, presets
 from sama_jax.models.wan_dit import WanDiT, WanDiTConfig
 
 # name -> (frames, height, width) of one clip; source and target both have this shape.
@@ -51,14 +51,8 @@ WORKLOADS = {
 }
 
 
-def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int) -> float:
-    d, f, s, l = cfg.dim, cfg.ffn_dim, tokens, text_tokens
-    return cfg.num_layers * (s * (12 * d * d + 4 * d * f + 4 * s * d + 4 * l * d) + 4 * d * d * l)
-
-
 def latent_shape(workload: str) -> tuple[int, int, int]:
-    frames, height, width = WORKLOADS[workload]
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+    return dit_cost.latent_grid(*WORKLOADS[workload])
 
 
 def matmul_ceiling(dtype, size: int) -> float:
@@ -258,8 +252,8 @@ def main(argv=None) -> int:
         remat=args.remat,
     )
     grid = latent_shape(args.workload)
-    tokens = 2 * grid[0] * (grid[1] // cfg.patch_size[1]) * (grid[2] // cfg.patch_size[2])
-    flops = forward_flops(cfg, tokens + args.semantic, cfg.text_len)
+    tokens = 2 * dit_cost.video_tokens(*WORKLOADS[args.workload], cfg.patch_size)
+    flops = dit_cost.forward_flops(cfg, tokens + args.semantic, cfg.text_len)
     backend = jax.default_backend()
     device = jax.devices()[0]
     print(

@@ -65,25 +65,6 @@ def initialize_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def flops_per_sample(dit_cfg, video_tokens: int, semantic_tokens: int) -> float:
-    """Train-step FLOPs of one sample: 3 x the forward of reference/anchors.md (no remat counted)."""
-    s, d, f, layers, text = (
-        video_tokens + semantic_tokens,
-        dit_cfg.dim,
-        dit_cfg.ffn_dim,
-        dit_cfg.num_layers,
-        dit_cfg.text_len,
-    )
-    forward = layers * (s * (12 * d * d + 4 * d * f + 4 * s * d + 4 * text * d) + 4 * d * d * text)
-    return 3.0 * forward
-
-
-def video_tokens(frames: int, height: int, width: int, patch) -> int:
-    """DiT tokens of one video: Wan VAE (4x time, 8x space) then the patch."""
-    latent_frames = 1 + (frames - 1) // 4
-    return (latent_frames // patch[0]) * (height // 8 // patch[1]) * (width // 8 // patch[2])
-
-
 def _main(config, args) -> int:
     # `kill -USR1 PID` prints every thread's stack (a hung multi-process run shows where it waits).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -94,7 +75,16 @@ def _main(config, args) -> int:
     from clu import metric_writers, periodic_actions
     from flax import nnx
 
-    from sama_jax import checkpointing, conditioning, evaluators, run_dir, sharding, text, train_step
+    from sama_jax import (
+        checkpointing,
+        conditioning,
+        dit_cost,
+        evaluators,
+        run_dir,
+        sharding,
+        text,
+        train_step,
+    )
     from sama_jax.config import ConfigError
     from sama_jax.data import pipeline, synthetic
     from sama_jax.models import wan_dit
@@ -379,13 +369,13 @@ def _main(config, args) -> int:
             ids_file.write(json.dumps({"step": step, "ids": [str(i) for i in batch["id"]]}) + "\n")
             ids_file.flush()
         frames, height, width = batch["target"].shape[1:4]
-        tokens = 2 * video_tokens(frames, height, width, dit_cfg.patch_size)
+        tokens = 2 * dit_cost.video_tokens(frames, height, width, dit_cfg.patch_size)
         samples = len(batch["valid"]) * processes
         current = (
             step,
             metrics,
             samples,
-            samples * flops_per_sample(dit_cfg, tokens, semantic_tokens),
+            samples * dit_cost.train_flops(dit_cfg, tokens + semantic_tokens, dit_cfg.text_len),
             samples * tokens,
         )
         if pending is not None:

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sama_jax import conditioning, flow_matching, optim, sharding
+from sama_jax import conditioning, dit_cost, flow_matching, optim, sharding
 from sama_jax.config import ConfigError
 from sama_jax.features import BATCH_PREFIX
 
@@ -86,7 +86,7 @@ def image_batch_warning(config) -> str:
     one latent frame, an F-frame video 1 + (F - 1) / 4): a layout sized for the video step may not
     hold the image step. Empty when it does not."""
     sizes = batch_sizes(config)
-    latent_frames = 1 + (int(config.data.num_frames) - 1) // 4
+    latent_frames = dit_cost.latent_frames(int(config.data.num_frames))
     limit = sizes["video"] * latent_frames
     if sizes["image"] <= limit:
         return ""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sama_jax import conditioning, optim, run_dir, sharding, train, train_step
+from sama_jax import conditioning, dit_cost, optim, run_dir, sharding, train, train_step
 from sama_jax import config as config_lib
 from sama_jax.models import wan_dit
 
@@ -244,6 +244,6 @@ def test_flops_formula_matches_the_anchor():
     cfg = wan_dit.WanDiTConfig.from_config(
         dict(config_lib.build_config(f"{CONFIGS}/stage1_sft.py:wan_1_3b").model.dit)
     )
-    forward = train.flops_per_sample(cfg, 15_600, 0) / 3
+    forward = dit_cost.train_flops(cfg, 15_600, cfg.text_len) / 3
     assert forward / 0.215 / 800e12 == pytest.approx(0.50, abs=0.02)
-    assert train.video_tokens(17, 480, 832, (1, 2, 2)) == 5 * 30 * 52
+    assert dit_cost.video_tokens(17, 480, 832, (1, 2, 2)) == 5 * 30 * 52
