@@ -6,18 +6,34 @@ state, JSON) and config (the resolved config, JSON). Saves are asynchronous when
 a step into a temporary directory and renames it when complete, so a process killed during a save
 leaves the previous step as the latest loadable one (the partial directory is removed at the next
 start).
+
+A step that no longer restores (a file lost or truncated on disk) is never deleted: resume_newest
+moves it aside, into checkpoints.aside/ beside the checkpoints, and resumes from the newest step that
+restores completely; a chosen step (sama-train --resume-step N) moves the steps after it aside too,
+so the run goes on from N without an older future in its way.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
 from sama_jax.train_step import SCALARS
 
 TREE_ITEMS = ("params", "ema", "opt_state")
+ASIDE = "checkpoints.aside"
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be resumed from; the message names the steps and why."""
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """TensorStore's errors run to thousands of characters: the start says which file and what."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_state(state: dict) -> dict:
@@ -73,6 +89,64 @@ class Checkpointer:
         items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return join_state({k: restored[k] for k in TREE_ITEMS + ("train",)}), restored["data"]
+
+    def resume_newest(
+        self, abstract_state: dict, step: int | None = None, log: Callable[[str], None] = print
+    ) -> tuple[int | None, dict | None, dict | None]:
+        """-> (step, train state, data state) of the newest step that restores completely, or of
+        `step`; (None, None, None) when there is no checkpoint. Newer steps that fail are moved aside
+        (each named in one line) only once an older one restores: a failure of every step (a config
+        that no longer matches, say) moves nothing and raises CheckpointError."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(
+                    f"--resume-step {step}: {self.directory} holds no step {step} (steps: {sorted(steps)})"
+                )
+            try:
+                state, data = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure of a chosen step is the user's to see
+                raise CheckpointError(
+                    f"--resume-step {step}: {self.directory}/{step} does not restore: {_first_line(e)}"
+                ) from e
+            later = [s for s in steps if s > step]
+            if later:
+                moved = [self.set_aside(s) for s in sorted(later)]
+                log(f"steps {sorted(later)} are newer than --resume-step {step}: moved aside to {moved}")
+            return step, state, data
+        failed = []
+        for candidate in steps:
+            try:
+                state, data = self.restore(candidate, abstract_state)
+            except Exception as e:  # noqa: BLE001 - a step that does not restore is set aside below
+                failed.append((candidate, e))
+                continue
+            for bad, error in failed:
+                log(
+                    f"checkpoint step {bad} does not restore ({_first_line(error)}); "
+                    f"moved aside to {self.set_aside(bad)}"
+                )
+            return candidate, state, data
+        if failed:
+            bad, error = failed[0]
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores (steps {[s for s, _ in failed]}; step {bad}: "
+                f"{_first_line(error)}); nothing was moved; a changed config? see --resume-step"
+            )
+        return None, None, None
+
+    def set_aside(self, step: int) -> str:
+        """Moves a step's directory into ASIDE beside the checkpoints (never deleted); -> its new path."""
+        aside = os.path.join(os.path.dirname(self.directory), ASIDE)
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(target):  # the same step set aside twice
+            target = os.path.join(aside, f"{step}.{n}")
+            n += 1
+        os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def restore_tree(self, step: int, item: str, abstract: Any) -> Any:
         """One item (e.g. 'ema' or 'params') alone."""

@@ -7,6 +7,8 @@
 
 Errors the user can act on (a bad config key, a missing file, a refused overwrite...) print as one
 line, `PROG: error: MESSAGE`, and exit with status 2; SAMA_TRACEBACK=1 shows the traceback instead.
+Ctrl-C where a command has no clean stop of its own (sama_jax.interrupts) is one line, status 130.
+A command started by child_processes.popen dies with the process that started it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from sama_jax import child_processes
 from sama_jax import config as config_lib
 
 # What a command reports in one line instead of a traceback: our own errors are ValueError
@@ -57,8 +60,14 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, config
 
 def run(prog: str, main: Callable[[], int]) -> int:
     """Runs a command's body; a user error becomes one line on stderr and exit status 2."""
+    child_processes.arm_from_environment()
     try:
         return main()
+    except KeyboardInterrupt:
+        if os.environ.get("SAMA_TRACEBACK"):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 128 + 2  # the shell's status for SIGINT
     except USER_ERRORS as e:
         if os.environ.get("SAMA_TRACEBACK"):
             raise

@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--coordinator-address", default="", help="HOST:PORT of process 0, for multi-process runs off TPU"
     )
+    parser.add_argument(
+        "--resume-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="continue from checkpoint step N (later steps are moved aside; default: the newest "
+        "step that restores completely)",
+    )
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     return parser
@@ -78,8 +86,10 @@ def _main(config, args) -> int:
     from sama_jax import (
         checkpointing,
         conditioning,
+        dir_lock,
         dit_cost,
         evaluators,
+        interrupts,
         run_dir,
         sharding,
         text,
@@ -115,7 +125,10 @@ def _main(config, args) -> int:
         text_len=int(config.model.dit.text_len),
     )
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    check_config_paths(config)
     if primary:
+        # Claimed only once the startup checks pass; held until the process exits, however it exits.
+        workdir_lock = dir_lock.acquire(workdir, busy="is in use by another sama-train,")  # noqa: F841
         run_dir.check_and_write_config(workdir, config, args.allow_config_change)
     say(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
@@ -204,10 +217,10 @@ def _main(config, args) -> int:
         keep=int(config.checkpoint.keep),
         async_save=bool(config.checkpoint.async_save),
     )
-    resume_step = checkpointer.latest_step()
-    data_state = None
+    resume_step, state, data_state = checkpointer.resume_newest(
+        parts.abstract_state(params_abstract), args.resume_step, log=say
+    )
     if resume_step is not None:
-        state, data_state = checkpointer.restore(resume_step, parts.abstract_state(params_abstract))
         say(f"resumed from step {resume_step} ({checkpointer.directory}/{resume_step})")
     else:
         state = parts.init_state(initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say))
@@ -275,12 +288,8 @@ def _main(config, args) -> int:
             + (f" (+{len(images)} sample images)" if images else "")
         )
 
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C and SIGTERM: the step and any save in flight finish, the state is saved, exit.
+    stop = interrupts.StopRequest("sama-train", "saving a checkpoint").install()
 
     # -- Loop ----------------------------------------------------------------------------------
     semantic_tokens = encoders.semantic.num_tokens if config.train.semantic_anchoring else 0
@@ -294,6 +303,7 @@ def _main(config, args) -> int:
     # it returns), evaluating or saving: left out of step_time, samples/s and MFU.
     paused = {"seconds": 0.0, "compile": 0.0}
     compiled_shapes = set()
+    streak = {"in_row": 0}  # non-finite steps in a row up to the last finished step
 
     def finish_step(step, metrics, samples, flops, tokens):
         nonlocal last_log, exit_code, stop_reason
@@ -339,6 +349,7 @@ def _main(config, args) -> int:
             last_log = (now, step)
             window.clear()
             paused.update(seconds=0.0, compile=0.0)
+        streak["in_row"] = int(metrics["nonfinite_in_row"])
         if metrics["nonfinite_in_row"] >= int(config.train.max_nonfinite_in_row):
             exit_code = 1
             stop_reason = (
@@ -349,7 +360,7 @@ def _main(config, args) -> int:
             )
 
     step = saved_step = first_step
-    while step < total_steps and not stop_reason and stop["signal"] is None:
+    while step < total_steps and not stop_reason and not stop.requested:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             try:
                 batch = next(iterator)
@@ -381,35 +392,43 @@ def _main(config, args) -> int:
         if pending is not None:
             finish_step(*pending)
         pending = current
+        if streak["in_row"] or checkpointer.manager.should_save(step):
+            # Read this step now, not one step late: a non-finite streak stops at exactly
+            # max_nonfinite_in_row steps, and a save knows whether its step was finite.
+            finish_step(*pending)
+            pending = None
         for hook in hooks:
             hook(step)
         if step % int(config.eval.every_steps) == 0:
-            finish_step(*pending)
-            pending = None
+            if pending is not None:
+                finish_step(*pending)
+                pending = None
             started_eval = time.time()
             evaluate(step)
             paused["seconds"] += time.time() - started_eval
         started_save = time.time()
-        if checkpointer.save(step, state, iterator.get_state(), config_json):
+        # A step of a non-finite streak holds the last good parameters with skipped updates: saving
+        # it would only evict a healthy checkpoint.
+        if not streak["in_row"] and checkpointer.save(step, state, iterator.get_state(), config_json):
             saved_step = step
         paused["seconds"] += time.time() - started_save
     if pending is not None:
         finish_step(*pending)
 
     # -- End: the last state is always saved -----------------------------------------------------
-    if saved_step != step:
+    if saved_step != step and not streak["in_row"]:
         checkpointer.save(step, state, iterator.get_state(), config_json, force=True)
     checkpointer.close()
     writer.flush()
     iterator.close()
     if ids_file is not None:
         ids_file.close()
-    if stop["signal"] is not None:
+    if stop.requested and not stop_reason:
         say(
-            f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same "
-            "command to continue"
+            f"stopped by signal {stop.name} at step {step}; checkpoint saved, rerun the same command to "
+            "continue"
         )
-        return 0
+        return stop.exit_code
     if stop_reason:
         print(f"sama-train: stopped at step {step}: {stop_reason}", file=sys.stderr, flush=True)
         return exit_code or 1
@@ -447,6 +466,16 @@ def generate_encoders(config, names, mesh, rules):
     return nnx.merge(graphdef, jax.tree.map(place, state, sharding.state_shardings(state, mesh, rules)))
 
 
+def check_config_paths(config) -> None:
+    """Every path the config names exists, checked before the run writes anything (a typo is
+    named at once, not after the encoders are built, and a corrected rerun is not a changed config)."""
+    named = {"checkpoint.init_from": config.checkpoint.init_from}
+    named.update({f"model.checkpoints.{k}": v for k, v in config.model.checkpoints.items()})
+    for key, path in named.items():
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{key}={path!r} does not exist")
+
+
 def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say):
     """checkpoint.init_from: a run directory (its parameters), a params checkpoint (converted Wan2.1
     DiT or SAMA-14B), or empty: random initialisation from config.seed, created sharded."""
@@ -465,8 +494,6 @@ def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say)
         shardings = jax.tree.map(lambda x: x.sharding, params_abstract)
         say("DiT initialised at random (checkpoint.init_from is empty)")
         return jax.jit(create, out_shardings=shardings)()
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"config.checkpoint.init_from={source!r} does not exist")
     if run_dir.is_run_dir(source):
         run_dir.check_same_architecture(run_dir.read_config(source), config, f"checkpoint.init_from={source}")
         params, step = run_dir.restore_params(source, params_abstract, use_ema=False)

@@ -9,9 +9,6 @@ builds the others under an exclusive lock on the directory (build_shards).
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,13 +16,11 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
-import threading
-import time
 from typing import Callable, Sequence
 
 import numpy as np
 
+from sama_jax import child_processes, dir_lock
 from sama_jax import features as features_lib
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import shard_format, transforms, video_io
@@ -37,7 +32,7 @@ log = logging.getLogger("sama_jax.data.arrayrecord")
 MIN_FRAMES = 5  # = data.min_frames of configs/stage*.py (tests/test_shards.py keeps them equal)
 CHECKS = ("header", "decode")
 INDEX = "index.json"
-LOCK = ".lock"
+LOCK = dir_lock.LOCK
 WRITER_OPTIONS = "group_size:1,uncompressed"  # random access to one record; media is compressed already
 # Keys whose change makes every done shard wrong. The manifest's path may move; its contents are
 # compared per shard (sample_hashes) so that appended samples do not invalidate the rest.
@@ -239,27 +234,6 @@ def _build_shard(
     return report
 
 
-def _set_parent_death_signal(parent: int) -> None:
-    """Worker initializer: die with the builder. Without this a kill -9 of the builder leaves
-    workers that keep writing .tmp files and then block forever on the dead result pipe."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        ok = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        ok = False
-    if not ok:
-
-        def watch():
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # the builder died before prctl took effect
-        os._exit(1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Planning: what a (re)run keeps, builds, renames and removes; nothing is changed here
 
@@ -416,29 +390,10 @@ def plan(out_dir: str, samples: Sequence[dict], settings: dict, overwrite: bool)
 
 
 def lock_out_dir(out_dir: str):
-    """An exclusive flock on OUT/.lock, held while the returned file stays open; the kernel drops it
-    when the builder dies however it dies, so a lock that can be taken means no builder is alive."""
-    os.makedirs(out_dir, exist_ok=True)
-    handle = open(os.path.join(out_dir, LOCK), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise ValueError(
-            f"{out_dir} is being built by pid {owner}; wait for it to finish or stop it"
-        ) from None
-    return handle
-
-
-def _mark_owner(handle) -> None:
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    """An exclusive lock on OUT (sama_jax.dir_lock), held while the returned file stays open; the
+    kernel drops it when the builder dies however it dies, so a lock that can be taken means no
+    builder is alive. The pid is written once the plan is accepted (a refused call changes nothing)."""
+    return dir_lock.acquire(out_dir, busy="is being built by", mark=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,7 +451,7 @@ def build_shards(
     lock = lock_out_dir(out_dir)
     try:
         work = plan(out_dir, samples, settings, overwrite)  # a refusal leaves out_dir as it was
-        _mark_owner(lock)
+        dir_lock.mark_owner(lock)
         log.info(
             "%s: %d samples in %d shards of %d; %s",
             out_dir,
@@ -554,7 +509,7 @@ def _build(
         with concurrent.futures.ProcessPoolExecutor(
             min(workers, len(todo)),
             mp_context=context,
-            initializer=_set_parent_death_signal,
+            initializer=child_processes.worker_init,
             initargs=(os.getpid(),),
         ) as pool:
             futures = {

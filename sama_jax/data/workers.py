@@ -14,12 +14,14 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
-from multiprocessing import resource_tracker, shared_memory
+import os
 import weakref
+from multiprocessing import resource_tracker, shared_memory
 
 import grain
 import numpy as np
 
+from sama_jax import child_processes
 from sama_jax.data import samples
 from sama_jax.data.samples import SKIP_KEY, SampleSpec
 
@@ -68,7 +70,7 @@ class DecodePool:
                 # Spawned, not forked: a caller's threads (JAX, Grain) cannot deadlock the children.
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     self.worker_count, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker, initargs=(self.decoder,))
+                    initializer=_start_worker, initargs=(self.decoder, os.getpid()))
             else:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads)
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
@@ -101,8 +103,9 @@ class DecodePool:
 _WORKER_DECODER: PlannedDecoder | None = None
 
 
-def _start_worker(decoder: PlannedDecoder) -> None:
+def _start_worker(decoder: PlannedDecoder, parent: int) -> None:
     global _WORKER_DECODER
+    child_processes.worker_init(parent)   # Ctrl-C is the trainer's to handle; die with it
     _WORKER_DECODER = decoder
 
 

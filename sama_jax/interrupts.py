@@ -1,0 +1,70 @@
+"""Ctrl-C and SIGTERM as a request to stop cleanly, the same in every long command.
+
+    with interrupts.StopRequest("sama-precompute", "features written so far are kept") as stop:
+        while work_left and not stop.requested:
+            ...          # nothing is raised into the work: a save in flight finishes
+    if stop.requested: save, say so, return stop.exit_code
+    stop = interrupts.StopRequest(...).install()   # or for the rest of the process
+
+The first SIGINT or SIGTERM only sets the flag and says, in one line, what happens now; a second
+Ctrl-C exits at once (status 130), leaving what was half-written to the next run's cleanup. The exit
+status of a clean stop: 0 after SIGTERM (a preempted job that saved its work), 130 after Ctrl-C (so
+`cmd && next` does not go on). Outside a StopRequest, Ctrl-C is cli.run's one line and status 130.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self, prog: str, then: str):
+        self.prog, self.then = prog, then  # `then`: what the command does before exiting
+        self.signal: int | None = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.SIGINT if self.signal == signal.SIGINT else 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                print(f"{self.prog}: second interrupt: exiting now", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGINT)
+            return
+        self.signal = signum
+        print(
+            f"{self.prog}: {signal.Signals(signum).name}: stopping after the current step, "
+            f"{self.then} (Ctrl-C again exits at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def install(self) -> StopRequest:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
