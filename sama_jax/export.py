@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sama_jax import benchmarks_io, cli, edit_flags, previews
+from sama_jax import benchmarks_io, cli, edit_flags, interrupts, previews
 from sama_jax import scores as scores_lib
 
 RECORDS_DIR = "records"
@@ -292,7 +292,11 @@ def run_export(
     )
     done, failed, seconds = 0, 0, []
     began = time.perf_counter()
+    # Ctrl-C / SIGTERM: the case in flight is finished and recorded, then the run stops (resumable).
+    stop = interrupts.StopRequest("sama-export", "finishing the case in flight, then stopping").install()
     for n, case in enumerate(todo, 1):
+        if stop.requested:
+            break
         start = time.perf_counter()
         record = dict(
             case_id=case.case_id,
@@ -340,7 +344,15 @@ def run_export(
             f"[{n}/{len(todo)}] {case.case_id}: done in {seconds[-1]:.1f} s{note} | "
             f"{rate:.2f} cases/min, ETA {_duration(per_case * (len(todo) - n))}"
         )
+    stop.restore()
+    if stop.requested:
+        log(
+            f"sama-export: stopped by signal {stop.name} after {done + failed} of {len(todo)} cases; "
+            "rerun the same command to continue"
+        )
     summary = dict(
+        stopped=stop.name,
+        exit_code=stop.exit_code,
         process=f"{process_index}/{process_count}",
         cases=len(mine),
         done=done,
@@ -765,6 +777,8 @@ def _main(_, args) -> int:
         siglip=siglip,
         log=lambda line: print(line, flush=True),
     )
+    if summary["stopped"]:
+        return summary["exit_code"]
     return 1 if summary["failed"] else 0
 
 

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM as a request to stop cleanly, the same in every long command.
 
-    with interrupts.StopRequest("sama-precompute", "features written so far are kept") as stop:
+    with interrupts.StopRequest("sama-precompute", "stopping after the current batch") as stop:
         while work_left and not stop.requested:
             ...          # nothing is raised into the work: a save in flight finishes
     if stop.requested: save, say so, return stop.exit_code
@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
     def __init__(self, prog: str, then: str):
-        self.prog, self.then = prog, then  # `then`: what the command does before exiting
+        self.prog, self.then = prog, then  # `then`: what the command does now, in words
         self.signal: int | None = None
         self._previous = {}
 
@@ -47,13 +48,14 @@ class StopRequest:
             return
         self.signal = signum
         print(
-            f"{self.prog}: {signal.Signals(signum).name}: stopping after the current step, "
-            f"{self.then} (Ctrl-C again exits at once)",
+            f"{self.prog}: {signal.Signals(signum).name}: {self.then} (Ctrl-C again exits at once)",
             file=sys.stderr,
             flush=True,
         )
 
     def install(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; a caller's thread keeps Python's
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from sama_jax import cli, conditioning, features
+from sama_jax import cli, conditioning, features, interrupts
 from sama_jax import text as text_lib
 from sama_jax.data import pipeline
 from sama_jax.progress import Progress
@@ -108,6 +108,8 @@ class Precomputer:
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
         self.overwrite = overwrite
+        # Installed by the command; until then never requested.
+        self.stop = interrupts.StopRequest("sama-precompute", "writing the batch in flight, then stopping")
         self.text_len = int(config.model.text_encoder.text_len)
         self.prompt_prefix = config.prompt_prefix if prompt_prefix is None else prompt_prefix
         # Deterministic per-sample frames: the training transform without the random pretext.
@@ -165,6 +167,8 @@ class Precomputer:
         if media_names:
             progress = Progress(len(records), unit="samples", logger=log)
             for record in records:
+                if self.stop.requested:
+                    break
                 self._run_media(manifest_path, record, media_names, summary)
                 progress.advance(what=f"{name} {'+'.join(media_names)}: ")
         return summary
@@ -183,6 +187,8 @@ class Precomputer:
         todo = [(r, p) for r in records if (p := self._todo(manifest_path, r, "text", summary))]
         progress.advance(len(records) - len(todo))
         for start in range(0, len(todo), self.batch_size):
+            if self.stop.requested:
+                break
             chunk = todo[start : start + self.batch_size]
             texts = [conditioning.prompt(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
             # One compiled shape: the last chunk is padded with empty prompts.
@@ -306,10 +312,19 @@ def _main(config, args) -> int:
         prompt_prefix=args.prompt_prefix,
         overwrite=args.overwrite,
     )
-    summaries = [worker.run(path) for path in manifests]
+    # Ctrl-C / SIGTERM: the batch in flight is written, then the run stops (a rerun resumes).
+    worker.stop.install()
+    summaries = [worker.run(path) for path in manifests if not worker.stop.requested]
+    worker.stop.restore()
     failed = sum(len(s.failed) for s in summaries)
     for s in summaries:
         print(s.report())
+    if worker.stop.requested:
+        print(
+            f"sama-precompute: stopped by signal {worker.stop.name}; features written so far are kept, "
+            "rerun the same command to continue"
+        )
+        return worker.stop.exit_code
     print(f"sama-precompute: done in {time.time() - start:.1f}s, {failed} failed item(s)")
     return 1 if failed else 0
 

@@ -289,7 +289,7 @@ def _main(config, args) -> int:
         )
 
     # Ctrl-C and SIGTERM: the step and any save in flight finish, the state is saved, exit.
-    stop = interrupts.StopRequest("sama-train", "saving a checkpoint").install()
+    stop = interrupts.StopRequest("sama-train", "stopping after this step and saving it").install()
 
     # -- Loop ----------------------------------------------------------------------------------
     semantic_tokens = encoders.semantic.num_tokens if config.train.semantic_anchoring else 0

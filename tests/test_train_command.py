@@ -278,3 +278,227 @@ def test_kill_9_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     checkpointer.close()
     assert checkpointing.Checkpointer(directory, read_only=True).all_steps() == [1, 2]
     assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reliability through the command: Ctrl-C, one run per workdir, dying with the parent, a corrupt
+# checkpoint, startup checks, non-finite streaks. One long run (LONG steps) is interrupted, taken over
+# and corrupted in turn; each start reads the compilation cache the others filled.
+
+LONG = ["--config.train.steps=1000"]
+
+
+def start_in_group(env, workdir, *extra, log):
+    """A sama-train in its own process group, as a terminal's Ctrl-C reaches it."""
+    root, environ = env
+    out = open(root / f"{os.path.basename(workdir)}.{log}.txt", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sama_jax.train",
+            f"--workdir={workdir}",
+            "--cpu-devices=1",
+            *ARGS,
+            *LONG,
+            *extra,
+        ],
+        cwd=root,
+        env=environ,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    proc.log_path = out.name
+    return proc
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def log_of(proc):
+    with open(proc.log_path) as f:
+        return f.read()
+
+
+def assert_clean_stop(code, out, signal_name, expected_code):
+    assert code == expected_code, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert f"stopped by signal {signal_name} at step" in out, out[-3000:]
+    return int(out.split(f"stopped by signal {signal_name} at step ")[1].split(";")[0])
+
+
+def no_partial_steps(workdir):
+    return [d for d in os.listdir(os.path.join(workdir, run_dir.CHECKPOINTS)) if "tmp" in d]
+
+
+@pytest.fixture(scope="module")
+def interrupted(env):
+    """A run stopped by Ctrl-C (SIGINT to its process group) after its step-4 checkpoint."""
+    workdir = str(env[0] / "interrupted")
+    proc = start_in_group(env, workdir, log="ctrl-c")
+    wait_for(lambda: any(s >= 4 for s in steps_saved(workdir)), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = finish(proc, timeout=120)
+    return workdir, code, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_it_stopped_at_and_exits_130(interrupted):
+    workdir, code, out = interrupted
+    stopped_at = assert_clean_stop(code, out, "SIGINT", 130)
+    assert "SIGINT: stopping after this step and saving it" in out
+    assert max(steps_saved(workdir)) == stopped_at >= 4 and not no_partial_steps(workdir)
+
+
+DRIVER = textwrap.dedent("""
+    import subprocess, sys
+    from sama_jax import child_processes
+    with open(sys.argv[1], "w") as log:
+        child = child_processes.popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    print(child.pid, flush=True)
+    child.wait()
+""")
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_a_child_run_dies_with_its_parent(env, interrupted):
+    """A second sama-train on a live workdir is refused in one line naming the pid, before any work;
+    the run (started by child_processes.popen, as sama-demo's phases) stops and saves when its parent
+    is killed with kill -9."""
+    root, environ = env
+    workdir = interrupted[0]
+    child_log = str(root / "child.txt")
+    command = [
+        sys.executable,
+        "-m",
+        "sama_jax.train",
+        f"--workdir={workdir}",
+        "--cpu-devices=1",
+        *ARGS,
+        *LONG,
+    ]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, child_log, *command],
+        cwd=root,
+        env=environ,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.log_path = child_log
+    before = max(steps_saved(workdir))
+    wait_for(lambda: max(steps_saved(workdir)) > before, parent)
+    config_mtime = os.path.getmtime(os.path.join(workdir, run_dir.CONFIG_FILE))
+
+    began = time.time()
+    code, out = finish(start(env, workdir, *LONG, devices=1, log="second"), timeout=120)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out[-3000:]
+    assert lines[0] == (
+        f"sama-train: error: {workdir} is in use by another sama-train, pid {child}; wait for it to "
+        "finish or stop it"
+    )
+    assert time.time() - began < 60
+    assert os.path.getmtime(os.path.join(workdir, run_dir.CONFIG_FILE)) == config_mtime
+
+    parent.kill()  # kill -9: the child gets SIGTERM, saves and exits
+    parent.wait()
+    deadline = time.time() + 120
+    while alive(child):
+        assert time.time() < deadline, "the child outlived its parent"
+        time.sleep(0.1)
+    with open(child_log) as f:
+        out = f.read()
+    stopped_at = assert_clean_stop(0, out, "SIGTERM", 0)
+    assert max(steps_saved(workdir)) == stopped_at and not no_partial_steps(workdir)
+    # The lock file still names the dead child; the next run takes it over (next test).
+    with open(os.path.join(workdir, ".lock")) as f:
+        assert f.read() == str(child)
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_step_resumed(env, interrupted):
+    workdir = interrupted[0]
+    steps = steps_saved(workdir)
+    newest, previous = steps[-1], steps[-2]
+    os.remove(os.path.join(workdir, run_dir.CHECKPOINTS, str(newest), "params", "manifest.ocdbt"))
+    proc = start_in_group(env, workdir, log="corrupt")
+    wait_for(lambda: "training steps" in log_of(proc), proc)
+    with open(os.path.join(workdir, ".lock")) as f:
+        assert f.read() == str(proc.pid)  # a stale lock (its holder gone) is taken over
+    # Ctrl-C twice: the second exits at once.
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for(lambda: "SIGINT: stopping" in log_of(proc), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = finish(proc, timeout=120)
+    assert code == 130 and "sama-train: second interrupt: exiting now" in out, out[-3000:]
+    assert "Traceback" not in out
+    aside = os.path.join(workdir, checkpointing.ASIDE, str(newest))
+    bad = [line for line in out.splitlines() if "does not restore" in line]
+    assert len(bad) == 1 and f"checkpoint step {newest} does not restore" in bad[0] and aside in bad[0]
+    assert len(bad[0]) < 500 and "Event loop is closed" not in out
+    assert f"resumed from step {previous} " in out
+    assert os.path.isfile(os.path.join(aside, "params", "_METADATA"))  # moved, not deleted
+
+    # --resume-step N: that step, the later ones moved aside (named).
+    first = steps_saved(workdir)[0]
+    later = [s for s in steps_saved(workdir) if s > first]
+    proc = start_in_group(env, workdir, f"--resume-step={first}", log="resume-step")
+    wait_for(lambda: "training steps" in log_of(proc), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=120)
+    assert code == 0, out[-3000:]
+    assert f"steps {later} are newer than --resume-step {first}: moved aside" in out
+    assert f"resumed from step {first} " in out
+    for s in later:
+        assert any(
+            name.split(".")[0] == str(s) for name in os.listdir(os.path.join(workdir, checkpointing.ASIDE))
+        )
+
+
+def test_startup_checks_name_the_path_before_the_workdir_is_claimed(env, tmp_path):
+    """A missing config path is named at once and nothing is written (the corrected command is not
+    'another config'); a --workdir that is a file is named as such."""
+    workdir = tmp_path / "new"
+    began = time.time()
+    code, out = finish(start(env, str(workdir), "--config.checkpoint.init_from=/no/such/path", log="x"), 120)
+    assert code == 2 and out.strip() == (
+        "sama-train: error: config.checkpoint.init_from='/no/such/path' does not exist"
+    ), out[-3000:]
+    assert time.time() - began < 60 and not workdir.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, out = finish(start(env, str(afile), log="x"), 120)
+    assert code == 2 and out.strip() == f"sama-train: error: {afile} is a file, not a directory", out
+
+
+@pytest.mark.slow
+def test_a_non_finite_streak_stops_at_its_count_and_keeps_the_healthy_checkpoints(env):
+    workdir = str(env[0] / "nonfinite")
+    extra = [
+        "--config.optimizer.lr=1e10",
+        "--config.train.max_nonfinite_in_row=3",
+        "--config.checkpoint.every_steps=1",
+        "--config.checkpoint.keep=3",
+        "--config.train.steps=20",
+    ]
+    code, out = finish(start(env, workdir, *extra, devices=1, log="nonfinite"))
+    assert code == 1, out[-3000:]
+    stopped = out.split("sama-train: stopped at step ")[1]
+    stop_step = int(stopped.split(":")[0])
+    assert stopped.split(": ", 1)[1].startswith(f"3 steps in a row up to step {stop_step} had a non-finite")
+    # Only finite steps were saved: the newest checkpoint is the step before the streak.
+    assert steps_saved(workdir)[-1] == stop_step - 3
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, run_dir.CHECKPOINTS), read_only=True)
+    import orbax.checkpoint as ocp
+
+    for step in checkpointer.all_steps():
+        train = checkpointer.manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore()))
+        assert int(train["train"]["skipped_updates"]) == 0
+    checkpointer.close()
