@@ -16,6 +16,7 @@ so the run goes on from N without an older future in its way.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import orbax.checkpoint as ocp
@@ -28,6 +29,23 @@ ASIDE = "checkpoints.aside"
 
 class CheckpointError(ValueError):
     """No checkpoint of a run can be resumed from; the message names the steps and why."""
+
+
+def _quiet_abandoned_reads() -> None:
+    """A failed restore leaves TensorStore reads of the other items in flight; their callbacks find
+    Orbax's event loop closed and print 'RuntimeError: Event loop is closed' tracebacks (through
+    sys.unraisablehook), seconds later. Those and only those are dropped from now on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiet_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -106,6 +124,7 @@ class Checkpointer:
             try:
                 state, data = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure of a chosen step is the user's to see
+                _quiet_abandoned_reads()
                 raise CheckpointError(
                     f"--resume-step {step}: {self.directory}/{step} does not restore: {_first_line(e)}"
                 ) from e
@@ -119,6 +138,7 @@ class Checkpointer:
             try:
                 state, data = self.restore(candidate, abstract_state)
             except Exception as e:  # noqa: BLE001 - a step that does not restore is set aside below
+                _quiet_abandoned_reads()
                 failed.append((candidate, e))
                 continue
             for bad, error in failed:
