@@ -5,8 +5,13 @@
     write_listing("openve", out_dir, cases, records)     # the CSV the benchmark's tools take
 
 Every reader returns Case objects with a unique case_id and a unique output path (relative to the
-export's --out), or raises BenchmarkError naming the file, the line and what to change, before any
-model is loaded. Facts on the formats: shared/reference/editing-and-benchmarks.md.
+export's --out, compared once normalised), or raises BenchmarkError naming the file, the line and what
+to change, before any model is loaded. Facts on the formats: shared/reference/editing-and-benchmarks.md.
+
+A case list is data from elsewhere: its sources (and manifest targets) must resolve, symlinks
+followed, inside the media root (--media-root, default the case list's folder); read_source refuses
+any other path as that case's failure (reason outside_media_root), unless read_cases was given
+allow_outside=True (sama-export --allow-outside-media-root).
 
 openve    benchmark_videos.csv with columns original_video, prompt, edited_type. Out: the scorer reads
           <out>/<basename of original_video with ".mp4" replaced by "_edited.mp4">; we also write
@@ -61,6 +66,23 @@ class Case:
     where: str  # "file:line" of the case, for messages
     target: str | None = None  # ground-truth edit (manifests), for the scores
     row: dict = dataclasses.field(default_factory=dict)  # the input row as read
+    media_root: str = ""  # sources must resolve inside it ("": not checked)
+    note: str = ""  # what was changed to make the benchmark's name a file name, for the log
+
+
+class OutsideMediaRoot(ValueError):
+    """A case's source resolves outside the media root; that case fails, the run goes on."""
+
+    reason = "outside_media_root"
+
+
+def check_inside(path: str, root: str) -> None:
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise OutsideMediaRoot(
+            f"{path} resolves to {real}, outside the media root {real_root} "
+            "(--allow-outside-media-root reads it anyway)"
+        )
 
 
 def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -84,14 +106,17 @@ def _require_columns(path: str, header, wanted, how: str) -> None:
 def _check_unique(cases: list[Case]) -> list[Case]:
     ids, outputs = {}, {}
     for case in cases:
+        output = os.path.normpath(case.output)
+        if os.path.isabs(output) or output.startswith(os.pardir):
+            raise BenchmarkError(f"{case.where}: output {case.output!r} is not inside --out")
         if case.case_id in ids:
             raise BenchmarkError(f"{case.where}: case {case.case_id!r} is also {ids[case.case_id]}")
-        if case.output in outputs:
+        if output in outputs:
             raise BenchmarkError(
-                f"{case.where}: writes {case.output}, as {outputs[case.output]} does: "
+                f"{case.where}: writes {output}, as {outputs[output]} does: "
                 "the benchmark's file naming cannot tell them apart"
             )
-        ids[case.case_id], outputs[case.output] = case.where, case.where
+        ids[case.case_id], outputs[output] = case.where, case.where
     if not cases:
         raise BenchmarkError("the case list has no cases")
     return cases
@@ -132,9 +157,15 @@ def read_openve(path: str, media_root: str) -> list[Case]:
 
 
 def reco_output_name(video: str, instruction: str) -> str:
-    """ReCo's edited file name: {video stem}_{p}.mp4 (tools' rule, including its ':' -> ' ')."""
+    """ReCo's edited file name: {video stem}_{p}.mp4 (tools' rule, including its ':' -> ' '), with
+    a path separator, which the rule keeps, replaced by '_' (else the edit lands in a subfolder the
+    scorer never reads)."""
     p = instruction.replace(" ", "_").replace(".", "").replace(",", "").replace(":", " ")[:RECO_NAME_CHARS]
-    return f"{os.path.splitext(os.path.basename(video))[0]}_{p}.mp4"
+    return f"{os.path.splitext(os.path.basename(video))[0]}_{_no_separators(p)}.mp4"
+
+
+def _no_separators(name: str) -> str:
+    return name.replace("/", "_").replace(os.sep, "_")
 
 
 def read_reco(path: str, media_root: str) -> list[Case]:
@@ -156,6 +187,9 @@ def read_reco(path: str, media_root: str) -> list[Case]:
                 in_task = os.path.join(media_root, task, video)
                 source = in_task if os.path.exists(in_task) else os.path.join(media_root, video)
                 output = f"{task}/{reco_output_name(video, instruction)}"
+                note = ""
+                if "/" in instruction or os.sep in instruction:
+                    note = f"'/' in the instruction is '_' in the output name {output}"
                 cases.append(
                     Case(
                         case_id=output,
@@ -165,6 +199,7 @@ def read_reco(path: str, media_root: str) -> list[Case]:
                         output=output,
                         where=where,
                         row={"video": video, "task": task},
+                        note=note,
                     )
                 )
     return _check_unique(cases)
@@ -284,20 +319,29 @@ def parse_columns(text: str) -> dict:
 
 
 def read_cases(
-    benchmark: str, path: str, media_root: str | None = None, vie_columns: dict | None = None
+    benchmark: str,
+    path: str,
+    media_root: str | None = None,
+    vie_columns: dict | None = None,
+    allow_outside: bool = False,
 ) -> list[Case]:
     if benchmark not in BENCHMARKS:
         raise BenchmarkError(f"--benchmark {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--cases {path}: no such file or folder")
-    if benchmark == "manifest":
-        return read_manifest_cases(path, media_root)
     root = media_root if media_root else os.path.dirname(os.path.abspath(path))
-    if benchmark == "openve":
-        return read_openve(path, root)
-    if benchmark == "reco":
-        return read_reco(path, root)
-    return read_vie(path, root, vie_columns)
+    if benchmark == "manifest":
+        cases = read_manifest_cases(path, media_root)
+    elif benchmark == "openve":
+        cases = read_openve(path, root)
+    elif benchmark == "reco":
+        cases = read_reco(path, root)
+    else:
+        cases = read_vie(path, root, vie_columns)
+    if not allow_outside:
+        for case in cases:
+            case.media_root = os.path.abspath(root)
+    return cases
 
 
 def match_frames(video: np.ndarray, count: int) -> np.ndarray:
@@ -359,5 +403,9 @@ def write_listing(benchmark: str, out_dir: str, cases: list[Case], done: set) ->
 
 
 def read_source(case: Case, max_frames: int | None = None) -> np.ndarray:
-    """(T, H, W, 3) uint8 source frames; MediaError for an unreadable file."""
+    """(T, H, W, 3) uint8 source frames; MediaError for an unreadable file, OutsideMediaRoot for a
+    source (or target) outside the case's media root."""
+    if case.media_root:
+        for path in filter(None, (case.source, case.target)):
+            check_inside(path, case.media_root)
     return video_io.decode_media(case.source, os.path.splitext(case.source)[1], max_frames)

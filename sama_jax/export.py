@@ -305,6 +305,7 @@ def run_export(
             source=os.path.abspath(case.source),
             target=case.target and os.path.abspath(case.target),
             output=case.output,
+            **({"note": case.note} if case.note else {}),
             **common,
         )
         try:
@@ -442,8 +443,10 @@ def finalize(out_dir: str, benchmark: str, cases: list[benchmarks_io.Case]) -> d
     seconds = [r["timings"]["total"] for r in ordered if r["case_id"] in done]
     failures: dict[str, int] = {}
     for r in ordered:
-        if r["status"] != "done":
-            failures[r.get("reason", "unknown")] = failures.get(r.get("reason", "unknown"), 0) + 1
+        if r["case_id"] not in done:
+            # A done record whose file is gone or rewritten since is a failure too, with its reason.
+            reason = r.get("reason", "unknown") if r["status"] != "done" else "output_missing_or_changed"
+            failures[reason] = failures.get(reason, 0) + 1
     summary = dict(
         benchmark=benchmark,
         cases=len(cases),
@@ -551,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--media-root",
         default=None,
         help="folder the case list's video paths are relative to (default: the case list's folder)",
+    )
+    b.add_argument(
+        "--allow-outside-media-root",
+        action="store_true",
+        help="read sources the case list places outside --media-root (absolute paths, '..', symlinks); "
+        "by default such a case fails (reason outside_media_root)",
     )
     b.add_argument("--out", required=True, help="output folder (resumed when it holds a run)")
     b.add_argument(
@@ -737,9 +746,14 @@ def _main(_, args) -> int:
             lora_path=args.lora_path,
         )
     columns = benchmarks_io.parse_columns(args.vie_columns)
-    cases = benchmarks_io.read_cases(args.benchmark, args.cases, args.media_root, columns)
+    cases = benchmarks_io.read_cases(
+        args.benchmark, args.cases, args.media_root, columns, allow_outside=args.allow_outside_media_root
+    )
     if args.limit > 0:
         cases = cases[: args.limit]
+    for case in cases:
+        if case.note:
+            print(f"sama-export: {case.where}: {case.note}", flush=True)
     check_sources(cases, args.media_root)
     settings = edit_settings(args)
     if args.siglip and not os.path.exists(args.siglip):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -376,3 +377,153 @@ def inference_fingerprint(path):
     from sama_jax import inference
 
     return inference.fingerprint(str(path))["sha256"]
+
+
+# ----------------------------------------------------------------------------- the command's safety
+# sama-export's CLI with the stand-in editor in place of the models (export.build_editor), so these
+# run the real argument handling, case reading, loop and report in well under a second per case.
+
+STAND_IN = textwrap.dedent("""
+    import dataclasses, sys, time
+    import numpy as np
+    from sama_jax import export
+
+    class Editor:
+        identity = {}
+
+        def __init__(self, settings):
+            self.settings = dataclasses.asdict(settings)  # as the real adapter records them
+
+        def edit(self, frames, instruction, *, seed):
+            time.sleep(float(sys.argv[1]))
+            return np.ascontiguousarray(255 - frames)
+
+    export.build_editor = lambda args, settings, log: Editor(settings)
+    sys.exit(export.main(sys.argv[2:]))
+""")
+
+
+def _export_command(*argv, delay=0.0, **popen):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, str(delay), *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def _reco_argv(configs, media, out, *extra):
+    return ["--benchmark", "reco", "--cases", configs, "--media-root", media, "--out", out]
+
+
+def test_sources_outside_the_media_root_fail_with_a_reason(synthetic_set, tmp_path):
+    """A downloaded case list cannot make sama-export read files outside --media-root: absolute
+    paths, '..' and symlinks out are failed cases (reason outside_media_root), unless asked."""
+    media, elsewhere = tmp_path / "media", tmp_path / "elsewhere"
+    media.mkdir()
+    elsewhere.mkdir()
+    video = synthetic_set / "videos" / "synvid_000000_src.mp4"
+    (media / "clip.mp4").write_bytes(video.read_bytes())
+    (elsewhere / "secret.mp4").write_bytes(video.read_bytes())
+    (media / "link.mp4").symlink_to(elsewhere / "secret.mp4")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "add.txt").write_text(
+        "clip.mp4: Make it red.\n"
+        f"{elsewhere / 'secret.mp4'}: Copy it.\n"
+        "../elsewhere/secret.mp4: Copy it again.\n"
+        "link.mp4: Copy it through a link.\n"
+    )
+    out = tmp_path / "out"
+    proc = _export_command("--preset", "tiny", *_reco_argv(configs, media, out))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, log
+    records = export.load_records(str(out))
+    assert {r["instruction"]: r["status"] for r in records.values()} == {
+        "Make it red.": "done",
+        "Copy it.": "failed",
+        "Copy it again.": "failed",
+        "Copy it through a link.": "failed",
+    }
+    for r in records.values():
+        if r["status"] == "failed":
+            assert r["reason"] == "outside_media_root" and "outside the media root" in r["error"], r
+            assert not (out / r["output"]).exists()
+    assert json.loads((out / "summary.json").read_text())["failure_reasons"] == {"outside_media_root": 3}
+
+    proc = _export_command(
+        "--preset", "tiny", "--allow-outside-media-root", *_reco_argv(configs, media, tmp_path / "all")
+    )
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "4 done, 0 skipped, 0 failed of 4" in log, log
+
+
+def test_reco_output_names_hold_no_path_separator_and_every_failure_has_a_reason(synthetic_set, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "add.txt").write_text(
+        "synvid_000000_src.mp4: make it ../x\nsynvid_000000_src.mp4: make it //x\n"
+    )
+    out = tmp_path / "out"
+    proc = _export_command("--preset", "tiny", *_reco_argv(configs, synthetic_set / "videos", out))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "2 done, 0 skipped, 0 failed of 2" in log, log
+    assert sorted(os.listdir(out / "add")) == [
+        "synvid_000000_src_make_it___x.mp4",
+        "synvid_000000_src_make_it__x.mp4",
+    ]
+    assert f"{configs / 'add.txt'}:1: '/' in the instruction is '_' in the output name" in log
+    # Names equal once normalised are refused before any model loads, naming both lines.
+    (configs / "add.txt").write_text(
+        "synvid_000000_src.mp4: make it a/b\nsynvid_000000_src.mp4: make it a_b\n"
+    )
+    proc = _export_command(
+        "--preset", "tiny", *_reco_argv(configs, synthetic_set / "videos", tmp_path / "o2")
+    )
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and log.count("\n") == 1, log
+    assert "add.txt:2: case 'add/synvid_000000_src_make_it_a_b.mp4' is also " in log and "add.txt:1" in log
+    # A finished case whose output went missing counts as failed, with a reason.
+    os.remove(out / "add" / "synvid_000000_src_make_it__x.mp4")
+    (configs / "add.txt").write_text(
+        "synvid_000000_src.mp4: make it ../x\nsynvid_000000_src.mp4: make it //x\n"
+    )
+    cases = benchmarks_io.read_cases("reco", str(configs), str(synthetic_set / "videos"))
+    summary = export.finalize(str(out), "reco", cases)
+    assert summary["failed"] == 1 and summary["failure_reasons"] == {"output_missing_or_changed": 1}
+
+
+def test_ctrl_c_finishes_the_case_in_flight_and_a_rerun_goes_on(synthetic_set, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    argv = [
+        "--preset",
+        "tiny",
+        "--benchmark",
+        "manifest",
+        "--cases",
+        synthetic_set / "video_edits.jsonl",
+        "--out",
+        out,
+    ]
+    proc = _export_command(*argv, delay=1.0, start_new_session=True)
+    while not (out / "records").is_dir() or not any((out / "records").iterdir()):
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in log, log
+    assert "sama-export: SIGINT: finishing the case in flight, then stopping" in log
+    assert "stopped by signal SIGINT after" in log and "rerun the same command to continue" in log
+    records = export.load_records(str(out))
+    assert 1 <= len(records) < 5 and all(r["status"] == "done" for r in records.values())
+    assert not [f for f in os.listdir(out) if "tmp" in f]
+    proc = _export_command(*argv)
+    log = proc.communicate(timeout=120)[0]
+    assert (
+        proc.returncode == 0 and f"{5 - len(records)} done, {len(records)} skipped, 0 failed of 5" in log
+    ), log
