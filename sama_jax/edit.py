@@ -142,6 +142,15 @@ def collect_jobs(args) -> list[Job]:
 def check_jobs(jobs: list[Job], args, settings) -> None:
     """Every per-video check that needs no model; raises one EditInputError listing all problems."""
     problems = []
+    where = args.output_dir
+    while where and not os.path.exists(where):  # the nearest existing folder gets the new ones
+        where = os.path.dirname(where.rstrip(os.sep))
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        problems.append(f"--output-dir {args.output_dir} is a file, not a folder")
+    elif where and not os.path.isdir(where):
+        problems.append(f"--output-dir {args.output_dir}: {where} is a file, not a folder")
+    elif not os.access(where or ".", os.W_OK):
+        problems.append(f"--output-dir {args.output_dir}: {where or '.'} is not writable")
     for job in jobs:
         ext = os.path.splitext(job.source)[1].lower()
         if ext not in edit_rules.SOURCE_EXTS:
@@ -316,6 +325,14 @@ def _main(args) -> int:
                 eta = per_step * (steps - step)
                 print(f"{label}: denoising step {step}/{steps}, {seconds:.1f} s, ETA {eta:.1f} s", flush=True)
 
+        seen, kept, total = editor.prompt_seen(job.prompt, settings)
+        if kept < total:
+            print(
+                f"{label}: warning: the prompt is {total} tokens, the text encoder takes {kept}: "
+                f"the model sees its first {kept} tokens, ending {seen[-40:]!r}",
+                file=sys.stderr,
+                flush=True,
+            )
         began = time.perf_counter()
         try:
             frames = video_io.decode_video(job.source, max_frames=settings.max_frames)

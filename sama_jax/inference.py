@@ -118,7 +118,7 @@ def settings_from_config(config, **overrides) -> EditSettings:
 class EditResult:
     frames: np.ndarray  # (T, h, w, 3) uint8: the edit
     source: np.ndarray  # (T, h, w, 3) uint8: the model's input clip, frame for frame
-    prompt: str
+    prompt: str  # as the text encoder saw it (cut to its text_len tokens)
     negative_prompt: str
     source_frames: int  # frames taken from the source (min(N, max_frames))
     model_frames: int  # after padding to 4k+1
@@ -257,6 +257,12 @@ class Editor:
             return jnp.asarray(x)
         return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
+    def prompt_seen(self, prompt: str, settings: EditSettings) -> tuple[str, int, int]:
+        """(the prompt with its prefix as the text encoder sees it, its tokens, the whole prompt's
+        tokens): a prompt longer than text_len is cut, and the caller should say so."""
+        positive, _ = edit_rules.edit_prompts(prompt, settings.prompt_prefix)
+        return text.seen_by_encoder(self.text.tokenizer, positive, self.text.text_len)
+
     def edit(
         self,
         frames: np.ndarray,
@@ -327,7 +333,7 @@ class Editor:
         return EditResult(
             frames=edited[:count],
             source=clip[:count],
-            prompt=positive,
+            prompt=self.prompt_seen(prompt, settings)[0],
             negative_prompt=negative,
             source_frames=kept,
             model_frames=len(clip),

@@ -65,6 +65,15 @@ def tokenize(tokenizer, texts: Sequence[str], text_len: int) -> tuple[np.ndarray
     return batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
 
 
+def seen_by_encoder(tokenizer, text: str, text_len: int) -> tuple[str, int, int]:
+    """-> (the part of `text` the encoder sees, its token count, the whole text's token count).
+    tokenize keeps text_len tokens, the end token included: a longer text loses its tail."""
+    ids = tokenizer([clean_text(text)], add_special_tokens=True)["input_ids"][0]
+    if len(ids) <= text_len:
+        return text, len(ids), len(ids)
+    return tokenizer.decode(ids[: text_len - 1], skip_special_tokens=True), text_len, len(ids)
+
+
 def encode(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """umT5 last hidden state with every position past the true length set to zero."""
     hidden = model(jnp.asarray(ids), jnp.asarray(mask))

@@ -45,7 +45,8 @@ def test_mp4_in_mp4_out(ckpt, tmp_path, capsys):
     sheet = video_io.decode_image(str(out / "clip.sheet.png"))
     assert sheet.shape == (64, 3 * 64, 3)
     side = json.loads((out / "clip.json").read_text())
-    assert side["model_prompt"] == "[Video edit] Make the square red."
+    # The tiny models' text encoder takes fewer tokens than this prompt has: the model saw its start.
+    assert "[Video edit] Make the square red.".startswith(side["model_prompt"]) and side["model_prompt"]
     assert side["negative_prompt"] == "[Video edit]" and side["seed"] == 1
     assert side["frames"] == {"source": 3, "used": 3, "model": 5, "output": 3}
     assert side["settings"]["steps"] == 3 and side["settings"]["prompt_prefix"] == "[Video edit] "
@@ -153,11 +154,39 @@ def test_bad_inputs_are_named_before_any_model_loads(ckpt, tmp_path, capsys):
         rc, err = run_error(base + args, capsys)
         assert rc == 2 and message in err, (message, err)
         assert not out.exists() or not os.listdir(out)
+    # An --output-dir that is a file is named with the rest, before the models load.
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = ["--prompt", "p", "--output-dir", str(afile), "--src-video", str(root / "clip.mp4")] + models
+    rc, err = run_error(args, capsys)
+    assert rc == 2 and f"--output-dir {afile} is a file, not a folder" in err, err
+    rc, err = run_error(args[:3] + [str(afile / "sub")] + args[4:], capsys)
+    assert rc == 2 and f"--output-dir {afile / 'sub'}: {afile} is a file, not a folder" in err, err
     out.mkdir()
     (out / "clip.mp4").write_bytes(b"an earlier result")
     rc, err = run_error(base + ["--src-video", str(root / "clip.mp4")] + models, capsys)
     assert rc == 2 and "clip.mp4 exists: pass --overwrite" in err
     assert (out / "clip.mp4").read_bytes() == b"an earlier result"
+
+
+def test_a_prompt_longer_than_the_text_encoder_takes_is_cut_with_a_warning(ckpt, tmp_path, capsys):
+    root, models = ckpt
+    prompt = "Make the square red and " + " and ".join(["then blue"] * 40) + "."
+    out = tmp_path / "out"
+    rc = edit.main(
+        ["--src-video", str(root / "clip.mp4"), "--prompt", prompt, "--output-dir", str(out)] + models
+    )
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warning = [line for line in err.splitlines() if "warning: the prompt is" in line]
+    assert len(warning) == 1, err
+    total = int(warning[0].split("the prompt is ")[1].split(" tokens")[0])
+    kept = int(warning[0].split("the text encoder takes ")[1].split(":")[0])
+    assert kept < total and f"the model sees its first {kept} tokens, ending" in warning[0]
+    # The sidecar keeps the whole prompt and records the part the model saw.
+    side = json.loads((out / "clip.json").read_text())
+    assert side["prompt"] == prompt
+    assert prompt.startswith(side["model_prompt"]) and 0 < len(side["model_prompt"]) < len(prompt) / 2
 
 
 def test_a_failed_edit_leaves_no_partial_output(ckpt, tmp_path, capsys, monkeypatch):
