@@ -123,7 +123,7 @@ fi
 # -- the job: the same command on every worker, one log per worker --------------------------------
 cmd=$(printf '%q ' "$@")
 cmd=${cmd//\'/\'\\\'\'}   # inside single quotes below
-remote="cd $repo_dir && source .venv/bin/activate && export SAMA_DISTRIBUTED=1 && \
+remote="cd $repo_dir && . .venv/bin/activate && export SAMA_DISTRIBUTED=1 && \
 setsid bash -c '$cmd' & pid=\$!; echo \$pid > $pid_file; wait \$pid; status=\$?; rm -f $pid_file; exit \$status"
 if [ "$dry_run" = 1 ]; then
   for ((w = 0; w < workers; w++)); do

@@ -163,6 +163,24 @@ def test_not_a_pytorch_file_is_named_as_such(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_plain_line(tmp_path, capfd):
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "x": _RunsCode()}, str(evil))
+    assert cli.main([str(evil), str(tmp_path / "out")]) == 2
+    out, err = capfd.readouterr()
+    assert "this ran" not in out
+    assert err == (
+        f"convert-wan-weights: {evil}: refused: it would import posix.system; only plain tensor state "
+        "dicts are read (torch.load weights_only=True)\n"
+    )
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_legacy_pickle_checkpoints_still_read(tmp_path):
     from tools.convert_wan_weights.source import TensorSource
 

@@ -128,3 +128,19 @@ def test_stop_signals_the_job_on_every_worker(fake_gcloud):
     ssh = [c for c in calls if c[3] == "ssh"]
     assert len(ssh) == 1 and "--worker=all" in ssh[0]
     assert "kill -TERM" in ssh[0][ssh[0].index("--command") + 1]
+
+
+def test_the_workers_command_runs_under_a_posix_sh(fake_gcloud, tmp_path):
+    """The job line each worker's login shell runs: `.` not `source`, so a `sh` (dash) shell runs it."""
+    repo = tmp_path / "repo"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    fake = repo / ".venv" / "bin" / "sama-train"
+    fake.write_text('#!/bin/sh\necho "trained with $*"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (repo / ".venv" / "bin" / "activate").write_text(f'PATH="{repo}/.venv/bin:$PATH"\n')
+    result, calls = fake_gcloud("--code=none", "my-tpu", "us-east5-a", "--", *COMMAND, REPO_DIR=str(repo))
+    assert result.returncode == 0, result.stderr
+    job = next(c[c.index("--command") + 1] for c in calls if "--worker=0" in c)
+    ran = subprocess.run(["/bin/sh", "-c", job], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == f"trained with {' '.join(COMMAND[1:])}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
+import re
 import sys
 import zipfile
 from typing import Iterable, Mapping
@@ -105,6 +107,8 @@ class TensorSource:
             state = self._load_pickle()
         except ConversionError:
             raise
+        except pickle.UnpicklingError as e:
+            raise ConversionError(f"{path}: refused: {_refusal(e)}") from e
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if self._mmapped:
@@ -306,3 +310,12 @@ def nest(path: Iterable[str], value) -> dict:
     for name in reversed(tuple(path)):
         value = {name: value}
     return value
+
+
+def _refusal(error: Exception) -> str:
+    """torch's weights_only refusal in one plain line: its message spans paragraphs, carries ANSI
+    escapes in some versions and advice to load unsafely; only the object it refused is kept."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text)
+    what = f"it would import {found.group(1)}" if found else "it holds objects other than tensors"
+    return f"{what}; only plain tensor state dicts are read (torch.load weights_only=True)"
