@@ -294,3 +294,31 @@ def test_the_editors_loop_is_the_released_loop_written_out(editor):
     np.testing.assert_allclose(x, hx, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s, hs, rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(x) - noise).max() > 0.1
+
+
+def test_ctrl_c_during_an_edit_is_one_line_and_leaves_nothing(ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, models = ckpt
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["--src-video", str(root / "clip.mp4"), "--prompt", "p", "--output-dir", str(out)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sama_jax.edit", *argv, *models, "--steps", "50"],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    while "models loaded" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    assert text.splitlines()[-1] == "sama-edit: interrupted" and "Traceback" not in text, text
+    assert not out.exists() or os.listdir(out) == []

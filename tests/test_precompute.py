@@ -130,3 +130,39 @@ def test_feature_path_layout():
     assert os.path.basename(precompute.feature_path("m.jsonl", "..", "text")) == "%2E..npy"
     with pytest.raises(ValueError, match="more than text_len"):
         precompute.pad_text(np.zeros((5, 2)), 4)
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_item_in_flight_stops_and_a_rerun_goes_on(setup, tmp_path):
+    """The command as a terminal runs it: Ctrl-C to its process group stops it after the item in
+    flight (status 130, one line, no traceback, no .tmp file); the rerun finishes the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, args = setup
+    data = synthetic.generate(
+        str(tmp_path / "data"), video_edits=16, image_edits=0, clips=0, frames=5, height=32, width=48
+    )
+    manifest = data["video_edits"]
+    argv = [sys.executable, "-m", "sama_jax.precompute", f"--config={CONFIG}", "--vae", str(root / "vae")]
+    argv += ["--manifest", manifest]
+    folder = os.path.dirname(precompute.feature_path(manifest, "x", "target_latents"))
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    while not os.path.isdir(folder) or not [f for f in os.listdir(folder) if f.endswith(".npy")]:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in log, log
+    assert "sama-precompute: SIGINT: writing the batch in flight, then stopping" in log
+    assert "sama-precompute: stopped by signal SIGINT" in log
+    written = [f for f in os.listdir(folder) if f.endswith(".npy")]
+    assert 1 <= len(written) < 16 and not [f for f in os.listdir(folder) if ".tmp" in f]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len([f for f in os.listdir(folder) if f.endswith(".npy")]) == 16
