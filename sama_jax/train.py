@@ -10,7 +10,10 @@
 
 Rerunning the same command continues the run from its latest checkpoint (parameters, optimizer, EMA,
 RNG and data position), exactly as if it had not stopped; a workdir of another config is refused
-(--allow-config-change). SIGTERM saves a checkpoint and exits with status 0. The tiny preset generates
+(--allow-config-change), as is a workdir another sama-train holds (WORKDIR/.lock). Ctrl-C or SIGTERM
+saves the step it stopped at and exits (130 / 0); a second Ctrl-C exits at once. A newest checkpoint
+that does not restore is moved aside and the newest good one resumed (--resume-step N: that step).
+The tiny preset generates
 its dataset, tokenizer and random frozen encoders (saved into the workdir) when absent. The workdir
 layout is in sama_jax/run_dir.py; metrics go to TensorBoard events in the workdir and the console.
 """
