@@ -49,7 +49,8 @@ def env(tmp_path_factory):
     return root, environ
 
 
-def start(env, workdir, *extra, devices=8, log="log"):
+def start(env, workdir, *extra, devices=8, log="log", group=False):
+    """group: in its own process group (session), as a terminal's Ctrl-C reaches it."""
     root, environ = env
     out = open(root / f"{os.path.basename(workdir)}.{log}.txt", "w")
     proc = subprocess.Popen(
@@ -66,6 +67,7 @@ def start(env, workdir, *extra, devices=8, log="log"):
         env=environ,
         stdout=out,
         stderr=subprocess.STDOUT,
+        start_new_session=group,
     )
     proc.log_path = out.name
     return proc
@@ -289,28 +291,7 @@ LONG = ["--config.train.steps=1000"]
 
 
 def start_in_group(env, workdir, *extra, log):
-    """A sama-train in its own process group, as a terminal's Ctrl-C reaches it."""
-    root, environ = env
-    out = open(root / f"{os.path.basename(workdir)}.{log}.txt", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sama_jax.train",
-            f"--workdir={workdir}",
-            "--cpu-devices=1",
-            *ARGS,
-            *LONG,
-            *extra,
-        ],
-        cwd=root,
-        env=environ,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    proc.log_path = out.name
-    return proc
+    return start(env, workdir, *LONG, *extra, devices=1, log=log, group=True)
 
 
 def alive(pid):
