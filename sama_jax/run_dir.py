@@ -87,9 +87,9 @@ def config_differences(old: Mapping, new: Mapping) -> list[str]:
     ]
 
 
-def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
+def check_and_write_config(workdir: str, config, allow_change: bool, write: bool = True) -> None:
     """Writes WORKDIR/config.json; a workdir holding another config is refused, its differing keys
-    named (allow_change: accepted, and the new config is written)."""
+    named (allow_change: accepted, and the new config is written). write=False: the check alone."""
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_json(config)
     if os.path.isfile(path):
@@ -102,6 +102,8 @@ def check_and_write_config(workdir: str, config, allow_change: bool) -> None:
                 + "); use another --workdir, or --allow-config-change to "
                 "continue this run with the new config"
             )
+    if not write:
+        return
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -132,7 +132,7 @@ def _main(config, args) -> int:
     if primary:
         # Claimed only once the startup checks pass; held until the process exits, however it exits.
         workdir_lock = dir_lock.acquire(workdir, busy="is in use by another sama-train,")  # noqa: F841
-        run_dir.check_and_write_config(workdir, config, args.allow_config_change)
+        run_dir.check_and_write_config(workdir, config, args.allow_config_change, write=False)
     say(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{processes} process(es); workdir {workdir}"
@@ -172,6 +172,8 @@ def _main(config, args) -> int:
     tokenizer = text.load_tokenizer(tokenizer_dir) if recorded.get("tokenizer") else None
     # Every data path is checked (and named by its config key) before any model is built.
     sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
+    if primary:  # written once every input is checked: a corrected rerun is not "another config"
+        run_dir.check_and_write_config(workdir, config, args.allow_config_change)
 
     given = {n: checkpoints[n] for n in names if checkpoints[n]}
     saved = {

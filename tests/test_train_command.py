@@ -453,6 +453,11 @@ def test_startup_checks_name_the_path_before_the_workdir_is_claimed(env, tmp_pat
         "sama-train: error: config.checkpoint.init_from='/no/such/path' does not exist"
     ), out[-3000:]
     assert time.time() - began < 60 and not workdir.exists()
+    # A data path: found before config.json is written, so the corrected command is not refused.
+    mixture = "[{'kind': 'image_edit', 'manifest': 'data/synthetic/nope.jsonl', 'weight': 1.0}]"
+    code, out = finish(start(env, str(workdir), f"--config.data.mixture={mixture}", log="x"), 120)
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "nope.jsonl" in out, out[-3000:]
+    assert not (workdir / run_dir.CONFIG_FILE).exists()
     afile = tmp_path / "afile"
     afile.write_text("")
     code, out = finish(start(env, str(afile), log="x"), 120)
