@@ -206,6 +206,7 @@ def test_corrupt_input_is_recorded_and_the_run_goes_on(synthetic_set, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
     cases[1].source = str(bad)
+    cases[1].media_root = os.path.commonpath([tmp_path, synthetic_set])  # source and target inside it
     out = tmp_path / "out"
     summary = _run(cases, StandInEditor(), out)
     assert (summary["done"], summary["failed"]) == (2, 1)
