@@ -13,7 +13,10 @@ setup(
     version="0.1.0",
     description="SAMA video editing on Wan2.1 in JAX/Flax NNX: models, converters, data, training.",
     python_requires=">=3.11",
-    packages=find_packages(include=["sama_jax", "sama_jax.*", "tools", "tools.*"]),
+    # The converter's folder is tools/convert_wan_weights/; it installs as the package
+    # convert_wan_weights (no top-level `tools` package in site-packages to collide with others').
+    packages=find_packages(include=["sama_jax", "sama_jax.*"]) + ["convert_wan_weights"],
+    package_dir={"convert_wan_weights": "tools/convert_wan_weights"},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -44,9 +47,9 @@ setup(
             "sama-mesh-info=sama_jax.mesh_info:main",
             "sama-smoke=sama_jax.smoke:main",
             "sama-train=sama_jax.train:main",
-            "convert-wan-weights=tools.convert_wan_weights.cli:main",
+            "convert-wan-weights=convert_wan_weights.cli:main",
             "sama-make-synthetic=sama_jax.data.synthetic:main",
-            "sama-build-shards=sama_jax.data.arrayrecord:main",
+            "sama-build-shards=sama_jax.data.build_shards:main",
             "sama-import-manifest=sama_jax.data.importers:main",
             "sama-precompute=sama_jax.precompute:main",
             "sama-export=sama_jax.export:main",

@@ -152,7 +152,7 @@ def convert(source: str, output: str, kind: str, dtype: str) -> None:
     import resource
     import threading
 
-    from tools.convert_wan_weights import cli
+    from convert_wan_weights import cli
 
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=_sample_rss, args=(peaks, stop), daemon=True)

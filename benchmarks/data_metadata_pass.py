@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data_throughput import HEIGHT, WIDTH, make_clip  # noqa: E402
 
-from sama_jax.data import arrayrecord, manifest, pipeline, transforms, video_io  # noqa: E402
+from sama_jax import resolution  # noqa: E402
+from sama_jax.data import arrayrecord, manifest, pipeline, shard_builder, video_io  # noqa: E402
 
 
 def per_call_ms(fn, seconds: float) -> tuple[float, int]:
@@ -49,7 +50,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=8.0, help="timing per case")
     parser.add_argument("--frames", type=int, default=81)
     args = parser.parse_args(argv)
-    buckets = transforms.make_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32)
+    buckets = resolution.training_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32)
     spec = pipeline.SampleSpec(num_frames=args.frames, buckets=tuple(buckets), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(args.frames, seed=0)
@@ -69,7 +70,7 @@ def main(argv=None):
             text="x",
         )
         manifest.write_manifest(os.path.join(tmp, "m.jsonl"), [pair])
-        arrayrecord.build_shards(os.path.join(tmp, "m.jsonl"), os.path.join(tmp, "shards"))
+        shard_builder.build_shards(os.path.join(tmp, "m.jsonl"), os.path.join(tmp, "shards"))
         shard = arrayrecord.ShardSource(os.path.join(tmp, "shards"))
         assert pipeline.plan_shape(shard[0], spec) == pipeline.plan_shape(dict(clip_record, **size), spec)
 

@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sama_jax.data import pipeline, pretext, transforms, video_io  # noqa: E402
+from sama_jax import resolution  # noqa: E402
+from sama_jax.data import pipeline, pretext, video_io  # noqa: E402
 
 ANCHOR_STEP_S = {81: 8.588, 17: 0.917}
 HEIGHT, WIDTH = 480, 832
@@ -122,7 +123,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    buckets = tuple(transforms.make_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32))
+    buckets = tuple(resolution.training_buckets(HEIGHT * WIDTH, (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0), 32))
     tmp = tempfile.mkdtemp(prefix="data_throughput_")
     max_frames = max(args.frames)
     source_path, target_path = os.path.join(tmp, "src.mp4"), os.path.join(tmp, "tgt.mp4")
@@ -133,7 +134,7 @@ def main(argv=None):
     print(
         f"clips: {max_frames} frames {HEIGHT}x{WIDTH} H.264 crf 17, {mbps:.1f} Mbit/s at 16 fps "
         f"(made in {time.perf_counter() - t0:.0f} s); buckets: 480p paper ratios, multiple 32 "
-        f"-> {HEIGHT}x{WIDTH} clips land in {transforms.nearest_bucket(HEIGHT, WIDTH, buckets)}"
+        f"-> {HEIGHT}x{WIDTH} clips land in {resolution.nearest_training_bucket(HEIGHT, WIDTH, buckets)}"
     )
     blob = open(source_path, "rb").read()
 

@@ -21,23 +21,16 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
-from sama_jax import inference, presets, text
-from sama_jax.models import umt5, wan_dit, wan_vae
+from sama_jax import dit_cost, inference, presets, text
 
 
 def build_editor(preset: str, dtype: str, tokenizer_dir: str) -> inference.Editor:
-    precision = dict(param_dtype=dtype, compute_dtype=dtype, residual_dtype="float32")
-    rngs = nnx.Rngs(0)
-    dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(presets.DIT[preset], precision), rngs=rngs)
-    vae = wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(presets.VAE[preset], precision), rngs=rngs)
-    encoder = umt5.UMT5Encoder(
-        umt5.UMT5Config.from_config(presets.TEXT_ENCODER[preset], precision), rngs=rngs
-    )
+    """sama-export --preset's untrained Editor, with a small tokenizer made for the benchmark."""
     texts = ["[Video edit] Make the car red.", "Replace the seal with a red crab.", "Remove the tree."]
     text.build_sentencepiece_tokenizer(texts * 30, tokenizer_dir, vocab_size=80)
-    return inference.Editor(dit, vae, encoder, text.load_tokenizer(tokenizer_dir))
+    precision = dict(param_dtype=dtype, compute_dtype=dtype, residual_dtype="float32")
+    return inference.Editor.untrained(preset, tokenizer_dir, precision)
 
 
 def torch_loop(preset: str, latent_shape, steps: int, text_len: int) -> float:
@@ -139,7 +132,7 @@ def main() -> None:
         f"first edit (compiles): {first_seconds:.2f} s; then {mean:.2f} s per edit over {len(runs)}: {stages}"
     )
     if args.torch:
-        latent_shape = (1, first.model_frames // 4 + 1, args.height // 8, args.width // 8, 16)
+        latent_shape = (1, *dit_cost.latent_grid(first.model_frames, args.height, args.width), 16)
         seconds = torch_loop(args.preset, latent_shape, args.steps, presets.DIT[args.preset]["text_len"])
         print(
             f"diffusers WanTransformer3DModel, same loop (CFG batch 2, no semantic tokens): {seconds:.2f} s "

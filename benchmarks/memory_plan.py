@@ -324,7 +324,8 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
     import jax.numpy as jnp
     from flax import nnx
 
-    from sama_jax import conditioning, train_step
+    from sama_jax import encoders as encoders_lib
+    from sama_jax import train_step
     from sama_jax.features import BATCH_PREFIX
     from sama_jax.models import wan_dit
 
@@ -333,7 +334,7 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
         config.train.batch_size = num_shards * samples_per_device
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     dit = wan_dit.abstract_dit(dit_cfg)
-    encoders = conditioning.build_encoders(config, nnx.Rngs(0), names=())
+    encoders = encoders_lib.build(config, nnx.Rngs(0), names=())
     parts = train_step.StepParts.build(config, mesh, rules, dit, encoders)
     _, params, _ = nnx.split(dit, nnx.Param, ...)
     state = parts.abstract_state(params)

@@ -16,7 +16,7 @@ the generated dataset, small frames and a few steps so it runs in minutes on a C
 
 import ml_collections
 
-from sama_jax import presets, sharding
+from sama_jax import edit_rules, presets, sharding
 
 
 def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
@@ -29,8 +29,9 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
 
     c.model = presets.model_config(preset)
     # Prepended to every instruction before umT5, in training, precompute, evaluation and sama-edit
-    # (the released inference's --prompt-prefix; its negative prompt is the prefix alone).
-    c.prompt_prefix = "[Video edit] "
+    # (the released inference's --prompt-prefix; its negative prompt is the prefix alone; the rule:
+    # edit_rules.with_prefix).
+    c.prompt_prefix = edit_rules.PROMPT_PREFIX
     c.precision = ml_collections.ConfigDict(
         dict(
             param_dtype="float32",  # the trained DiT's parameters (fp32 masters)

@@ -21,8 +21,6 @@ from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
-from sama_jax.train_step import SCALARS
-
 TREE_ITEMS = ("params", "ema", "opt_state")
 ASIDE = "checkpoints.aside"
 
@@ -55,9 +53,9 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def split_state(state: dict) -> dict:
-    """Train state -> {item: pytree}."""
+    """Train state -> {item: pytree}: the TREE_ITEMS, and "train" for the rest (step, counters, rng)."""
     items = {name: state[name] for name in TREE_ITEMS}
-    items["train"] = {k: state[k] for k in SCALARS + ("rng",)}
+    items["train"] = {k: v for k, v in state.items() if k not in TREE_ITEMS}
     return items
 
 

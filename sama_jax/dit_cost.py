@@ -9,7 +9,7 @@ of ../shared/reference/anchors.md. sama-train's MFU, its image-batch check and t
 
 from __future__ import annotations
 
-TEMPORAL_STRIDE, SPATIAL_STRIDE = 4, 8  # the Wan VAE's compression
+from sama_jax.models.wan_vae import SPATIAL_STRIDE, TEMPORAL_STRIDE  # the Wan VAE's compression
 
 
 def latent_frames(frames: int) -> int:

@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from sama_jax import cli, edit_flags, edit_rules, inference, previews, sharding
+from sama_jax import cli, edit_flags, edit_rules, inference, previews, progress, resolution
 from sama_jax.data import video_io
 
 SHEET_COLUMNS = 8
@@ -162,7 +162,7 @@ def check_jobs(jobs: list[Job], args, settings) -> None:
         try:
             job.info = video_io.video_info(job.source)
             job.size = settings.output_size(job.info["height"], job.info["width"])
-        except (video_io.MediaError, edit_rules.EditInputError) as e:
+        except (video_io.MediaError, edit_rules.EditInputError, resolution.SizeError) as e:
             problems.append(str(e))
             continue
         existing = [p for p in output_paths(args.output_dir, job.stem).values() if os.path.exists(p)]
@@ -231,20 +231,6 @@ def write_outputs(
     return paths
 
 
-def parse_mesh(text: str) -> dict | None:
-    if text.strip().lower() == "none":
-        return None
-    sizes = {}
-    for part in text.split(","):
-        axis, sep, size = part.partition("=")
-        if not sep:
-            raise ValueError(
-                f"--mesh {text!r}: expected 'axis=size,...' (e.g. 'fsdp=-1' or 'data=2,fsdp=-1')"
-            )
-        sizes[axis.strip()] = int(size)
-    return {"ici": sizes}
-
-
 def settings_from_args(args, semantic_tokens: int | None = None) -> inference.EditSettings:
     """The EditSettings of sama-edit's editing flags (sama-export takes the same flags)."""
     return inference.EditSettings(
@@ -287,23 +273,9 @@ def _main(args) -> int:
     else:
         paths = dict(dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer)
         inference.check_checkpoints(**paths, lora_path=args.lora_path)
-    mesh_config = parse_mesh(args.mesh)
-
     start = time.perf_counter()
-    mesh = rules = None
-    if mesh_config is not None:
-        mesh = sharding.create_mesh(mesh_config)
-        # Inference batches are 1 (2 with CFG): shard them over 'data' only, never over fsdp.
-        rules = (("batch", "data"),) + sharding.DEFAULT_RULES
-    precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
-    if args.run:
-        editor = inference.Editor.from_run(
-            args.run, use_ema=args.params == "ema", mesh=mesh, rules=rules, lora_path=args.lora_path or None
-        )
-    else:
-        editor = inference.Editor.from_checkpoints(
-            **paths, mesh=mesh, rules=rules, precision=precision, lora_path=args.lora_path or None
-        )
+    editor = edit_flags.editor_from_flags(args)
+    mesh = editor.mesh
     print(
         f"models loaded in {time.perf_counter() - start:.1f} s"
         + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""),
@@ -313,17 +285,9 @@ def _main(args) -> int:
     failed, done_seconds = 0, []
     for n, job in enumerate(jobs, 1):
         label = f"[{n}/{len(jobs)}] {os.path.basename(job.source)}"
-        every = max(1, settings.steps // 10)
-
-        first_step = {}
-
-        def progress(step, steps, seconds, label=label, every=every, first_step=first_step):
-            # The first step includes compiling the loop: the ETA uses the steps after it.
-            first_step.setdefault("seconds", seconds)
-            per_step = (seconds - first_step["seconds"]) / (step - 1) if step > 1 else seconds
-            if step % every == 0 or step == steps:
-                eta = per_step * (steps - step)
-                print(f"{label}: denoising step {step}/{steps}, {seconds:.1f} s, ETA {eta:.1f} s", flush=True)
+        report = progress.step_reporter(
+            lambda line: print(line, flush=True), f"{label}: ", every=max(1, settings.steps // 10)
+        )
 
         seen, kept, total = editor.prompt_seen(job.prompt, settings)
         if kept < total:
@@ -336,17 +300,21 @@ def _main(args) -> int:
         began = time.perf_counter()
         try:
             frames = video_io.decode_video(job.source, max_frames=settings.max_frames)
-            result = editor.edit(frames, job.prompt, settings, progress)
+            result = editor.edit(frames, job.prompt, settings, report)
             fps, fps_from = (job.info["fps"], "source") if job.info["fps"] > 0 else (args.fps, "--fps")
             total = time.perf_counter() - began
             paths_out = write_outputs(job, result, fps, fps_from, args, settings, editor.identities, total)
-        except (video_io.MediaError, edit_rules.EditInputError) as e:
+        except (video_io.MediaError, edit_rules.EditInputError, resolution.SizeError) as e:
             failed += 1
             print(f"{label}: error: {e}", file=sys.stderr, flush=True)
             continue
         done_seconds.append(time.perf_counter() - began)
         left = len(jobs) - n
-        eta = f", ETA {sum(done_seconds) / len(done_seconds) * left:.0f} s for {left} more" if left else ""
+        eta = (
+            f", {progress.eta(n, len(jobs), sum(done_seconds) / len(done_seconds))} for {left} more"
+            if left
+            else ""
+        )
         print(
             f"{label}: {len(result.frames)} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
             f"at {fps:g} fps -> {paths_out['video']} in {done_seconds[-1]:.1f} s{eta}",

@@ -63,3 +63,55 @@ def add_editing_flags(io, sampler, *, semantic_tokens: int | None = 65, semantic
         default=semantic_tokens,
         help=semantic_help or "semantic tokens denoised with the video",
     )
+
+
+def mesh_from_flag(text: str):
+    """--mesh 'axis=size,...' (or 'none') -> (mesh over this process's devices, rules), or (None, None).
+    Inference batches are 1 (2 with CFG): they shard over 'data' only, never over fsdp."""
+    from sama_jax import edit_rules
+
+    if text.strip().lower() == "none":
+        return None, None
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise edit_rules.EditInputError(
+                f"--mesh {text!r}: expected 'axis=size,...' (e.g. 'fsdp=-1' or 'data=2,fsdp=-1'), or 'none'"
+            )
+        sizes[axis.strip()] = int(size)
+    import jax
+
+    from sama_jax import sharding
+
+    # Each process edits its own cases (sama-export): its mesh is its own devices.
+    mesh = sharding.create_mesh({"ici": sizes}, devices=jax.local_devices())
+    return mesh, (("batch", "data"),) + sharding.DEFAULT_RULES
+
+
+def editor_from_flags(args):
+    """The Editor the model flags name: --run DIR (its EMA or --params raw DiT, encoders and
+    tokenizer), --preset NAME (untrained models, for timing and smoke runs), or the converted
+    checkpoints --dit --vae --text-encoder --tokenizer; --lora-path merged, --dtype, --mesh."""
+    from sama_jax import inference
+
+    mesh, rules = mesh_from_flag(args.mesh)
+    lora_path = args.lora_path or None
+    precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
+    if args.run:
+        use_ema = getattr(args, "params", "ema") == "ema"
+        return inference.Editor.from_run(
+            args.run, use_ema=use_ema, mesh=mesh, rules=rules, lora_path=lora_path
+        )
+    if getattr(args, "preset", ""):
+        return inference.Editor.untrained(args.preset, args.tokenizer, precision, mesh=mesh, rules=rules)
+    return inference.Editor.from_checkpoints(
+        args.dit,
+        args.vae,
+        args.text_encoder,
+        args.tokenizer,
+        mesh=mesh,
+        rules=rules,
+        precision=precision,
+        lora_path=lora_path,
+    )

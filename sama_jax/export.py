@@ -14,6 +14,9 @@ checkpoints (--dit --vae --text-encoder --tokenizer), a sama-train run directory
 EMA DiT, encoders and tokenizer) or, for timing and smoke runs, untrained models of a preset
 (--preset tiny, outputs are noise).
 
+The pieces: export_records.py (the record store: what is finished, refusing mixed runs), this file
+(the case loop and the command), export_report.py (listing, scores, summary and report.html).
+
 In --out: the edits (the benchmark's names), previews/<case>.png (source | ground truth | edit
 frames), records/process-I-of-N.jsonl (one JSON line per attempt: instruction, seed, settings,
 timings, checkpoint identity, output path, status, scores), and, once every case has a record,
@@ -35,96 +38,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import glob
-import html
-import json
 import os
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from sama_jax import benchmarks_io, cli, edit_flags, interrupts, previews
+from sama_jax import (
+    benchmarks_io,
+    cli,
+    edit_flags,
+    export_records,
+    export_report,
+    interrupts,
+    previews,
+    progress,
+)
 from sama_jax import scores as scores_lib
 
-RECORDS_DIR = "records"
 PREVIEWS_DIR = "previews"
 SHEET_COLUMNS = 8
 SHEET_HEIGHT = 96
 DEFAULT_FPS = edit_flags.DEFAULT_FPS
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def record_path(out_dir: str, process_index: int, process_count: int) -> str:
-    return os.path.join(out_dir, RECORDS_DIR, f"process-{process_index:05d}-of-{process_count:05d}.jsonl")
-
-
-def load_records(out_dir: str) -> dict[str, dict]:
-    """The latest record per case id over every process's record file. A torn last line (a process
-    killed while appending) is ignored: that case simply has no record yet."""
-    latest: dict[str, dict] = {}
-    for path in sorted(glob.glob(os.path.join(out_dir, RECORDS_DIR, "*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(record, dict) or "case_id" not in record:
-                    continue
-                old = latest.get(record["case_id"])
-                if old is None or record.get("finished", "") >= old.get("finished", ""):
-                    latest[record["case_id"]] = record
-    return latest
-
-
-def append_record(path: str, record: dict) -> None:
-    """One JSON line, flushed and synced before returning: a record exists only for a whole output."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def is_finished(record: dict | None, out_dir: str) -> bool:
-    if not record or record.get("status") != "done":
-        return False
-    path = os.path.join(out_dir, record["output"])
-    return os.path.isfile(path) and os.path.getsize(path) == record.get("output_bytes")
-
-
-def _without_paths(identity: Any) -> Any:
-    """A checkpoint identity without its paths: moving a checkpoint does not change it."""
-    if isinstance(identity, dict):
-        return {k: _without_paths(v) for k, v in identity.items() if k != "path"}
-    return identity
-
-
-def check_same_run(records: dict[str, dict], settings: dict, identity: dict | None, out_dir: str) -> None:
-    """Refuses to add edits made with other settings or checkpoints (identity None: not checked) to
-    finished ones."""
-    for record in records.values():
-        if record.get("status") != "done":
-            continue
-        pairs = [("settings", record.get("settings"), settings)]
-        if identity is not None:
-            pairs.append(("checkpoints", _without_paths(record.get("identity")), _without_paths(identity)))
-        for name, old, new in pairs:
-            old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-            if old != new:
-                keys = sorted(set(old or {}) | set(new or {}))
-                diff = next((k for k in keys if (old or {}).get(k) != (new or {}).get(k)), "?")
-                raise FileExistsError(
-                    f"{out_dir} holds edits made with other {name} (case {record['case_id']}: {diff} "
-                    f"{(old or {}).get(diff)!r}, now {(new or {}).get(diff)!r}); export into a new --out "
-                    "(finished results are never replaced)"
-                )
 
 
 # ----------------------------------------------------------------------------- one case
@@ -232,19 +169,6 @@ def _failure(error: BaseException) -> dict:
     )
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
-
-
 # ----------------------------------------------------------------------------- a run
 
 
@@ -272,16 +196,16 @@ def run_export(
     editor.edit(frames uint8 (T, H, W, 3), instruction, *, seed) -> uint8 (T', H', W', 3) frames,
     or an object with .frames and .timings (the Editor's EditResult)."""
     os.makedirs(out_dir, exist_ok=True)
-    records = load_records(out_dir)
-    check_same_run(records, settings, identity, out_dir)
+    records = export_records.load_records(out_dir)
+    export_records.check_same_run(records, settings, identity, out_dir)
     mine = shard(cases, process_index, process_count)
-    todo = [c for c in mine if not is_finished(records.get(c.case_id), out_dir)]
+    todo = [c for c in mine if not export_records.is_finished(records.get(c.case_id), out_dir)]
     skipped = len(mine) - len(todo)
     log(
         f"sama-export: process {process_index}/{process_count}: {len(mine)} of {len(cases)} cases, "
         f"{skipped} finished already, {len(todo)} to edit -> {out_dir}"
     )
-    path = record_path(out_dir, process_index, process_count)
+    path = export_records.record_path(out_dir, process_index, process_count)
     common = dict(
         benchmark=benchmark,
         seed=seed,
@@ -325,13 +249,13 @@ def run_export(
             failed += 1
             record.update(status="failed", **_failure(e))
             record["timings"] = dict(total=time.perf_counter() - start)
-            record["finished"] = _now()
-            append_record(path, record)
+            record["finished"] = export_records.timestamp()
+            export_records.append_record(path, record)
             log(f"[{n}/{len(todo)}] {case.case_id}: FAILED ({record['reason']}): {record['error']}")
             continue
         fields["timings"]["total"] = time.perf_counter() - start
-        record.update(status="done", **fields, finished=_now())
-        append_record(path, record)
+        record.update(status="done", **fields, finished=export_records.timestamp())
+        export_records.append_record(path, record)
         done += 1
         seconds.append(fields["timings"]["total"])
         # The first edit compiles the sampler: later ones predict the rest better.
@@ -340,10 +264,10 @@ def run_export(
         note = ""
         if case.target and fields["scores"]:
             s = fields["scores"]
-            note = f" psnr in/out {_fmt(s['psnr_in'])}/{_fmt(s['psnr_out'])} dB"
+            note = f" psnr in/out {export_report.fmt(s['psnr_in'])}/{export_report.fmt(s['psnr_out'])} dB"
         log(
             f"[{n}/{len(todo)}] {case.case_id}: done in {seconds[-1]:.1f} s{note} | "
-            f"{rate:.2f} cases/min, ETA {_duration(per_case * (len(todo) - n))}"
+            f"{rate:.2f} cases/min, {progress.eta(n, len(todo), per_case)}"
         )
     stop.restore()
     if stop.requested:
@@ -380,9 +304,9 @@ def run_export(
         f"sama-export: process {process_index}/{process_count}: {done} done, {skipped} skipped, "
         f"{failed} failed of {len(mine)}{per_case}"
     )
-    final = finalize(out_dir, benchmark, cases)
+    final = export_report.finalize(out_dir, benchmark, cases)
     if final is None:
-        missing = sum(1 for c in cases if c.case_id not in load_records(out_dir))
+        missing = sum(1 for c in cases if c.case_id not in export_records.load_records(out_dir))
         log(
             f"sama-export: {missing} cases of other processes have no record yet; the last process "
             "to finish writes the run's listing, scores and report"
@@ -394,123 +318,6 @@ def run_export(
         )
     summary["run"] = final
     return summary
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def finalize(out_dir: str, benchmark: str, cases: list[benchmarks_io.Case]) -> dict | None:
-    """When every case has a record: records.jsonl, the listing, scores.json, summary.json and
-    report.html (each written whole, then renamed). Returns the run summary, or None while some
-    case has no record. Any process may call it; all write the same files."""
-    records = load_records(out_dir)
-    if any(c.case_id not in records for c in cases):
-        return None
-    ordered = [records[c.case_id] for c in cases]
-    done = {r["case_id"] for r in ordered if is_finished(r, out_dir)}
-    tmp = os.path.join(out_dir, "records.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in ordered:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "records.jsonl"))
-    listing = benchmarks_io.write_listing(benchmark, out_dir, cases, done)
-    scored = [
-        (r["edit_type"] or "none", r["scores"]) for r in ordered if r["case_id"] in done and r.get("scores")
-    ]
-    table = scores_lib.aggregate(scored) if scored else {}
-    if scored:
-        _write_json(
-            os.path.join(out_dir, "scores.json"),
-            dict(
-                per_edit_type=table,
-                per_case={
-                    r["case_id"]: dict(edit_type=r["edit_type"], **r["scores"])
-                    for r in ordered
-                    if r["case_id"] in done and r.get("scores")
-                },
-                notes=f"PSNR in dB on 0-255; means count PSNR above {scores_lib.PSNR_CAP} (identical: inf) "
-                f"as {scores_lib.PSNR_CAP}; scores are of the edit before H.264 encoding",
-            ),
-        )
-    seconds = [r["timings"]["total"] for r in ordered if r["case_id"] in done]
-    failures: dict[str, int] = {}
-    for r in ordered:
-        if r["case_id"] not in done:
-            # A done record whose file is gone or rewritten since is a failure too, with its reason.
-            reason = r.get("reason", "unknown") if r["status"] != "done" else "output_missing_or_changed"
-            failures[reason] = failures.get(reason, 0) + 1
-    summary = dict(
-        benchmark=benchmark,
-        cases=len(cases),
-        done=len(done),
-        failed=len(cases) - len(done),
-        failure_reasons=failures,
-        seconds_per_case=float(np.mean(seconds)) if seconds else None,
-        listing=listing and os.path.basename(listing),
-        scores="scores.json" if scored else None,
-        report="report.html",
-    )
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
-    _write_report(os.path.join(out_dir, "report.html"), benchmark, ordered, done, table)
-    return summary
-
-
-REPORT_METRICS = (
-    "psnr_in",
-    "ssim_in",
-    "psnr_out",
-    "ssim_out",
-    "temporal_ssim",
-    "temporal_diff_rmse",
-    "siglip_consistency",
-)
-
-
-def _write_report(path: str, benchmark: str, records: list[dict], done: set, table: dict) -> None:
-    """A small static page: per-type means, then one row per case with its preview."""
-    e = html.escape
-    parts = [
-        f"<!doctype html><meta charset=utf-8><title>sama-export {e(benchmark)}</title>",
-        "<style>body{font:14px sans-serif}td,th{padding:2px 8px;text-align:left}img{max-width:100%}</style>",
-        f"<h1>{e(benchmark)}: {len(done)} of {len(records)} cases edited</h1>",
-    ]
-    if table:
-        metrics = [m for m in REPORT_METRICS if any(m in row for row in table.values())]
-        parts.append(
-            "<h2>Scores per edit type</h2><table><tr><th>edit type</th><th>cases</th>"
-            + "".join(f"<th>{m}</th>" for m in metrics)
-            + "</tr>"
-        )
-        for edit_type, row in table.items():
-            parts.append(
-                f"<tr><td>{e(edit_type)}</td><td>{row['cases']}</td>"
-                + "".join(f"<td>{_fmt(row.get(m))}</td>" for m in metrics)
-                + "</tr>"
-            )
-        parts.append("</table>")
-    parts.append("<h2>Cases</h2><p>preview rows: source | ground truth (when known) | edit</p><table>")
-    for r in records:
-        status = "done" if r["case_id"] in done else f"{r['status']}: {r.get('error', 'output missing')}"
-        s = r.get("scores") or {}
-        score_text = " ".join(f"{m} {_fmt(s.get(m))}" for m in REPORT_METRICS if m in s)
-        image = f"<img src='{e(r['preview'])}'>" if r["case_id"] in done and r.get("preview") else ""
-        parts.append(
-            f"<tr><td><b>{e(r['case_id'])}</b> [{e(r['edit_type'])}]<br>{e(r['instruction'])}<br>"
-            f"{e(status)}<br>{e(score_text)}</td><td>{image}</td></tr>"
-        )
-    parts.append("</table>")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -525,17 +332,10 @@ class EditorAdapter:
         self.identity = dict(getattr(editor, "identities", {}) or {})
 
     def edit(self, frames: np.ndarray, instruction: str, *, seed: int):
-        began = time.perf_counter()
-
-        def progress(step, steps, seconds):
-            # Only long edits report their steps: a tiny edit's per-case line is enough.
-            if time.perf_counter() - began > 30 and (step % max(1, steps // 5) == 0 or step == steps):
-                self.log(
-                    f"  denoising step {step}/{steps}, {seconds:.0f} s, "
-                    f"ETA {seconds / step * (steps - step):.0f} s"
-                )
-
-        return self.editor.edit(frames, instruction, dataclasses.replace(self._settings, seed=seed), progress)
+        steps = self._settings.steps
+        # Only long edits report their steps: a tiny edit's per-case line is enough.
+        report = progress.step_reporter(self.log, "  ", every=max(1, steps // 5), quiet_seconds=30)
+        return self.editor.edit(frames, instruction, dataclasses.replace(self._settings, seed=seed), report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -639,78 +439,6 @@ def edit_settings(args):
     return edit.settings_from_args(args, semantic_tokens)
 
 
-def _mesh(text: str):
-    import jax
-
-    from sama_jax import sharding
-
-    if text.strip().lower() == "none":
-        return None, None
-    sizes = {}
-    for part in text.split(","):
-        axis, sep, size = part.partition("=")
-        if not sep or not size.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh {text!r}: expected 'axis=size,...', e.g. 'fsdp=-1'")
-        sizes[axis.strip()] = int(size)
-    # Each process edits its own cases: its mesh is its own devices. Inference batches are 1 (2 with
-    # CFG), so they shard over 'data' only.
-    mesh = sharding.create_mesh({"ici": sizes}, devices=jax.local_devices())
-    return mesh, (("batch", "data"),) + sharding.DEFAULT_RULES
-
-
-def build_editor(args, settings, log):
-    from sama_jax import inference
-
-    mesh, rules = _mesh(args.mesh)
-    precision = dict(param_dtype=args.dtype, compute_dtype=args.dtype, residual_dtype="float32")
-    if args.run:
-        editor = inference.Editor.from_run(args.run, mesh=mesh, rules=rules)
-    elif args.preset:
-        editor = _untrained_editor(args.preset, args.tokenizer, precision, mesh, rules)
-    else:
-        editor = inference.Editor.from_checkpoints(
-            args.dit,
-            args.vae,
-            args.text_encoder,
-            args.tokenizer,
-            mesh=mesh,
-            rules=rules,
-            precision=precision,
-            lora_path=args.lora_path or None,
-        )
-    return EditorAdapter(editor, settings, log)
-
-
-def _untrained_editor(preset: str, tokenizer: str | None, precision: dict, mesh, rules):
-    from flax import nnx
-
-    from sama_jax import inference, presets, sharding, text
-    from sama_jax.models import umt5, wan_dit, wan_vae
-
-    if not tokenizer or not os.path.isdir(tokenizer):
-        raise FileNotFoundError(
-            f"--preset {preset} needs --tokenizer DIR (e.g. the synthetic set's "
-            f"tokenizer, made by sama-smoke), got {tokenizer!r}"
-        )
-    model = presets.model_config(preset)
-    rngs = nnx.Rngs(0)
-    dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model.dit, precision), rngs=rngs)
-    vae = wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision), rngs=rngs)
-    encoder = umt5.UMT5Encoder(umt5.UMT5Config.from_config(model.text_encoder, precision), rngs=rngs)
-    if mesh is not None:
-        for module in (dit, vae, encoder):
-            sharding.shard_module(module, mesh, rules)
-    return inference.Editor(
-        dit,
-        vae,
-        encoder,
-        text.load_tokenizer(tokenizer),
-        mesh=mesh,
-        rules=rules,
-        identities={"preset": preset, "weights": "untrained (nnx.Rngs(0))"},
-    )
-
-
 def check_sources(cases: list[benchmarks_io.Case], media_root: str | None) -> None:
     """One line before any model loads when no source exists at all (a wrong --media-root); single
     missing sources become failed cases."""
@@ -765,9 +493,11 @@ def _main(_, args) -> int:
     count = jax.process_count() if args.process_count is None else args.process_count
     shard(cases, index, count)  # checks the pair before the models load
     # The settings are known before the models: a refused resume costs no model load.
-    check_same_run(load_records(args.out), dataclasses.asdict(settings), None, args.out)
+    export_records.check_same_run(
+        export_records.load_records(args.out), dataclasses.asdict(settings), None, args.out
+    )
     start = time.perf_counter()
-    editor = build_editor(args, settings, print)
+    editor = EditorAdapter(edit_flags.editor_from_flags(args), settings, print)
     siglip = None
     if args.siglip:
         from sama_jax.models import siglip as siglip_lib

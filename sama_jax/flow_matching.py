@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_TRAIN_TIMESTEPS = 1000
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's training grid: timestep = 1000 * sigma (training and sampling)
 
 
 def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
+    """The shifted schedule sigma' = shift * s / (1 + (shift - 1) * s), for training's sampled sigmas
+    and every sampler's grid (numpy or jax arrays, in their dtype)."""
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 

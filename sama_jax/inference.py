@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sama_jax import edit_rules, sampling, semantic, sharding, text
+from sama_jax import edit_rules, resolution, sampling, semantic, sharding, text
 from sama_jax import lora as lora_lib
 from sama_jax.data import transforms
 from sama_jax.models import umt5, wan_dit, wan_vae
@@ -91,10 +91,9 @@ class EditSettings:
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the edit of a height x width source; raises if the model cannot take it."""
         if self.exact_size:
-            edit_rules.check_size(self.height, self.width)
+            resolution.check_size(self.height, self.width)
             return self.height, self.width
-        w, h = edit_rules.bucket_size(width, height, self.height, self.width)
-        return h, w
+        return resolution.inference_bucket(height, width, self.height, self.width)
 
 
 def settings_from_config(config, **overrides) -> EditSettings:
@@ -216,7 +215,7 @@ class Editor:
     ) -> "Editor":
         """A sama-train run directory (sama_jax.run_dir): its EMA (or raw) DiT, the frozen VAE and
         text encoder it trained with and its tokenizer, in the run's own precision."""
-        from sama_jax import run_dir
+        from sama_jax import encoders, run_dir
 
         if not run_dir.is_run_dir(workdir):
             raise FileNotFoundError(
@@ -227,7 +226,7 @@ class Editor:
         if run.encoders.vae is None or run.encoders.text_encoder is None or run.tokenizer is None:
             raise ValueError(
                 f"--run {workdir}: the run has no VAE, text encoder or tokenizer recorded "
-                f"({run_dir.ENCODERS_FILE}); give --dit --vae --text-encoder --tokenizer"
+                f"({encoders.RECORD_FILE}); give --dit --vae --text-encoder --tokenizer"
             )
         checkpoint = os.path.join(workdir, run_dir.CHECKPOINTS, str(run.step))
         identities = {
@@ -247,6 +246,32 @@ class Editor:
             mesh=mesh,
             rules=rules,
             identities=identities,
+        )
+
+    @classmethod
+    def untrained(
+        cls, preset: str, tokenizer: str | None, precision=None, *, mesh=None, rules=None
+    ) -> "Editor":
+        """Randomly initialised models of a preset (nnx.Rngs(0)): for timing and smoke runs; the edits
+        are noise. tokenizer: a tokenizer directory (e.g. the synthetic set's)."""
+        from sama_jax import presets
+
+        if not tokenizer or not os.path.isdir(tokenizer):
+            raise FileNotFoundError(
+                f"--preset {preset} needs --tokenizer DIR (e.g. the synthetic set's "
+                f"tokenizer, made by sama-smoke), got {tokenizer!r}"
+            )
+        model = presets.model_config(preset)
+        rngs = nnx.Rngs(0)
+        dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model.dit, precision), rngs=rngs)
+        vae = wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision), rngs=rngs)
+        encoder = umt5.UMT5Encoder(umt5.UMT5Config.from_config(model.text_encoder, precision), rngs=rngs)
+        if mesh is not None:
+            for module in (dit, vae, encoder):
+                sharding.shard_module(module, mesh, rules)
+        identities = {"preset": preset, "weights": "untrained (nnx.Rngs(0))"}
+        return cls(
+            dit, vae, encoder, text.load_tokenizer(tokenizer), mesh=mesh, rules=rules, identities=identities
         )
 
     def _denoiser(self, settings: EditSettings) -> sampling.Denoiser:

@@ -8,7 +8,7 @@ Keys as DiffSynth's GeneralLoRALoader reads them (the released --lora-path, alph
 optional 'diffusion_model.' (or 'model.diffusion_model.' / 'pipe.dit.') prefix; diffusers module
 names are renamed to the official ones. <module> is an official Wan/SAMA Linear (blocks.N.self_attn.q,
 blocks.N.ffn.0, text_embedding.0, semantic_head.proj, ...), mapped to our parameter tree through the
-converter's table (tools/convert_wan_weights/dit.py), so the two never disagree. Unlike the released
+DiT's name table (sama_jax/models/wan_dit_params.py), which the converter reads too, so the two never disagree. Unlike the released
 loader, which skips what it does not recognise, a key that names no Linear of the model, an A
 without its B, or a shape mismatch is an error naming the keys.
 """
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tools.convert_wan_weights import dit as dit_table
-from tools.convert_wan_weights.source import TensorSource, strip_prefix
+from sama_jax.models import wan_dit_params as dit_table
+from sama_jax.tensor_source import TensorSource, strip_prefix
 
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -61,7 +61,7 @@ def _pairs(lora: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         if not match:
             foreign.append(key)
             continue
-        module = dit_table._rename(match["module"], to_diffusers=False)
+        module = dit_table.rename(match["module"], to_diffusers=False)
         if match["side"] in pairs[module]:
             raise LoraError(
                 f"LoRA has two {match['side']} matrices for {module} (several adapters?): "

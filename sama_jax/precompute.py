@@ -42,7 +42,8 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from sama_jax import cli, conditioning, features, interrupts
+from sama_jax import cli, conditioning, edit_rules, features, interrupts
+from sama_jax import encoders as encoders_lib
 from sama_jax import text as text_lib
 from sama_jax.data import pipeline
 from sama_jax.progress import Progress
@@ -89,7 +90,7 @@ def check_settings(manifest_path: str, name: str, settings: dict, overwrite: boo
 
 
 class Precomputer:
-    """Loads the encoders once (sama_jax.conditioning, the run's precision policy) and writes the
+    """Loads the encoders once (sama_jax.encoders, the run's precision policy) and writes the
     features of one manifest at a time."""
 
     def __init__(
@@ -124,7 +125,7 @@ class Precomputer:
         if text_encoder and not tokenizer:
             raise ValueError("--text-encoder needs --tokenizer (the local umT5 tokenizer directory)")
         self.tokenizer = text_lib.load_tokenizer(tokenizer) if text_encoder else None
-        self.encoders = conditioning.load_encoders(config, paths, names=names)
+        self.encoders = encoders_lib.load(config, paths, names=names)
         self._encode_text = nnx.jit(conditioning.encode_text)
         self._encode_video = nnx.jit(conditioning.encode_video)
         self._encode_semantic = nnx.jit(conditioning.encode_semantic, static_argnums=2)
@@ -190,7 +191,7 @@ class Precomputer:
             if self.stop.requested:
                 break
             chunk = todo[start : start + self.batch_size]
-            texts = [conditioning.prompt(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
+            texts = [edit_rules.with_prefix(str(r["text"]), self.prompt_prefix) for r, _ in chunk]
             # One compiled shape: the last chunk is padded with empty prompts.
             texts += [""] * (self.batch_size - len(texts))
             try:
@@ -226,7 +227,7 @@ class Precomputer:
             try:
                 if name == "semantic":
                     value = self._encode_semantic(
-                        self.encoders.vision, sample["anchors"][None], self.encoders.semantic
+                        self.encoders.siglip, sample["anchors"][None], self.encoders.semantic
                     )[0]
                 else:
                     frames = sample["target" if name == "target_latents" else "source"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -24,15 +23,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sama_jax import conditioning, params_io, sharding
+from sama_jax import encoders as encoders_lib
+from sama_jax import sharding
 from sama_jax.config import ConfigError
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
-ENCODERS_FILE = "encoders.json"
-ENCODERS_DIR = "encoders"
-TOKENIZER_DIR = "tokenizer"
-ENCODER_NAMES = ("vae", "text_encoder", "siglip")
 # Keys that may differ between the runs of one workdir without changing what is trained.
 IGNORED_KEYS = ("workdir",)
 
@@ -40,7 +36,7 @@ IGNORED_KEYS = ("workdir",)
 class Run(NamedTuple):
     config: ml_collections.ConfigDict
     dit: nnx.Module
-    encoders: conditioning.Encoders
+    encoders: encoders_lib.Encoders
     tokenizer: Any
     step: int
 
@@ -111,61 +107,9 @@ def check_and_write_config(workdir: str, config, allow_change: bool, write: bool
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Encoders and tokenizer
-
-
-def save_generated_encoders(workdir: str, encoders: conditioning.Encoders, config) -> dict:
-    """Writes the run's generated encoders into WORKDIR/encoders/<name>; -> {name: relative path}.
-    Every process calls it (the arrays are gathered; Orbax's save is collective)."""
-    from jax.experimental import multihost_utils
-
-    from sama_jax.models import siglip, umt5, wan_vae
-
-    kinds = {
-        "vae": (wan_vae.KIND, config.model.vae),
-        "text_encoder": (umt5.KIND, config.model.text_encoder),
-        "siglip": (siglip.KIND, config.model.siglip),
-    }
-    modules = {"vae": encoders.vae, "text_encoder": encoders.text_encoder, "siglip": encoders.vision}
-    paths = {}
-    for name, module in modules.items():
-        if module is None:
-            continue
-        relative = os.path.join(ENCODERS_DIR, name)
-        target = os.path.join(workdir, relative)
-        if not os.path.isdir(target):
-            params = jax.tree.map(
-                lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                nnx.to_pure_dict(nnx.state(module)),
-            )
-            kind, section = kinds[name]
-            # Collective in Orbax (every process calls it; process 0 writes host arrays).
-            params_io.save_params(target, params, kind, section.to_dict())
-        paths[name] = relative
-    return paths
-
-
-def write_encoder_paths(workdir: str, paths: Mapping[str, str]) -> None:
-    with open(os.path.join(workdir, ENCODERS_FILE), "w") as f:
-        json.dump(dict(paths), f, indent=1, sort_keys=True)
-
-
-def read_encoder_paths(workdir: str) -> dict:
-    path = os.path.join(workdir, ENCODERS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the run did not record its encoders")
-    with open(path) as f:
-        paths = json.load(f)
-    return {k: (v if not v or os.path.isabs(v) else os.path.join(workdir, v)) for k, v in paths.items()}
-
-
-def copy_tokenizer(workdir: str, tokenizer_dir: str) -> str:
-    """A generated tokenizer, copied into the run directory; -> its relative path."""
-    target = os.path.join(workdir, TOKENIZER_DIR)
-    if not os.path.isdir(target):
-        shutil.copytree(tokenizer_dir, target)
-    return TOKENIZER_DIR
+# encoders.json, encoders/ and tokenizer/ are sama_jax.encoders' (it records and loads them).
+# demo.py reads a run's encoder paths through this name.
+read_encoder_paths = encoders_lib.read_record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,7 +161,6 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Ru
     """A run directory alone -> its config, DiT (EMA or raw parameters of the latest checkpoint),
     frozen encoders, tokenizer and step. With `mesh`, arrays are placed by `rules` (default: the
     run's sharding_rules)."""
-    from sama_jax import text
     from sama_jax.models import wan_dit
 
     config = read_config(workdir)
@@ -227,8 +170,5 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Ru
     )
     params, step = restore_params(workdir, params_abstract, use_ema=use_ema)
     dit = nnx.merge(graphdef, params, rest)
-    paths = read_encoder_paths(workdir)
-    names = tuple(n for n in ENCODER_NAMES if paths.get(n))
-    encoders = conditioning.load_encoders(config, paths, mesh=mesh, rules=rules, names=names)
-    tokenizer = text.load_tokenizer(paths["tokenizer"]) if paths.get("tokenizer") else None
+    encoders, tokenizer = encoders_lib.load_recorded(config, workdir, mesh=mesh, rules=rules)
     return Run(config, dit, encoders, tokenizer, step)

@@ -45,9 +45,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from sama_jax.flow_matching import NUM_TRAIN_TIMESTEPS, shift_sigma
+
 SAMPLERS = ("euler", "unipc")
 CFG_MODES = ("batch", "sequential")
-NUM_TRAIN_TIMESTEPS = 1000
 # float32(1 - 1/1000): the first sigma of Wan's 1000-step training grid, where its sampler starts.
 WAN_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 
@@ -70,15 +71,12 @@ class Schedule:
         return len(self.timesteps)
 
 
-def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
 def euler_sigmas(steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas (steps+1,), timesteps (steps,)) of the released SAMA pipeline, computed in float32
     as DiffSynth does, the timestep rounded to bfloat16 as it is before the model call."""
     s = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)[:-1]
-    s = (np.float32(shift) * s / (np.float32(1) + np.float32(shift - 1) * s)).astype(np.float32)
+    # A Python float shift against float32 sigmas computes in float32, as torch does.
+    s = shift_sigma(s, float(shift)).astype(np.float32)
     timesteps = (s * np.float32(NUM_TRAIN_TIMESTEPS)).astype(ml_dtypes.bfloat16).astype(np.float32)
     return np.concatenate([s, [0.0]]).astype(np.float32), timesteps
 
@@ -86,7 +84,7 @@ def euler_sigmas(steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
 def unipc_sigmas(steps: int, shift: float, sigma_max: float = WAN_SIGMA_MAX) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, timesteps) as Wan2.1's FlowUniPCMultistepScheduler.set_timesteps(steps, shift):
     float64 schedule, timesteps truncated to integers, sigmas stored as float32."""
-    s = shift_sigmas(np.linspace(sigma_max, 0.0, steps + 1)[:-1], shift)
+    s = shift_sigma(np.linspace(sigma_max, 0.0, steps + 1)[:-1], shift)
     timesteps = (s * NUM_TRAIN_TIMESTEPS).astype(np.int64).astype(np.float32)
     return np.concatenate([s, [0.0]]).astype(np.float32), timesteps
 

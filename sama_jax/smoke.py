@@ -4,7 +4,7 @@
 
 Generates the synthetic editing dataset and a tokenizer for it where the config's mixture points (its
 first manifest's directory, under data.root) if absent, builds the
-mesh, the frozen encoders (sama_jax.conditioning) and the SAMA DiT of the config's preset with random
+mesh, the frozen encoders (sama_jax.encoders) and the SAMA DiT of the config's preset with random
 weights, shards them, reads batches through the Grain pipeline and, for each, makes the DiT inputs
 (conditioning.dit_inputs), noises the target latents and the semantic tokens with one shifted sigma
 per sample, runs the DiT on [source | semantic | target] and prints SAMA's loss and the norm of its
@@ -41,7 +41,8 @@ def _main(config, args) -> int:
     from flax import nnx
 
     from sama_jax import conditioning, sharding, text, train_step
-    from sama_jax.data import pipeline, synthetic
+    from sama_jax import encoders as encoders_lib
+    from sama_jax.data import pipeline
     from sama_jax.models import wan_dit
 
     model_cfg = config.model
@@ -56,15 +57,13 @@ def _main(config, args) -> int:
     rules = sharding.axis_rules(config.sharding_rules)
     sharding.check_batch_size(config.train.batch_size, mesh, rules)
     data_dir = os.path.dirname(os.path.join(config.data.root, config.data.mixture[0]["manifest"]))
-    tokenizer = text.load_tokenizer(
-        synthetic.ensure_dataset(data_dir, min(model_cfg.text_encoder.vocab_size, 400))
-    )
+    tokenizer = text.load_tokenizer(encoders_lib.ensure_tiny_dataset(config, data_dir))
     sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     rngs = nnx.Rngs(config.seed)
     dit = wan_dit.WanDiT(wan_dit.WanDiTConfig.from_config(model_cfg.dit, config.precision), rngs=rngs)
-    encoders = conditioning.build_encoders(config, rngs, names=train_step.encoder_names(config))
+    encoders = encoders_lib.build(config, rngs, names=encoders_lib.needed(config, training=True))
     for model in (dit, encoders):
         sharding.shard_module(model, mesh, rules)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(dit, nnx.Param)))

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 from sama_jax import cli
 
@@ -82,361 +83,116 @@ def _main(config, args) -> int:
     initialize_distributed(args)
 
     import jax
-    import numpy as np
-    from clu import metric_writers, periodic_actions
-    from flax import nnx
+    from clu import metric_writers
 
-    from sama_jax import (
-        checkpointing,
-        conditioning,
-        dir_lock,
-        dit_cost,
-        evaluators,
-        interrupts,
-        run_dir,
-        sharding,
-        text,
-        train_step,
-    )
-    from sama_jax.config import ConfigError
-    from sama_jax.data import pipeline, synthetic
-    from sama_jax.models import wan_dit
+    from sama_jax import checkpointing, conditioning, encoders, evaluators, interrupts, run_dir, sharding
+    from sama_jax.data import pipeline
+    from sama_jax.step_clock import StepClock
 
     started = time.time()
-    workdir = os.path.abspath(args.workdir or config.workdir)
-    config.workdir = workdir
-    process, processes = jax.process_index(), jax.process_count()
-    primary = process == 0
-    tiny = config.model.preset == "tiny"
+    workdir = config.workdir = os.path.abspath(args.workdir or config.workdir)
+    primary = jax.process_index() == 0
 
     def say(message: str) -> None:
         if primary:
             print(f"sama-train [{time.time() - started:6.1f}s] {message}", flush=True)
 
-    # -- Mesh ----------------------------------------------------------------------------------
-    mesh = sharding.create_mesh(config.mesh)
-    rules = sharding.axis_rules(config.sharding_rules)
-    batch_shards = int(
-        np.prod([mesh.shape[a] for a in np.atleast_1d(train_step.batch_axes(rules)) if a is not None])
-    )
-    train_step.check_config(config, batch_shards, processes)
-    image_warning = train_step.image_batch_warning(config)
-    pipeline.check_data_config(
-        config.data,
-        int(config.seed),
-        anchor_frames=int(config.model.semantic.num_anchor_frames),
-        text_len=int(config.model.dit.text_len),
-    )
-    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
-    check_config_paths(config)
-    if primary:
-        # Claimed only once the startup checks pass; held until the process exits, however it exits.
-        workdir_lock = dir_lock.acquire(workdir, busy="is in use by another sama-train,")  # noqa: F841
-        run_dir.check_and_write_config(workdir, config, args.allow_config_change, write=False)
-    say(
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{processes} process(es); workdir {workdir}"
-    )
-    if image_warning:
-        say("warning: " + image_warning)
+    # -- Checks, mesh and the workdir ------------------------------------------------------------
+    # The workdir lock is held until the process exits, however it exits.
+    mesh, rules, workdir_lock = check_config_and_mesh(config, args.allow_config_change, say)  # noqa: F841
 
-    # -- Frozen encoders and tokenizer ---------------------------------------------------------
-    checkpoints = config.model.checkpoints
-    names = train_step.encoder_names(config)
-    recorded = {}
-    if checkpoints.tokenizer:
-        tokenizer_dir = checkpoints.tokenizer
-        recorded["tokenizer"] = os.path.abspath(tokenizer_dir)
-    elif tiny:
-        # The generated dataset lives where the mixture's manifests point (data/synthetic).
-        data_dir = (
-            os.path.dirname(
-                os.path.join(config.data.root, config.data.mixture[0].get("manifest") or "data/synthetic/x")
-            )
-            or "."
-        )
-        if primary:
-            tokenizer_dir = synthetic.ensure_dataset(
-                data_dir, min(int(config.model.text_encoder.vocab_size), 400)
-            )
-        _sync("dataset")
-        tokenizer_dir = os.path.join(data_dir, "tokenizer")
-        recorded["tokenizer"] = (
-            run_dir.copy_tokenizer(workdir, tokenizer_dir) if primary else run_dir.TOKENIZER_DIR
-        )
-    elif "text" not in config.data.features:
-        raise ConfigError(
-            "config.model.checkpoints.tokenizer is empty: give the umT5 tokenizer "
-            "directory (only the tiny preset generates one)"
-        )
-    tokenizer = text.load_tokenizer(tokenizer_dir) if recorded.get("tokenizer") else None
+    # -- Frozen encoders, tokenizer and data sources -------------------------------------------
+    tokenizer, tokenizer_path = encoders.training_tokenizer(config, workdir)
     # Every data path is checked (and named by its config key) before any model is built.
     sources = pipeline.open_sources(config.data.mixture, root=config.data.root)
     if primary:  # written once every input is checked: a corrected rerun is not "another config"
         run_dir.check_and_write_config(workdir, config, args.allow_config_change)
-
-    given = {n: checkpoints[n] for n in names if checkpoints[n]}
-    saved = {
-        n: os.path.join(workdir, run_dir.ENCODERS_DIR, n)
-        for n in names
-        if n not in given and os.path.isdir(os.path.join(workdir, run_dir.ENCODERS_DIR, n))
-    }
-    missing = tuple(n for n in names if n not in given and n not in saved)
-    if missing and not tiny:
-        raise ConfigError(
-            f"no checkpoint for the frozen encoders {list(missing)}: set "
-            + ", ".join(f"config.model.checkpoints.{n}" for n in missing)
-            + " (random encoders are for the tiny preset only)"
-        )
-    loaded = conditioning.load_encoders(
-        config, {**given, **saved}, mesh=mesh, rules=rules, names=tuple(given) + tuple(saved)
-    )
-    generated = generate_encoders(config, missing, mesh, rules)
-    encoders = conditioning.Encoders(
-        *[getattr(loaded, a) or getattr(generated, a) for a in ("vae", "text_encoder", "vision")],
-        conditioning.semantic_config(config),
-    )
-    recorded.update({n: os.path.abspath(p) for n, p in given.items()})
-    recorded.update(run_dir.save_generated_encoders(workdir, generated, config))
-    recorded.update({n: os.path.join(run_dir.ENCODERS_DIR, n) for n in saved})
-    if primary:
-        run_dir.write_encoder_paths(workdir, recorded)
-    _sync("encoders")
-    say(
-        "frozen encoders: "
-        + ", ".join(
-            f"{n} ({'given' if n in given else 'generated' if n in missing else 'from the workdir'})"
-            for n in names
-        )
-        + (" (none: all precomputed)" if not names else "")
-    )
+    frozen = encoders.resolve_for_training(config, workdir, mesh, rules, tokenizer_path, say)
 
     # -- Model, optimizer and train state ------------------------------------------------------
-    graphdef, params_abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules)
-    parts = train_step.StepParts.build(
-        config, mesh, rules, nnx.merge(graphdef, params_abstract, rest), encoders
-    )
+    model = build_model(config, mesh, rules, frozen)
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, run_dir.CHECKPOINTS),
         every_steps=int(config.checkpoint.every_steps),
         keep=int(config.checkpoint.keep),
         async_save=bool(config.checkpoint.async_save),
     )
-    resume_step, state, data_state = checkpointer.resume_newest(
-        parts.abstract_state(params_abstract), args.resume_step, log=say
+    first_step, state, data_state = restore_or_init(
+        config, model, checkpointer, args.resume_step, mesh, rules, say
     )
-    if resume_step is not None:
-        say(f"resumed from step {resume_step} ({checkpointer.directory}/{resume_step})")
-    else:
-        state = parts.init_state(initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say))
-    num_params = sum(x.size for x in jax.tree.leaves(params_abstract))
-    say(f"SAMA DiT '{config.model.preset}': {num_params:,} parameters")
-    step_fn = train_step.make_train_step(config, parts)
+    say(f"SAMA DiT '{config.model.preset}': {model.num_params:,} parameters")
 
     # -- Input ---------------------------------------------------------------------------------
-    batch_sizes = train_step.batch_sizes(config)  # global, per kind
-    data = pipeline.build_pipeline(
-        config.data,
-        sources,
-        batch_size=batch_sizes["video"] // processes,
-        image_batch_size=batch_sizes["image"] // processes,
-        seed=int(config.seed),
-        anchor_frames=encoders.semantic.num_anchor_frames,
-        text_len=int(config.model.dit.text_len),
-    )
-    iterator = iter(data)
+    iterator = iter(build_input(config, sources, frozen))
     if data_state is not None:
         iterator.set_state(data_state)
 
-    # -- Evaluators and metrics ----------------------------------------------------------------
-    evals = evaluators.build(config, mesh=mesh, rules=rules, encoders=encoders, tokenizer=tokenizer)
+    # -- Evaluators, metrics and hooks ---------------------------------------------------------
+    evals = evaluators.build(config, mesh=mesh, rules=rules, encoders=frozen, tokenizer=tokenizer)
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+    hooks = progress_hooks(config, writer, first_step, primary)
+    ids_log = SampleIdLog(config, workdir)
+    config_json = run_dir.config_json(config)  # saved with every checkpoint
     total_steps = int(config.train.steps)
-    log_every = max(1, int(config.train.log_every))
-    hooks = [
-        periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=log_every)
-    ]
-    if int(config.train.profile_steps) > 0 and primary:
-        hooks.append(
-            periodic_actions.Profile(
-                logdir=workdir,
-                num_profile_steps=int(config.train.profile_steps),
-                first_profile=(resume_step or 0) + log_every + 1,
-            )
-        )
-    config_json = run_dir.config_json(config)
-    ids_file = (
-        open(os.path.join(workdir, f"sample_ids.p{process}.jsonl"), "a")
-        if config.train.log_sample_ids
-        else None
-    )
-
-    def evaluate(step: int) -> None:
-        if not evals:
-            return
-        tree = state["ema"] if config.eval.use_ema else state["params"]
-        tree = jax.tree.map(lambda x, a: x.astype(a.dtype), tree, params_abstract)
-        dit = nnx.merge(graphdef, tree, rest)
-        scalars, images = {}, {}
-        for evaluator in evals:
-            for name, value in evaluator.run(dit, step):
-                if np.ndim(value) == 0:
-                    scalars[name] = float(value)
-                else:
-                    images[name] = np.asarray(value)[None]  # [N=1, H, W, 3]
-        writer.write_scalars(step, scalars)
-        if images:
-            writer.write_images(step, images)
-        say(
-            f"step {step} eval: "
-            + " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
-            + (f" (+{len(images)} sample images)" if images else "")
-        )
-
+    clock = StepClock(total_steps, float(config.train.peak_tflops) * 1e12 * jax.device_count())
     # Ctrl-C and SIGTERM: the step and any save in flight finish, the state is saved, exit.
     stop = interrupts.StopRequest("sama-train", "stopping after this step and saving it").install()
 
     # -- Loop ----------------------------------------------------------------------------------
-    semantic_tokens = encoders.semantic.num_tokens if config.train.semantic_anchoring else 0
-    first_step = resume_step or 0
     say(f"training steps {first_step} -> {total_steps}")
-    window = []  # host metrics since the last log
-    last_log = None  # (time, step) after the first completed step
-    pending = None  # the previous step's (step, device metrics, samples, flops): read one
-    exit_code, stop_reason = 0, ""  # step late, so the host never waits on the step just issued
-    # Seconds since the last log spent compiling a new batch shape (a jitted call compiles before
-    # it returns), evaluating or saving: left out of step_time, samples/s and MFU.
-    paused = {"seconds": 0.0, "compile": 0.0}
-    compiled_shapes = set()
-    streak = {"in_row": 0}  # non-finite steps in a row up to the last finished step
-
-    def finish_step(step, metrics, samples, flops, tokens):
-        nonlocal last_log, exit_code, stop_reason
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        window.append(dict(metrics, _samples=samples, _flops=flops, _tokens=tokens))
-        now = time.time()
-        if last_log is None:
-            say(f"first step {step} done (includes compilation)")
-            last_log = (now, step)
-            window.clear()
-            paused.update(seconds=0.0, compile=0.0)  # spent before the first timed window
-        if step % log_every == 0 or step == total_steps:
-            if window and step > last_log[1]:
-                dt = max(1e-9, now - last_log[0] - paused["seconds"]) / (step - last_log[1])
-                mean = {
-                    k: float(np.mean([w[k] for w in window]))
-                    for k in window[0]
-                    if not k.startswith("_") and k not in ("skipped_updates", "nonfinite_in_row")
-                }
-                samples = np.mean([w["_samples"] for w in window])
-                mean.update(
-                    step_time=dt,
-                    samples_per_sec=samples / dt,
-                    tokens_per_sec=np.mean([w["_tokens"] for w in window]) / dt,
-                    mfu=np.mean([w["_flops"] for w in window])
-                    / dt
-                    / (float(config.train.peak_tflops) * 1e12 * jax.device_count()),
-                    skipped_updates=metrics["skipped_updates"],
-                    compile_seconds=paused["compile"],
-                )
-                skips = iterator.skip_summary()
-                mean.update({f"skipped_samples/{k}": v for k, v in skips["counts"].items()})
-                mean["skipped_samples/total"] = skips["total"]
-                writer.write_scalars(step, mean)
-                eta = (total_steps - step) * dt
-                say(
-                    f"step {step}/{total_steps} "
-                    + " ".join(
-                        f"{k}={v:.4g}" for k, v in mean.items() if not k.startswith("skipped_samples/")
-                    )
-                    + f" ETA {eta // 3600:.0f}h{eta % 3600 / 60:04.1f}m"
-                )
-            last_log = (now, step)
-            window.clear()
-            paused.update(seconds=0.0, compile=0.0)
-        streak["in_row"] = int(metrics["nonfinite_in_row"])
-        if metrics["nonfinite_in_row"] >= int(config.train.max_nonfinite_in_row):
-            exit_code = 1
-            stop_reason = (
-                f"{int(metrics['nonfinite_in_row'])} steps in a row up to step {step} had a "
-                "non-finite loss or gradient (their updates were skipped; the saved "
-                "state is the last good one): lower optimizer.lr, check the data, or raise "
-                "train.max_nonfinite_in_row"
-            )
-
+    metrics_log = StepMetrics(clock, iterator, writer, config, say)
     step = saved_step = first_step
-    while step < total_steps and not stop_reason and not stop.requested:
+    while step < total_steps and not metrics_log.stop_reason and not stop.requested:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                stop_reason = "the data ran out"
+            batch = next(iterator, None)
+            if batch is None:
+                metrics_log.stop_reason = "the data ran out"
                 break
             arrays = conditioning.host_arrays(batch, tokenizer, config)
             dispatched = time.time()
-            state, metrics = step_fn(state, parts.encoder_state, sharding.shard_batch(arrays, mesh, rules))
-            if batch["target"].shape not in compiled_shapes:
-                compiled_shapes.add(batch["target"].shape)
-                compiling = time.time() - dispatched
-                paused["compile"] += compiling
-                paused["seconds"] += compiling
+            state, metrics = model.step_fn(
+                state, model.parts.encoder_state, sharding.shard_batch(arrays, mesh, rules)
+            )
+            if clock.new_shape(batch["target"].shape):  # a jitted call compiles before it returns
+                clock.compiled(time.time() - dispatched)
         step += 1
-        if ids_file is not None:
-            ids_file.write(json.dumps({"step": step, "ids": [str(i) for i in batch["id"]]}) + "\n")
-            ids_file.flush()
-        frames, height, width = batch["target"].shape[1:4]
-        tokens = 2 * dit_cost.video_tokens(frames, height, width, dit_cfg.patch_size)
-        samples = len(batch["valid"]) * processes
-        current = (
-            step,
-            metrics,
-            samples,
-            samples * dit_cost.train_flops(dit_cfg, tokens + semantic_tokens, dit_cfg.text_len),
-            samples * tokens,
-        )
-        if pending is not None:
-            finish_step(*pending)
-        pending = current
-        if streak["in_row"] or checkpointer.manager.should_save(step):
+        ids_log.write(step, batch["id"])
+        metrics_log.add(step, metrics, step_costs(batch, model.dit_cfg, config))
+        if metrics_log.nonfinite_in_row or checkpointer.manager.should_save(step):
             # Read this step now, not one step late: a non-finite streak stops at exactly
             # max_nonfinite_in_row steps, and a save knows whether its step was finite.
-            finish_step(*pending)
-            pending = None
+            metrics_log.flush()
         for hook in hooks:
             hook(step)
         if step % int(config.eval.every_steps) == 0:
-            if pending is not None:
-                finish_step(*pending)
-                pending = None
-            started_eval = time.time()
-            evaluate(step)
-            paused["seconds"] += time.time() - started_eval
-        started_save = time.time()
+            metrics_log.flush()
+            with clock.paused():
+                evaluate(evals, model, state, step, writer, config, say)
         # A step of a non-finite streak holds the last good parameters with skipped updates: saving
         # it would only evict a healthy checkpoint.
-        if not streak["in_row"] and checkpointer.save(step, state, iterator.get_state(), config_json):
-            saved_step = step
-        paused["seconds"] += time.time() - started_save
-    if pending is not None:
-        finish_step(*pending)
+        with clock.paused():
+            if not metrics_log.nonfinite_in_row and checkpointer.save(
+                step, state, iterator.get_state(), config_json
+            ):
+                saved_step = step
+    metrics_log.flush()
 
-    # -- End: the last state is always saved -----------------------------------------------------
-    if saved_step != step and not streak["in_row"]:
+    # -- End: the last state is always saved (unless it is of a non-finite streak) -----------------
+    if saved_step != step and not metrics_log.nonfinite_in_row:
         checkpointer.save(step, state, iterator.get_state(), config_json, force=True)
     checkpointer.close()
     writer.flush()
     iterator.close()
-    if ids_file is not None:
-        ids_file.close()
-    if stop.requested and not stop_reason:
+    ids_log.close()
+    if stop.requested and not metrics_log.stop_reason:
         say(
             f"stopped by signal {stop.name} at step {step}; checkpoint saved, rerun the same command to "
             "continue"
         )
         return stop.exit_code
-    if stop_reason:
-        print(f"sama-train: stopped at step {step}: {stop_reason}", file=sys.stderr, flush=True)
-        return exit_code or 1
+    if metrics_log.stop_reason:
+        print(f"sama-train: stopped at step {step}: {metrics_log.stop_reason}", file=sys.stderr, flush=True)
+        return 1
     say(
         f"done: step {step}, skipped samples {iterator.skip_summary()['counts']}, "
         f"{time.time() - started:.1f}s"
@@ -444,31 +200,40 @@ def _main(config, args) -> int:
     return 0
 
 
-def _sync(name: str) -> None:
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def generate_encoders(config, names, mesh, rules):
-    """Random frozen encoders (tiny preset). Every process makes the same values from config.seed
-    and places its own shards of them (no transfer or collective per array)."""
+def check_config_and_mesh(config, allow_config_change: bool, say):
+    """Bad settings and missing paths named before anything is built; the workdir claimed and its
+    config checked (process 0); -> (mesh, rules, the workdir lock or None)."""
     import jax
     import numpy as np
-    from flax import nnx
 
-    from sama_jax import conditioning, sharding
+    from sama_jax import dir_lock, run_dir, sharding, train_step
+    from sama_jax.data import pipeline
 
-    generated = conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=names)
-    graphdef, state = nnx.split(generated)
-
-    def place(x, where):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
-
-    return nnx.merge(graphdef, jax.tree.map(place, state, sharding.state_shardings(state, mesh, rules)))
+    mesh = sharding.create_mesh(config.mesh)
+    rules = sharding.axis_rules(config.sharding_rules)
+    batch_axes = np.atleast_1d(train_step.batch_axes(rules))
+    batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes if a is not None]))
+    train_step.check_config(config, batch_shards, jax.process_count())
+    pipeline.check_data_config(
+        config.data,
+        int(config.seed),
+        anchor_frames=int(config.model.semantic.num_anchor_frames),
+        text_len=int(config.model.dit.text_len),
+    )
+    check_config_paths(config)
+    lock = None
+    if jax.process_index() == 0:
+        # Claimed only once the startup checks pass.
+        lock = dir_lock.acquire(config.workdir, busy="is in use by another sama-train,")
+        run_dir.check_and_write_config(config.workdir, config, allow_config_change, write=False)
+    say(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es); workdir {config.workdir}"
+    )
+    image_warning = train_step.image_batch_warning(config)
+    if image_warning:
+        say("warning: " + image_warning)
+    return mesh, rules, lock
 
 
 def check_config_paths(config) -> None:
@@ -479,6 +244,194 @@ def check_config_paths(config) -> None:
     for key, path in named.items():
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"config.{key}={path!r} does not exist")
+
+
+class Model(NamedTuple):
+    """The DiT being trained: its config, abstract (sharded) parameters and the jitted step."""
+
+    dit_cfg: Any
+    graphdef: Any
+    params_abstract: Any
+    rest: Any
+    parts: Any  # train_step.StepParts
+    step_fn: Callable
+    num_params: int
+
+
+def build_model(config, mesh, rules, frozen) -> Model:
+    import jax
+    from flax import nnx
+
+    from sama_jax import run_dir, train_step
+    from sama_jax.models import wan_dit
+
+    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    graphdef, params_abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules)
+    parts = train_step.StepParts.build(
+        config, mesh, rules, nnx.merge(graphdef, params_abstract, rest), frozen
+    )
+    num_params = sum(x.size for x in jax.tree.leaves(params_abstract))
+    step_fn = train_step.make_train_step(config, parts)
+    return Model(dit_cfg, graphdef, params_abstract, rest, parts, step_fn, num_params)
+
+
+def restore_or_init(config, model: Model, checkpointer, resume_step: int | None, mesh, rules, say):
+    """-> (step, state, data iterator state): the newest checkpoint of the workdir that restores (or
+    --resume-step's), else step 0 and a fresh state."""
+    abstract = model.parts.abstract_state(model.params_abstract)
+    step, state, data_state = checkpointer.resume_newest(abstract, resume_step, log=say)
+    if step is not None:
+        say(f"resumed from step {step} ({checkpointer.directory}/{step})")
+        return step, state, data_state
+    params = initial_params(config, model.dit_cfg, model.graphdef, model.params_abstract, mesh, rules, say)
+    return 0, model.parts.init_state(params), None
+
+
+def build_input(config, sources, frozen):
+    """The grain pipeline of this process's share of the global batch."""
+    import jax
+
+    from sama_jax import train_step
+    from sama_jax.data import pipeline
+
+    batch_sizes = train_step.batch_sizes(config)  # global, per kind
+    return pipeline.build_pipeline(
+        config.data,
+        sources,
+        batch_size=batch_sizes["video"] // jax.process_count(),
+        image_batch_size=batch_sizes["image"] // jax.process_count(),
+        seed=int(config.seed),
+        anchor_frames=frozen.semantic.num_anchor_frames,
+        text_len=int(config.model.dit.text_len),
+    )
+
+
+def progress_hooks(config, writer, first_step: int, primary: bool) -> list:
+    """clu's periodic actions: progress reports, and a profile after the first logged steps."""
+    from clu import periodic_actions
+
+    log_every = max(1, int(config.train.log_every))
+    hooks = [
+        periodic_actions.ReportProgress(
+            num_train_steps=int(config.train.steps), writer=writer, every_steps=log_every
+        )
+    ]
+    if int(config.train.profile_steps) > 0 and primary:
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=config.workdir,
+                num_profile_steps=int(config.train.profile_steps),
+                first_profile=first_step + log_every + 1,
+            )
+        )
+    return hooks
+
+
+class SampleIdLog:
+    """train.log_sample_ids: WORKDIR/sample_ids.p<process>.jsonl, one line per step with its sample ids."""
+
+    def __init__(self, config, workdir: str):
+        import jax
+
+        self.file = None
+        if config.train.log_sample_ids:
+            self.file = open(os.path.join(workdir, f"sample_ids.p{jax.process_index()}.jsonl"), "a")
+
+    def write(self, step: int, ids) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "ids": [str(i) for i in ids]}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def step_costs(batch, dit_cfg, config) -> dict:
+    """A step's global samples, tokens and FLOPs (for throughput and MFU)."""
+    import jax
+
+    from sama_jax import dit_cost, encoders
+
+    semantic_tokens = encoders.semantic_config(config).num_tokens if config.train.semantic_anchoring else 0
+    frames, height, width = batch["target"].shape[1:4]
+    tokens = 2 * dit_cost.video_tokens(frames, height, width, dit_cfg.patch_size)
+    samples = len(batch["valid"]) * jax.process_count()
+    flops = samples * dit_cost.train_flops(dit_cfg, tokens + semantic_tokens, dit_cfg.text_len)
+    return dict(samples=samples, flops=flops, tokens=samples * tokens)
+
+
+class StepMetrics:
+    """The train step's metrics, read on the host one step late (so the host never waits on the step
+    just issued) or at once (flush): into the clock, the log and TensorBoard every train.log_every
+    steps; the non-finite streak and the reason to stop (stop_reason, "" to go on)."""
+
+    def __init__(self, clock, iterator, writer, config, say):
+        self.clock, self.iterator, self.writer, self.config, self.say = clock, iterator, writer, config, say
+        self.pending = None  # (step, device metrics, costs)
+        self.nonfinite_in_row = 0  # up to the last step read
+        self.stop_reason = ""
+
+    def add(self, step: int, metrics, costs: dict) -> None:
+        self.flush()
+        self.pending = (step, metrics, costs)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._read(*self.pending)
+            self.pending = None
+
+    def _read(self, step: int, metrics, costs: dict) -> None:
+        import jax
+
+        config, total_steps = self.config, int(self.config.train.steps)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if self.clock.record(step, metrics, **costs):
+            self.say(f"first step {step} done (includes compilation)")
+        if step % max(1, int(config.train.log_every)) == 0 or step == total_steps:
+            summary = self.clock.summary(step)
+            if summary is not None:
+                self.say(self.clock.line(step, summary))
+                skips = self.iterator.skip_summary()
+                summary.update({f"skipped_samples/{k}": v for k, v in skips["counts"].items()})
+                summary["skipped_samples/total"] = skips["total"]
+                self.writer.write_scalars(step, summary)
+        self.nonfinite_in_row = int(metrics["nonfinite_in_row"])
+        if self.nonfinite_in_row >= int(config.train.max_nonfinite_in_row) and not self.stop_reason:
+            self.stop_reason = (
+                f"{self.nonfinite_in_row} steps in a row up to step {step} had a "
+                "non-finite loss or gradient (their updates were skipped; the saved "
+                "state is the last good one): lower optimizer.lr, check the data, or raise "
+                "train.max_nonfinite_in_row"
+            )
+
+
+def evaluate(evals, model: Model, state, step: int, writer, config, say) -> None:
+    """The evaluators on the EMA (eval.use_ema) or raw parameters: scalars and sample images."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    if not evals:
+        return
+    tree = state["ema"] if config.eval.use_ema else state["params"]
+    tree = jax.tree.map(lambda x, a: x.astype(a.dtype), tree, model.params_abstract)
+    dit = nnx.merge(model.graphdef, tree, model.rest)
+    scalars, images = {}, {}
+    for evaluator in evals:
+        for name, value in evaluator.run(dit, step):
+            if np.ndim(value) == 0:
+                scalars[name] = float(value)
+            else:
+                images[name] = np.asarray(value)[None]  # [N=1, H, W, 3]
+    writer.write_scalars(step, scalars)
+    if images:
+        writer.write_images(step, images)
+    say(
+        f"step {step} eval: "
+        + " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+        + (f" (+{len(images)} sample images)" if images else "")
+    )
 
 
 def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say):

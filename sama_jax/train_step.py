@@ -41,15 +41,6 @@ LOSS_WEIGHTINGS = ("none", "gaussian_bump")
 SCALARS = ("step", "skipped_updates", "nonfinite_in_row")
 
 
-def encoder_names(config) -> tuple[str, ...]:
-    """The frozen encoders the run needs: conditioning.needed, without SigLIP when semantic
-    anchoring is switched off (train.semantic_anchoring=False)."""
-    names = conditioning.needed(config)
-    if not config.train.semantic_anchoring:
-        names = tuple(n for n in names if n != "siglip")
-    return names
-
-
 def batch_sizes(config) -> dict[str, int]:
     """The global batch sizes: {"video": train.batch_size, "image": train.image_batch_size} (image
     edits, single-frame batches; 0 = train.batch_size)."""

@@ -89,7 +89,7 @@ def fit(
         # ~1e-6), and a far smaller program to differentiate and compile.
         x = video.astype(jnp.float32) * (2.0 / 255.0) - 1.0
         mu = vae.encode_mean(x, chunked=False)
-        mean, std = vae._latent_stats()
+        mean, std = vae.latent_stats()
         return vae.decode_unclamped((mu - mean) / std, chunked=False), x, mu
 
     @nnx.jit

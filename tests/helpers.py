@@ -4,6 +4,9 @@ Flat frames whose grey level encodes the frame index: H.264 keeps flat frames wi
 so frame sampling can be checked through the codec.
 """
 
+import os
+
+import ml_collections
 import numpy as np
 
 
@@ -53,3 +56,27 @@ def tensorboard_events(logdir):
                 value = float(value)
             out.setdefault(tag, {})[event.step] = value
     return out
+
+
+def data_config(**overrides):
+    """A small config.data section for pipeline tests (5 frames, 64x64 budget, no pretext, no workers);
+    each test file overrides what it exercises."""
+    cfg = dict(
+        num_frames=5,
+        fps=8.0,
+        min_frames=5,
+        pixels=64 * 64,
+        aspect_ratios=(0.5, 1.0, 2.0),
+        size_multiple=16,
+        motion_alignment=False,
+        worker_count=0,
+        prefetch=2,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def link_tiny_dataset(tiny_dataset: str, cwd) -> None:
+    """cwd/data -> the shared tiny dataset (conftest's tiny_dataset fixture): the tiny preset finds
+    data/synthetic there and generates nothing. Read only."""
+    os.symlink(tiny_dataset, os.path.join(cwd, "data"))

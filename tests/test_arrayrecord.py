@@ -8,7 +8,15 @@ import grain
 import numpy as np
 import pytest
 
-from sama_jax.data import arrayrecord, manifest, synthetic, video_io
+from sama_jax.data import (
+    arrayrecord,
+    build_shards,
+    manifest,
+    shard_builder,
+    shard_format,
+    synthetic,
+    video_io,
+)
 
 T, H, W = 5, 32, 48
 
@@ -58,7 +66,7 @@ def _build(dataset, out, **kw):
     path, _, _ = dataset
     args = dict(samples_per_shard=4, min_frames=3)
     args.update(kw)
-    return arrayrecord.build_shards(path, str(out), **args)
+    return shard_builder.build_shards(path, str(out), **args)
 
 
 def test_build_read_back_and_skip_counts(dataset, tmp_path):
@@ -110,7 +118,7 @@ def test_build_read_back_and_skip_counts(dataset, tmp_path):
     # The documented schema, read with Grain's own source, and through a Grain dataset and a pickle
     # (what worker processes do).
     raw = grain.sources.ArrayRecordDataSource(arrayrecord.shard_paths(str(tmp_path / "shards")))
-    assert arrayrecord.decode_record(raw[5])["id"] == samples[5]["id"]
+    assert shard_format.decode_record(raw[5])["id"] == samples[5]["id"]
     assert grain.MapDataset.source(source)[6]["id"] == samples[6]["id"]
     assert pickle.loads(pickle.dumps(source))[2]["target"] == records[2]["target"]
 
@@ -121,10 +129,10 @@ def test_resume_keeps_done_shards(dataset, tmp_path):
     shard_files = [out / s for s in first["shards"]]
     stamps = [os.stat(p).st_mtime_ns for p in shard_files]
     # Simulate a build killed while writing shard 1: its report is missing and a partial file remains.
-    os.remove(arrayrecord.report_path(shard_files[1]))
+    os.remove(shard_builder.report_path(shard_files[1]))
     os.remove(shard_files[1])
     (out / (first["shards"][1] + ".tmp")).write_bytes(b"partial")
-    os.remove(out / arrayrecord.INDEX)
+    os.remove(out / shard_builder.INDEX)
     with pytest.raises(FileNotFoundError, match="unfinished"):
         arrayrecord.ShardSource(str(out))
 
@@ -170,26 +178,26 @@ def test_decode_check_and_features(dataset, tmp_path):
 
 def test_cli_and_bad_arguments(dataset, tmp_path, capsys):
     path, _, _ = dataset
-    arrayrecord.main(
+    build_shards.main(
         ["--manifest", path, "--out", str(tmp_path / "s"), "--samples-per-shard", "5", "--min-frames", "3"]
     )
     out = capsys.readouterr().out
     assert "7 of 12 samples in 3 shards" in out and "skipped 5" in out and "bad_cut: truncated" in out
     # Shards built by two worker processes are the same as those built in order.
-    parallel = arrayrecord.build_shards(
+    parallel = shard_builder.build_shards(
         path, str(tmp_path / "p"), samples_per_shard=5, min_frames=3, workers=2
     )
-    sequential = json.load(open(tmp_path / "s" / arrayrecord.INDEX))
+    sequential = json.load(open(tmp_path / "s" / shard_builder.INDEX))
     for key in ("shards", "records", "skipped", "skipped_counts"):
         assert parallel[key] == sequential[key]
     for shard in parallel["shards"]:
         assert (tmp_path / "p" / shard).read_bytes() == (tmp_path / "s" / shard).read_bytes()
     # One sample a shard: the bad items' shards are empty and are left out of the source.
-    index = arrayrecord.build_shards(path, str(tmp_path / "one"), samples_per_shard=1, min_frames=3)
+    index = shard_builder.build_shards(path, str(tmp_path / "one"), samples_per_shard=1, min_frames=3)
     assert index["records"].count(0) == 5
     assert len(arrayrecord.ShardSource(str(tmp_path / "one"))) == 7
     with pytest.raises(ValueError, match="check"):
-        arrayrecord.build_shards(path, str(tmp_path / "x"), check="maybe")
+        shard_builder.build_shards(path, str(tmp_path / "x"), check="maybe")
 
 
 def test_records_feed_the_training_pipeline(dataset, tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from convert_wan_weights import cli, progress
+from convert_wan_weights import dit as convert_dit
 from sama_jax import params_io
-from tools.convert_wan_weights import cli, progress
-from tools.convert_wan_weights import dit as convert_dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(
@@ -73,7 +73,7 @@ def two_versions(tmp_path):
 KILL = """
 import os, sys
 from sama_jax import params_io
-from tools.convert_wan_weights import cli
+from convert_wan_weights import cli
 params_io._after_step = lambda step: os._exit(17) if step == sys.argv[1] else None
 sys.exit(cli.main(sys.argv[2:]))
 """
@@ -182,7 +182,7 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_plain_line(tmp_path, cap
 
 
 def test_legacy_pickle_checkpoints_still_read(tmp_path):
-    from tools.convert_wan_weights.source import TensorSource
+    from sama_jax.tensor_source import TensorSource
 
     torch.save(
         {"w": torch.arange(6.0).reshape(2, 3)},

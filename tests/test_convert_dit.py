@@ -19,10 +19,10 @@ from wan_reference import (
     tiny_diffusers_wan,
 )
 
+from convert_wan_weights import cli
+from convert_wan_weights import dit as convert_dit
 from sama_jax import params_io
-from tools.convert_wan_weights import cli
-from tools.convert_wan_weights import dit as convert_dit
-from tools.convert_wan_weights.source import ConversionError, TensorSource
+from sama_jax.tensor_source import ConversionError, TensorSource
 
 DIM, HEADS, SEM, HIDDEN = 48, 3, 20, 28
 

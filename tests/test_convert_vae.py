@@ -18,11 +18,11 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
+from convert_wan_weights import cli
+from convert_wan_weights import vae as vae_converter
 from sama_jax import params_io
-from sama_jax.models import wan_vae
-from tools.convert_wan_weights import cli
-from tools.convert_wan_weights import vae as vae_converter
-from tools.convert_wan_weights.source import ConversionError, TensorSource
+from sama_jax.models import wan_vae, wan_vae_params
+from sama_jax.tensor_source import ConversionError, TensorSource
 
 NUM_RES_BLOCKS = 2
 
@@ -87,7 +87,7 @@ def test_official_renaming_agrees_with_diffusers_converter():
 def test_key_table_matches_full_size_model():
     with torch.device("meta"):
         state = AutoencoderKLWan().state_dict()
-    table = vae_converter.entries(wan_vae.WanVAEConfig())
+    table = wan_vae_params.entries(wan_vae.WanVAEConfig())
     assert {e.diffusers: e.torch_shape for e in table} == {k: tuple(v.shape) for k, v in state.items()}
     assert {e.official for e in table} == {official_key(k) for k in state}
     assert sum(int(np.prod(e.torch_shape)) for e in table) == 126_892_531

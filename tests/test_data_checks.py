@@ -5,7 +5,7 @@ import logging
 import os
 import re
 
-import ml_collections
+import helpers
 import numpy as np
 import pytest
 from helpers import flat_video, level, take
@@ -18,19 +18,9 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def data_config(**overrides):
-    cfg = dict(
-        num_frames=5,
-        fps=0.0,
-        min_frames=5,
-        pixels=32 * 32,
-        aspect_ratios=(1.0,),
-        size_multiple=16,
-        motion_alignment=False,
-        worker_count=0,
-        prefetch=0,
+    return helpers.data_config(
+        **{**dict(fps=0.0, pixels=32 * 32, aspect_ratios=(1.0,), prefetch=0), **overrides}
     )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,15 @@ import os
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import SOURCE_FPS, moving_square, write_tiny_models
+from model_helpers import SOURCE_FPS, moving_square
 
 from sama_jax import edit, inference
 from sama_jax.data import video_io
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_models(tmp_path_factory.mktemp("edit"))
+def ckpt(tiny_models):
+    return tiny_models
 
 
 def test_mp4_in_mp4_out(ckpt, tmp_path, capsys):

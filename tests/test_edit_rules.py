@@ -1,49 +1,8 @@
 import numpy as np
 import pytest
-from PIL import Image
 
 from sama_jax import edit_rules as er
-
-RELEASED_BUCKETS = [
-    (896, 448),
-    (832, 480),
-    (768, 512),
-    (736, 544),
-    (704, 576),
-    (672, 608),
-    (640, 640),
-    (608, 672),
-    (576, 704),
-    (544, 736),
-    (512, 768),
-    (512, 800),
-    (480, 832),
-    (448, 864),
-    (448, 896),
-]
-
-
-def test_the_fifteen_released_buckets():
-    assert er.resolution_buckets(480 * 832) == RELEASED_BUCKETS
-
-
-@pytest.mark.parametrize(
-    "source, expected",
-    [
-        ((1920, 1080), (832, 480)),  # the released example
-        ((1280, 720), (832, 480)),
-        ((1024, 1024), (640, 640)),
-        ((640, 480), (736, 544)),
-        ((1080, 1920), (480, 832)),  # portrait phone video
-        ((720, 1280), (480, 832)),
-        ((480, 640), (544, 736)),
-        ((3000, 1000), (896, 448)),  # beyond 2:1 -> the widest bucket
-        ((400, 1600), (448, 896)),
-        ((832, 480), (832, 480)),
-    ],
-)
-def test_bucket_rule(source, expected):
-    assert er.bucket_size(*source) == expected
+from sama_jax import resolution
 
 
 def test_frame_counts_pad_to_4k_plus_1():
@@ -71,7 +30,7 @@ def test_prepare_frames_crops_the_centre_and_keeps_the_count(rng):
     # 13 frames (4k+1), 10 kept; the crop to 5:3 removes 6 columns each side.
     frames = np.zeros((10, 108, 192, 3), np.uint8)
     frames[:, :, :4] = 255
-    assert er.resolution_buckets(96 * 160) == [(160, 96), (128, 128), (96, 160)]
+    assert resolution.inference_buckets(96 * 160) == [(96, 160), (128, 128), (160, 96)]
     clip, kept = er.prepare_frames(frames, max_frames=81, height=96, width=160)
     assert clip.shape == (13, 96, 160, 3) and kept == 10
     assert clip[:, :, 0].max() == 0
@@ -80,20 +39,9 @@ def test_prepare_frames_crops_the_centre_and_keeps_the_count(rng):
     assert clip[:, :, 0].max() == 0  # 108/192 < 32/48: width cropped, edges gone
 
 
-def test_crop_and_resize_matches_the_released_arithmetic(rng):
-    frame = rng.integers(0, 255, (1, 108, 192, 3), dtype=np.uint8)
-    out = er.crop_and_resize(frame, 48, 64)  # 108/192 < 48/64 -> crop width to int(108/48*64)=144
-    ref = Image.fromarray(frame[0][:, 24:168]).resize((64, 48), Image.BICUBIC)
-    np.testing.assert_array_equal(out[0], np.asarray(ref))
-    out = er.crop_and_resize(frame, 64, 64)  # crop width to 108, left 42
-    np.testing.assert_array_equal(
-        out[0], np.asarray(Image.fromarray(frame[0][:, 42:150]).resize((64, 64), Image.BICUBIC))
-    )
-
-
 def test_exact_sizes_the_model_cannot_take_are_named():
     frames = np.zeros((5, 40, 40, 3), np.uint8)
-    with pytest.raises(er.EditInputError, match=r"840x470 .*multiples of 16"):
+    with pytest.raises(resolution.SizeError, match=r"840x470 .*multiples of 16"):
         er.prepare_frames(frames, height=470, width=840, exact_size=True)
 
 
@@ -103,5 +51,9 @@ def test_prompts():
         "[Video edit]",
     )
     assert er.edit_prompts("Make the car red.", "") == ("Make the car red.", "")
+    # Never twice: training (conditioning, precompute) and editing share the rule.
+    assert er.edit_prompts("[Video edit] Make it red.", er.PROMPT_PREFIX)[0] == "[Video edit] Make it red."
+    assert er.with_prefix("[Video edit] x", "[Video edit] ") == "[Video edit] x"
+    assert er.with_prefix("x", "[Video edit] ") == "[Video edit] x" and er.with_prefix("x", "") == "x"
     with pytest.raises(er.EditInputError, match="--prompt is empty"):
         er.edit_prompts("  ", "")

@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from model_helpers import write_tiny_models
 
-from sama_jax import benchmarks_io, export
+from sama_jax import benchmarks_io, export, export_records, export_report
 from sama_jax.data import synthetic, video_io
 
 SETTINGS = {"steps": 2, "sampler": "euler", "guidance": 5.0}
@@ -196,7 +195,9 @@ def test_resume_skips_finished_and_redoes_half_written(synthetic_set, tmp_path):
     summary = _run(cases, again, out)
     assert sorted(again.calls) == sorted([cases[1].instruction, cases[2].instruction])
     assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 2, 0)
-    assert all(export.is_finished(r, str(out)) for r in export.load_records(str(out)).values())
+    assert all(
+        export_records.is_finished(r, str(out)) for r in export_records.load_records(str(out)).values()
+    )
     third = StandInEditor()
     assert _run(cases, third, out)["skipped"] == 4 and third.calls == []
 
@@ -210,7 +211,7 @@ def test_corrupt_input_is_recorded_and_the_run_goes_on(synthetic_set, tmp_path):
     out = tmp_path / "out"
     summary = _run(cases, StandInEditor(), out)
     assert (summary["done"], summary["failed"]) == (2, 1)
-    record = export.load_records(str(out))[cases[1].case_id]
+    record = export_records.load_records(str(out))[cases[1].case_id]
     assert record["status"] == "failed" and record["reason"] == "corrupt" and "broken.mp4" in record["error"]
     run = json.loads((out / "summary.json").read_text())
     assert (run["done"], run["failed"], run["failure_reasons"]) == (2, 1, {"corrupt": 1})
@@ -336,8 +337,8 @@ def test_editor_adapter_passes_each_case_seed_and_keeps_the_settings():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_models(tmp_path_factory.mktemp("export_models"))
+def ckpt(tiny_models):
+    return tiny_models
 
 
 @pytest.mark.slow
@@ -367,7 +368,7 @@ def test_command_end_to_end_with_checkpoints_and_resume(ckpt, tmp_path, capsys):
         source = video_io.video_info(str(root / f"{video}.mp4"))
         # The edit is 64x32 (the bucket); the judge needs the source's 48 rows and frame count.
         assert (info["frames"], info["height"]) == (source["frames"], source["height"])
-    records = export.load_records(str(tmp_path / "out"))
+    records = export_records.load_records(str(tmp_path / "out"))
     assert {r["identity"]["dit"]["sha256"] for r in records.values()} == {inference_fingerprint(root / "dit")}
     assert all(r["settings"]["prompt_prefix"] == "[Video edit] " for r in records.values())
     assert export.main(argv) == 0
@@ -442,7 +443,7 @@ def test_sources_outside_the_media_root_fail_with_a_reason(synthetic_set, tmp_pa
     proc = _export_command("--preset", "tiny", *_reco_argv(configs, media, out))
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, log
-    records = export.load_records(str(out))
+    records = export_records.load_records(str(out))
     assert {r["instruction"]: r["status"] for r in records.values()} == {
         "Make it red.": "done",
         "Copy it.": "failed",
@@ -493,7 +494,7 @@ def test_reco_output_names_hold_no_path_separator_and_every_failure_has_a_reason
         "synvid_000000_src.mp4: make it ../x\nsynvid_000000_src.mp4: make it //x\n"
     )
     cases = benchmarks_io.read_cases("reco", str(configs), str(synthetic_set / "videos"))
-    summary = export.finalize(str(out), "reco", cases)
+    summary = export_report.finalize(str(out), "reco", cases)
     assert summary["failed"] == 1 and summary["failure_reasons"] == {"output_missing_or_changed": 1}
 
 
@@ -520,7 +521,7 @@ def test_ctrl_c_finishes_the_case_in_flight_and_a_rerun_goes_on(synthetic_set, t
     assert proc.returncode == 130 and "Traceback" not in log, log
     assert "sama-export: SIGINT: finishing the case in flight, then stopping" in log
     assert "stopped by signal SIGINT after" in log and "rerun the same command to continue" in log
-    records = export.load_records(str(out))
+    records = export_records.load_records(str(out))
     assert 1 <= len(records) < 5 and all(r["status"] == "done" for r in records.values())
     assert not [f for f in os.listdir(out) if "tmp" in f]
     proc = _export_command(*argv)

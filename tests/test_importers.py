@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from sama_jax.data import arrayrecord, importers, manifest, video_io
+from sama_jax.data import arrayrecord, importers, manifest, shard_builder, video_io
 from sama_jax.data.importers import ImportFormatError
 
 
@@ -174,7 +174,7 @@ def test_diffsynth_to_shards(tmp_path, rng):
             {k: v for k, v in s.items() if k != "id"} for s in samples
         ]
 
-    index = arrayrecord.build_shards(out, str(tmp_path / "shards"))
+    index = shard_builder.build_shards(out, str(tmp_path / "shards"))
     assert index["total_records"] == 3 and index["skipped_total"] == 0
     records = list(arrayrecord.iter_records(str(tmp_path / "shards")))
     assert records[0]["source"] == (data / "src.mp4").read_bytes()

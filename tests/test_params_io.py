@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sama_jax import params_io, sharding
-from tools.convert_wan_weights.source import ConversionError, TensorSource, cast, check_keys
+from sama_jax.tensor_source import ConversionError, TensorSource, cast, check_keys
 
 
 def test_incremental_write_then_load_round_trip(tmp_path):

@@ -8,10 +8,9 @@ import json
 import logging
 import os
 
-import ml_collections
 import numpy as np
 import pytest
-from helpers import assert_same, flat_video, level, take
+from helpers import assert_same, data_config, flat_video, level, take
 
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pipeline, pretext, video_io
@@ -76,22 +75,6 @@ def data_dir(tmp_path_factory):
     ]
     manifest_lib.write_manifest(str(root / "mixed_bad.jsonl"), clips[:3] + bad + clips[3:])
     return root
-
-
-def data_config(**overrides):
-    cfg = dict(
-        num_frames=5,
-        fps=8.0,
-        min_frames=5,
-        pixels=64 * 64,
-        aspect_ratios=(0.5, 1.0, 2.0),
-        size_multiple=16,
-        motion_alignment=False,
-        worker_count=0,
-        prefetch=2,
-    )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
 
 
 def make(data_dir, mixture, data=None, batch_size=2, seed=0, **kwargs):
@@ -259,10 +242,10 @@ def test_mixture_weights_set_the_proportions(data_dir):
 
 
 def test_shard_source_feeds_the_same_batches(data_dir, tmp_path):
-    from sama_jax.data import arrayrecord
+    from sama_jax.data import arrayrecord, shard_builder
 
-    arrayrecord.build_shards(str(data_dir / "video_edits.jsonl"), str(tmp_path / "ve"), samples_per_shard=4)
-    arrayrecord.build_shards(str(data_dir / "image_edits.jsonl"), str(tmp_path / "ie"), samples_per_shard=4)
+    shard_builder.build_shards(str(data_dir / "video_edits.jsonl"), str(tmp_path / "ve"), samples_per_shard=4)
+    shard_builder.build_shards(str(data_dir / "image_edits.jsonl"), str(tmp_path / "ie"), samples_per_shard=4)
     from_shards = pipeline.open_sources(
         [dict(STAGE1[0], shards="ve"), dict(STAGE1[1], shards="ie")], root=str(tmp_path)
     )

@@ -6,6 +6,7 @@ Media are flat frames whose grey level encodes the frame index (see helpers.py).
 
 import json
 
+import helpers
 import ml_collections
 import numpy as np
 import pytest
@@ -82,20 +83,17 @@ MIXTURE = [
 
 
 def data_config(**overrides):
-    cfg = dict(
-        num_frames=9,
-        fps=0.0,
-        min_frames=5,
-        pixels=64 * 64,
-        aspect_ratios=(0.5, 1.0, 2.0),
-        size_multiple=16,
-        motion_alignment=True,
-        worker_count=0,
-        prefetch=2,
-        pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1)),
+    return helpers.data_config(
+        **{
+            **dict(
+                num_frames=9,
+                fps=0.0,
+                motion_alignment=True,
+                pretext=dict(weights=dict(none=1, cube=1, speed=1, shuffle=1)),
+            ),
+            **overrides,
+        }
     )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
 
 
 def make(root, batch_size, index=0, count=1, mixture=MIXTURE, **kwargs):

@@ -10,11 +10,11 @@ from flax import nnx
 from model_helpers import make_tokenizer_dir, random_params, tiny_hf_siglip_config, tiny_hf_umt5
 from transformers import SiglipVisionModel
 
+from convert_wan_weights import cli
 from sama_jax import config as config_lib
 from sama_jax import params_io, precompute, presets, semantic, text
 from sama_jax.data import pipeline, synthetic
 from sama_jax.models import load_siglip, load_text_encoder, wan_vae
-from tools.convert_wan_weights import cli
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_sft.py") + ":tiny"
 

@@ -154,8 +154,9 @@ def test_edit_scores_evaluator_with_the_editor(tmp_path):
     and another DiT module of the same structure (an EMA copy) is accepted."""
     from flax import nnx
 
-    from sama_jax import conditioning, text
     from sama_jax import config as config_lib
+    from sama_jax import encoders as encoders_lib
+    from sama_jax import text
     from sama_jax.evaluators import edit_scores
     from sama_jax.models import umt5, wan_dit, wan_vae
 
@@ -174,7 +175,7 @@ def test_edit_scores_evaluator_with_the_editor(tmp_path):
             [c.instruction for c in cases] * 20 + ["[Video edit]"], str(tmp_path / "tok"), vocab_size=60
         )
     )
-    model, precision = config.model, conditioning.frozen_precision(config)
+    model, precision = config.model, encoders_lib.frozen_precision(config)
     vae = _random_module(
         lambda: wan_vae.WanVAE(wan_vae.WanVAEConfig.from_config(model.vae, precision), rngs=nnx.Rngs(0)), 1
     )
@@ -184,7 +185,7 @@ def test_edit_scores_evaluator_with_the_editor(tmp_path):
         ),
         2,
     )
-    encoders = conditioning.Encoders(vae, encoder, None, conditioning.semantic_config(config))
+    encoders = encoders_lib.Encoders(vae, encoder, None, encoders_lib.semantic_config(config))
     dit_fn = lambda: wan_dit.WanDiT(
         wan_dit.WanDiTConfig.from_config(model.dit, config.precision), rngs=nnx.Rngs(0)
     )

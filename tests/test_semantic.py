@@ -8,10 +8,10 @@ import torch
 from model_helpers import tiny_hf_siglip_config
 from transformers import SiglipVisionModel
 
+from convert_wan_weights import cli
 from sama_jax import presets, semantic
 from sama_jax.models import load_siglip
 from sama_jax.models.siglip import preprocess
-from tools.convert_wan_weights import cli
 
 
 def test_pool_4x4_to_2x2_by_hand():

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from sama_jax.data import arrayrecord, manifest, shard_format, synthetic
+from sama_jax.data import arrayrecord, build_shards, manifest, shard_builder, shard_format, synthetic
 
 T, H, W = 5, 16, 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def _manifest(root, name, samples):
 
 def _cli(capsys, *argv):
     """(exit status, stdout, stderr) of sama-build-shards."""
-    status = arrayrecord.main([str(a) for a in argv])
+    status = build_shards.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -57,7 +57,7 @@ def test_tfds_and_grain_read_the_records(data, tmp_path):
 
     _, path, samples = data
     out = tmp_path / "tfds" / "all" / shard_format.VERSION
-    index = arrayrecord.build_shards(path, str(out), samples_per_shard=3)
+    index = shard_builder.build_shards(path, str(out), samples_per_shard=3)
     assert index["shards"] == [f"all-train.array_record-0000{i}-of-00004" for i in range(4)]
     info = json.load(open(out / "dataset_info.json"))
     assert info["name"] == "all" and info["fileFormat"] == "array_record"
@@ -91,7 +91,7 @@ def test_tfds_and_grain_read_the_records(data, tmp_path):
     gap = _manifest(
         root, "gap", samples[:1] + [dict(samples[9], id="gone", target="clips/nowhere.mp4")] + samples[1:2]
     )
-    index = arrayrecord.build_shards(gap, str(tmp_path / "gap"), samples_per_shard=1)
+    index = shard_builder.build_shards(gap, str(tmp_path / "gap"), samples_per_shard=1)
     assert index["records"] == [1, 0, 1] and index["skipped_counts"] == {"missing": 1}
     gap_source = tfds.builder_from_directory(str(tmp_path / "gap")).as_data_source(split="train")
     assert [r["id"] for r in gap_source] == [samples[0]["id"].encode(), samples[1]["id"].encode()]
@@ -106,7 +106,7 @@ def test_features_travel_as_npy_bytes(data, tmp_path):
     target = features_lib.feature_path(path, samples[0]["id"], "text")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     np.save(target, text)
-    arrayrecord.build_shards(path, str(tmp_path / "s"), features=["text"])
+    shard_builder.build_shards(path, str(tmp_path / "s"), features=["text"])
     first, second = list(arrayrecord.ShardSource(str(tmp_path / "s")))
     np.testing.assert_array_equal(first["features"]["text"], text)
     assert first["features"]["text"].dtype == np.float16 and second["features"] == {}
@@ -128,7 +128,7 @@ def test_refused_rerun_changes_nothing(data, tmp_path, capsys):
     # A directory of the msgpack format (schema 1) is named as such, by the reader and the builder.
     old = tmp_path / "old"
     old.mkdir()
-    (old / arrayrecord.INDEX).write_text(
+    (old / shard_builder.INDEX).write_text(
         json.dumps(dict(schema=1, shards=["all-00000-of-00001.array_record"], records=[10]))
     )
     with pytest.raises(ValueError, match="records of schema 1 .1: msgpack., this reader reads schema 2"):
@@ -141,12 +141,12 @@ def test_appended_sample_builds_only_the_last_shard(data, tmp_path, capsys):
     root, _, samples = data
     path = _manifest(root, "grow", samples[:9])
     out = tmp_path / "s"
-    first = arrayrecord.build_shards(path, str(out), samples_per_shard=3)
+    first = shard_builder.build_shards(path, str(out), samples_per_shard=3)
     kept = {i: open(out / first["shards"][i], "rb").read() for i in range(3)}
     manifest.write_manifest(path, samples[:10])
     status, _, err = _cli(capsys, "--manifest", path, "--out", out, "--samples-per-shard", 3)
     assert status == 0 and "manifest gained 1 sample: shards 0-2 unchanged, building shard 3" in err
-    index = json.load(open(out / arrayrecord.INDEX))
+    index = json.load(open(out / shard_builder.INDEX))
     assert index["resumed_shards"] == 3 and index["records"] == [3, 3, 3, 1]
     assert (
         sorted(f for f in os.listdir(out) if "array_record" in f and not f.endswith(".json"))
@@ -154,7 +154,7 @@ def test_appended_sample_builds_only_the_last_shard(data, tmp_path, capsys):
     )
     for i in range(3):  # renamed to -of-00004, bytes untouched
         assert open(out / index["shards"][i], "rb").read() == kept[i]
-    fresh = arrayrecord.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=3)
+    fresh = shard_builder.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=3)
     for shard in fresh["shards"]:
         assert open(out / shard, "rb").read() == open(tmp_path / "fresh" / shard, "rb").read()
     shards_before = {f: v for f, v in _snapshot(out).items() if "array_record" in f}
@@ -205,7 +205,7 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
     root, _, samples = data
     for name in ("stage1_sft", "stage0_pretrain"):
         config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
-        assert config.data.min_frames == arrayrecord.MIN_FRAMES  # the command's default is the configs'
+        assert config.data.min_frames == shard_builder.MIN_FRAMES  # the command's default is the configs'
     path = _manifest(root, "clips", [s for s in samples if s["kind"] == "t2v"])
     config = os.path.join(REPO, "configs", "stage1_sft.py") + ":tiny"
     status, out, _ = _cli(capsys, f"--config={config}", "--manifest", path, "--out", tmp_path / "a")
@@ -227,7 +227,7 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
         tmp_path / "c",
     )
     assert "3 of 3 samples" in out  # an explicit --min-frames wins over the config
-    assert json.load(open(tmp_path / "c" / arrayrecord.INDEX))["features"] == []
+    assert json.load(open(tmp_path / "c" / shard_builder.INDEX))["features"] == []
     # start_frame counts too (OpenVE's 4 dropped frames); a negative one is the pipeline's bad_record.
     clips = [s for s in samples if s["kind"] == "t2v"]
     path = _manifest(
@@ -247,7 +247,7 @@ def test_config_sets_the_length_check(data, tmp_path, capsys):
         "--out",
         tmp_path / "d",
     )
-    assert status == 0 and json.load(open(tmp_path / "d" / arrayrecord.INDEX))["features"] == ["text"]
+    assert status == 0 and json.load(open(tmp_path / "d" / shard_builder.INDEX))["features"] == ["text"]
 
 
 def test_clear_errors_are_one_line(data, tmp_path, capsys):
@@ -269,7 +269,7 @@ def test_clear_errors_are_one_line(data, tmp_path, capsys):
         )
     assert not (tmp_path / "s").exists()
     # A live builder holds the lock: a second one names its pid and leaves the directory alone.
-    lock = arrayrecord.lock_out_dir(str(tmp_path / "s"))
+    lock = shard_builder.lock_out_dir(str(tmp_path / "s"))
     lock.write(str(os.getpid()))
     lock.flush()
     try:
@@ -278,7 +278,7 @@ def test_clear_errors_are_one_line(data, tmp_path, capsys):
         lock.close()
     assert status == 2 and f"is being built by pid {os.getpid()}" in err
     status, out, err = _cli(capsys, "--manifest", path, "--out", tmp_path / "s")
-    assert status == 0 and "10 of 10 samples" in out and "10/10 samples" in err and "ETA 00:00:00" in err
+    assert status == 0 and "10 of 10 samples" in out and "10/10 samples" in err and "ETA 0s" in err
 
 
 def _children(pid):
@@ -301,7 +301,7 @@ def test_kill_9_takes_the_workers_along(data, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "sama_jax.data.arrayrecord",
+        "sama_jax.data.build_shards",
         "--manifest",
         path,
         "--out",
@@ -323,7 +323,7 @@ def test_kill_9_takes_the_workers_along(data, tmp_path):
             time.sleep(0.01)
         os.killpg(builder.pid, signal.SIGSTOP)  # freeze it mid-build, so the kill lands mid-build
         workers = _children(builder.pid)
-        assert len(workers) >= 2 and not (out / arrayrecord.INDEX).exists()
+        assert len(workers) >= 2 and not (out / shard_builder.INDEX).exists()
         os.kill(builder.pid, signal.SIGKILL)
         builder.wait()
         os.killpg(builder.pid, signal.SIGCONT)  # whatever is left runs on, as after a plain kill -9
@@ -342,8 +342,8 @@ def test_kill_9_takes_the_workers_along(data, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming an unfinished build" in rerun.stderr
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    index = json.load(open(out / arrayrecord.INDEX))
-    fresh = arrayrecord.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=2)
+    index = json.load(open(out / shard_builder.INDEX))
+    fresh = shard_builder.build_shards(path, str(tmp_path / "fresh"), samples_per_shard=2)
     assert index["shards"] == fresh["shards"] and index["records"] == fresh["records"]
     for shard in fresh["shards"]:
         assert open(out / shard, "rb").read() == open(tmp_path / "fresh" / shard, "rb").read()

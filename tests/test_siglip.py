@@ -12,12 +12,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionModel
 
+from convert_wan_weights import cli
+from convert_wan_weights import siglip as siglip_converter
 from sama_jax import presets
 from sama_jax.models import load_siglip
 from sama_jax.models.siglip import preprocess
-from tools.convert_wan_weights import cli
-from tools.convert_wan_weights import siglip as siglip_converter
-from tools.convert_wan_weights.source import ConversionError, TensorSource
+from sama_jax.tensor_source import ConversionError, TensorSource
 
 TINY = presets.SIGLIP["tiny"]
 

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from helpers import link_tiny_dataset
 
 from sama_jax import smoke
 
@@ -8,7 +9,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config
 
 
 @pytest.mark.slow
-def test_smoke_run_composes_data_encoders_and_dit(tmp_path, monkeypatch, capsys):
+def test_smoke_run_composes_data_encoders_and_dit(tmp_path, monkeypatch, capsys, tiny_dataset):
+    link_tiny_dataset(tiny_dataset, tmp_path)
     monkeypatch.chdir(tmp_path)
     assert smoke.main([f"--config={CONFIGS}/stage0_pretrain.py:tiny", "--steps=2"]) == 0
     out = capsys.readouterr().out

@@ -6,9 +6,9 @@ import torch
 from model_helpers import SENTENCES, make_tokenizer_dir, tiny_hf_umt5
 from transformers import AutoTokenizer
 
+from convert_wan_weights import cli
 from sama_jax import text
 from sama_jax.models import load_text_encoder
-from tools.convert_wan_weights import cli
 
 
 def test_clean_text_as_wan():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sama_jax import conditioning, dit_cost, optim, run_dir, sharding, train, train_step
 from sama_jax import config as config_lib
+from sama_jax import dit_cost, optim, run_dir, sharding, train, train_step
+from sama_jax import encoders as encoders_lib
 from sama_jax.models import wan_dit
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
@@ -43,7 +44,7 @@ def make_batch(config, seed=0, nan=False):
 def build(config, devices=None):
     mesh = sharding.create_mesh(config.mesh, devices=devices)
     rules = sharding.axis_rules(config.sharding_rules)
-    encoders = conditioning.build_encoders(config, nnx.Rngs(1), names=train_step.encoder_names(config))
+    encoders = encoders_lib.build(config, nnx.Rngs(1), names=encoders_lib.needed(config, training=True))
     sharding.shard_module(encoders, mesh, rules)
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     graphdef, abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules)

@@ -2,8 +2,8 @@
 config refused, two processes equal one, the run directory loads alone; and a kill -9 during an
 async Orbax save leaves the previous checkpoint loadable.
 
-Every run shares one generated dataset and one persistent compilation cache (tests are slow on 2
-cores: the first run compiles, the others mostly read the cache).
+Every run shares the test run's generated tiny dataset and persistent compilation cache (conftest;
+tests are slow on 2 cores: the first run compiles, the others mostly read the cache).
 """
 
 import json
@@ -18,8 +18,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import link_tiny_dataset
 
-from sama_jax import checkpointing, run_dir
+from sama_jax import checkpointing, encoders, run_dir
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 STEPS = 10
@@ -37,15 +38,12 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_dataset):
     root = tmp_path_factory.mktemp("train_command")
+    link_tiny_dataset(tiny_dataset, root)
+    # The test run's compilation cache (conftest) is inherited: the runs share compiled steps.
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environ.update(
-        PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PLATFORMS="cpu",
-    )
+    environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return root, environ
 
 
@@ -191,7 +189,7 @@ def test_the_run_directory_loads_alone(uninterrupted):
 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(run.dit, nnx.Param)))
     assert_same_trees(params, jax.tree.map(np.asarray, state["ema"]))
-    with open(os.path.join(uninterrupted, run_dir.ENCODERS_FILE)) as f:
+    with open(os.path.join(uninterrupted, encoders.RECORD_FILE)) as f:
         assert json.load(f)["vae"] == "encoders/vae"
 
 

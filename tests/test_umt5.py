@@ -11,13 +11,13 @@ from flax import nnx
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
+from convert_wan_weights import cli
+from convert_wan_weights import umt5 as umt5_converter
 from sama_jax import params_io, presets, sharding, text
 from sama_jax.models import load_text_encoder
 from sama_jax.models.umt5 import UMT5Config as OurConfig
 from sama_jax.models.umt5 import relative_position_buckets
-from tools.convert_wan_weights import cli
-from tools.convert_wan_weights import umt5 as umt5_converter
-from tools.convert_wan_weights.source import ConversionError, TensorSource
+from sama_jax.tensor_source import ConversionError, TensorSource
 
 TINY = presets.TEXT_ENCODER["tiny"]
 

@@ -22,12 +22,12 @@ from wan_reference import (
     tiny_diffusers_wan,
 )
 
+from convert_wan_weights import dit as convert_dit
 from sama_jax import presets, sharding
 from sama_jax.models import attention as attn_lib
 from sama_jax.models import rope
 from sama_jax.models.wan_dit import WanDiT, WanDiTConfig, load_dit, save_dit
-from tools.convert_wan_weights import dit as convert_dit
-from tools.convert_wan_weights.source import TensorSource
+from sama_jax.tensor_source import TensorSource
 
 TEXT_LEN = 8
 

@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from flax import nnx
 
+from convert_wan_weights import cli
 from sama_jax import sharding
 from sama_jax.models import wan_vae
-from tools.convert_wan_weights import cli
 
 MEAN = torch.tensor(wan_vae.LATENTS_MEAN).view(1, 16, 1, 1, 1)
 STD = torch.tensor(wan_vae.LATENTS_STD).view(1, 16, 1, 1, 1)

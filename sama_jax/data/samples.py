@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from sama_jax import features as features_lib
+from sama_jax import resolution
 from sama_jax.config import ConfigError
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pretext as pretext_lib
@@ -133,7 +134,7 @@ class SampleSpec:
                    frame_stride=_number(data, "frame_stride", defaults.frame_stride, int),
                    fps=_number(data, "fps", defaults.fps, float),
                    min_frames=_number(data, "min_frames", defaults.min_frames, int),
-                   buckets=tuple(transforms.make_buckets(pixels, ratios, size_multiple)),
+                   buckets=tuple(resolution.training_buckets(pixels, ratios, size_multiple)),
                    anchor_frames=int(anchor_frames),
                    pretext=pretext, seed=int(seed), features=tuple(data.get("features", ())),
                    text_len=int(text_len),
@@ -246,7 +247,7 @@ def _frames_and_bucket(target: Sequence[int], source: Sequence[int] | None, samp
         raise FieldError(shortest, transforms.SkipSample(f"{shortest} {e}"), "too_short") from e
     # Source and target share the bucket of the source's aspect ratio (released loader).
     ref = media.get("source", target)
-    return idx, transforms.nearest_bucket(ref[1], ref[2], spec.buckets)
+    return idx, resolution.nearest_training_bucket(ref[1], ref[2], spec.buckets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,10 +367,10 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
     source = _decode(record, "source", max_frames) if kind != "t2v" else None
     idx, size = _frames_and_bucket(target.shape[:3], None if source is None else source.shape[:3],
                                    sampling, spec)
-    target = transforms.resize_and_crop(target[idx], size)
+    target = resolution.cover_and_crop(target[idx], size)
     task = EDIT_TASK
     if source is not None:
-        source = transforms.resize_and_crop(source[idx], size)
+        source = resolution.cover_and_crop(source[idx], size)
     elif spec.pretext is not None:
         made = pretext_lib.apply_pretext(target, text, spec.pretext, rng, index)
         source, text, task = made.source, made.text, made.task

@@ -1,7 +1,7 @@
 """sama-build-shards' work: check each manifest sample, write shards, keep what a rerun can keep.
 
-The command, the output layout and the record schema are documented in sama_jax.data.arrayrecord;
-the file format in sama_jax.data.shard_format. This module decides, before anything is written,
+The command is sama_jax.data.build_shards; the output layout and the record schema are documented
+in sama_jax.data.arrayrecord; the file format in sama_jax.data.shard_format. This module decides, before anything is written,
 which shards of an output directory are still right for the manifest and settings (plan), and then
 builds the others under an exclusive lock on the directory (build_shards).
 """

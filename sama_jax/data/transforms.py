@@ -1,13 +1,11 @@
-"""Host transforms: frame sampling to 4k+1 frames, aspect-ratio buckets, resize + centre-crop, anchors.
+"""Host transforms: frame sampling to 4k+1 frames and anchors (buckets and resizing: sama_jax.resolution).
 
 All functions take and return numpy uint8 (T, H, W, 3) frames; images are 1-frame videos. Pixels stay
 uint8 on the host (4x less to copy and transfer than float32) and become floats in [-1, 1] with
 `to_model_range` where the model consumes them, inside the jitted step:
 
     idx = frame_indices(total=120, num_frames=81, stride=1)          # 0..80
-    buckets = make_buckets(480 * 832, (0.5, 2/3, 0.75, 1.0, 4/3, 1.5, 2.0), 32)
-    h, w = nearest_bucket(1080, 1920, buckets)                        # (448, 896): h/w = 1/2
-    frames = resize_and_crop(frames[idx], (h, w))
+    frames = resolution.cover_and_crop(frames[idx], (h, w))          # the bucket's size
     anchors = frames[anchor_indices(len(frames), 1)]                  # the first frame
 
 Why 4k+1: the Wan VAE compresses time 4x after the first frame, so clips of 4k+1 frames map to k+1
@@ -72,57 +70,6 @@ def frame_indices(total: int, num_frames: int, stride: int = 1, min_frames: int 
         raise SkipSample(f"too short: {total} frames give {count} at stride {stride}{after}, "
                          f"need at least {min_frames}")
     return start + np.arange(count) * stride
-
-
-def make_buckets(pixels: int, aspect_ratios: Sequence[float], size_multiple: int) -> list[tuple[int, int]]:
-    """(height, width) per aspect ratio h/w, area close to `pixels`, both sides multiples of size_multiple.
-
-    480*832 with ratios 1/2, 2/3, 3/4, 1, 4/3, 3/2, 2 and multiple 32 gives
-    (448, 896), (512, 768), (544, 736), (640, 640), (736, 544), (768, 512), (896, 448).
-    """
-    if pixels <= 0 or size_multiple <= 0:
-        raise ValueError(f"pixels and size_multiple must be positive, got {pixels}, {size_multiple}")
-    buckets = []
-    for ratio in aspect_ratios:
-        if ratio <= 0:
-            raise ValueError(f"aspect ratios must be positive, got {ratio}")
-        h = max(1, round(math.sqrt(pixels * ratio) / size_multiple)) * size_multiple
-        w = max(1, round(math.sqrt(pixels / ratio) / size_multiple)) * size_multiple
-        if (h, w) not in buckets:
-            buckets.append((h, w))
-    return sorted(buckets)
-
-
-def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to height/width, measured in log ratio.
-
-    Log distance treats 2:1 and 1:2 symmetrically; ties go to the earlier bucket in `buckets`.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"frame size must be positive, got {height}x{width}")
-    ratio = math.log(height / width)
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
-
-
-def resize_and_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resizes (scale = max(th/h, tw/w), bilinear) so the bucket is covered, then centre-crops to it.
-
-    This is the released training loader's ImageCropAndResize: no letterboxing, the longer side loses
-    its edges. frames: uint8 (T, H, W, 3); returns uint8 (T, th, tw, 3).
-    """
-    th, tw = size
-    t, h, w, c = frames.shape
-    if (h, w) == (th, tw):
-        return frames
-    scale = max(th / h, tw / w)
-    # round() can land one pixel short of the bucket; never go below it.
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    out = np.empty((t, th, tw, c), np.uint8)
-    for i in range(t):
-        image = Image.fromarray(frames[i]).resize((nw, nh), Image.BILINEAR)
-        out[i] = np.asarray(image)[top:top + th, left:left + tw]
-    return out
 
 
 def anchor_indices(num_frames: int, count: int = 1) -> np.ndarray:

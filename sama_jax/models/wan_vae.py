@@ -39,7 +39,7 @@ from sama_jax import params_io, sharding
 
 KIND = "wan_vae"
 CACHE_T = 2  # frames of the previous chunk each causal conv sees (its temporal kernel size - 1)
-TEMPORAL_STRIDE = 4
+TEMPORAL_STRIDE = 4  # the VAE's compression (dit_cost and resolution count with these)
 SPATIAL_STRIDE = 8
 LATENTS_MEAN = (
     -0.7571,
@@ -531,7 +531,7 @@ class WanVAE(nnx.Module):
         up to the next 4k+1 instead of raising."""
         video = check_video(video, pad_frames)
         mu = self.encode_mean(video, chunked=chunked)
-        mean, std = self._latent_stats()
+        mean, std = self.latent_stats()
         return ((mu - mean) / std).astype(self.config.compute_dtype)
 
     def decode(self, latents: jax.Array, *, chunked: bool = True) -> jax.Array:
@@ -551,14 +551,14 @@ class WanVAE(nnx.Module):
     def decode_unclamped(self, latents: jax.Array, *, chunked: bool = True) -> jax.Array:
         if latents.ndim != 5 or latents.shape[-1] != self.config.z_dim:
             raise ValueError(f"latents must be (B, T, h, w, {self.config.z_dim}), got {tuple(latents.shape)}")
-        mean, std = self._latent_stats()
+        mean, std = self.latent_stats()
         z = latents.astype(jnp.float32) * std + mean
         x = self.post_quant_conv(sharding.constrain(z.astype(self.config.compute_dtype), ACTIVATION))
         if not chunked:
             return self.decoder(x, None)
         return _run_chunks(self.decoder, x, 1, TEMPORAL_STRIDE)
 
-    def _latent_stats(self):
+    def latent_stats(self):
         shape = (1, 1, 1, 1, self.config.z_dim)
         return (
             jnp.asarray(self.config.latents_mean, jnp.float32).reshape(shape),
@@ -667,7 +667,7 @@ def encode_video(
         up=1,
         down=SPATIAL_STRIDE,
     )
-    mean, std = vae._latent_stats()
+    mean, std = vae.latent_stats()
     return ((mu - mean) / std).astype(vae.config.compute_dtype)
 
 

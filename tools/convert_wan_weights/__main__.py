@@ -1,5 +1,5 @@
 import sys
 
-from tools.convert_wan_weights.cli import main
+from convert_wan_weights.cli import main
 
 sys.exit(main())

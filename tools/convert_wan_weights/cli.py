@@ -22,13 +22,13 @@ import sys
 import time
 
 from sama_jax import params_io
-from tools.convert_wan_weights.source import ConversionError, TensorSource
+from sama_jax.tensor_source import ConversionError, TensorSource
 
 KINDS = ("dit", "vae", "umt5", "siglip")
 
 
 def _module(kind: str):
-    return importlib.import_module(f"tools.convert_wan_weights.{kind}")
+    return importlib.import_module(f"convert_wan_weights.{kind}")
 
 
 def detect_kind(source: TensorSource) -> str:

@@ -34,9 +34,19 @@ import re
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
+from convert_wan_weights.progress import Progress
 from sama_jax import params_io
-from tools.convert_wan_weights.progress import Progress
-from tools.convert_wan_weights.source import (
+from sama_jax.models.params_table import PERMUTATION, stored_shape, transform
+from sama_jax.models.wan_dit_params import (
+    BLOCK_PARAMS,
+    PREFIXES,
+    SAMA_PARAMS,
+    SAMA_PREFIXES,
+    TOP_PARAMS,
+    rename,
+    to_layout,
+)
+from sama_jax.tensor_source import (
     ConversionError,
     TensorSource,
     cast,
@@ -47,60 +57,9 @@ from tools.convert_wan_weights.source import (
 )
 
 KIND = "wan_dit"
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.")
-SAMA_PREFIXES = ("segment_embedding.", "siglip_feat_mlp.", "semantic_head.")
 # Small parameters are flushed to the checkpoint in groups of about this many bytes; a stacked
 # parameter larger than this is written layer by layer.
 GROUP_BYTES = 64 << 20
-
-# Official name -> diffusers name, per module prefix (blocks use the 'blocks.N.' prefix).
-_DIFFUSERS_TOP = {
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.modulation": "scale_shift_table",
-    "head.head": "proj_out",
-}
-_DIFFUSERS_BLOCK = {
-    "modulation": "scale_shift_table",
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "self_attn.norm_q": "attn1.norm_q",
-    "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.norm_q": "attn2.norm_q",
-    "cross_attn.norm_k": "attn2.norm_k",
-    # diffusers' norm2 is the cross-attention norm, the official norm3.
-    "norm3": "norm2",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
-
-
-def _rename(key: str, to_diffusers: bool) -> str:
-    """Official <-> diffusers key name (keys without a diffusers counterpart pass unchanged)."""
-    match = re.match(r"blocks\.(\d+)\.(.*)", key)
-    table, prefix, rest = (
-        (_DIFFUSERS_BLOCK, f"blocks.{match.group(1)}.", match.group(2))
-        if match
-        else (_DIFFUSERS_TOP, "", key)
-    )
-    for official, diffusers in table.items():
-        old, new = (official, diffusers) if to_diffusers else (diffusers, official)
-        if rest == old or rest.startswith(old + "."):
-            return prefix + new + rest[len(old) :]
-    return key
-
-
-def _to_layout(official_key: str, layout: str) -> str:
-    return official_key if layout == "official" else _rename(official_key, to_diffusers=True)
 
 
 def detect_layout(bare_keys, path: str) -> str:
@@ -120,71 +79,6 @@ def matches(source: TensorSource) -> bool:
     return "patch_embedding.weight" in bare and (
         "time_projection.1.weight" in bare or "condition_embedder.time_proj.weight" in bare
     )
-
-
-# -- parameter table -------------------------------------------------------------------------------
-# Each entry: (our path, official key template with {i} for per-layer keys, transform).
-def _linear(ours: str, official: str):
-    return [(f"{ours}.kernel", f"{official}.weight", "linear"), (f"{ours}.bias", f"{official}.bias", "copy")]
-
-
-def _norm(ours: str, official: str, bias: bool = True):
-    out = [(f"{ours}.scale", f"{official}.weight", "copy")]
-    return out + ([(f"{ours}.bias", f"{official}.bias", "copy")] if bias else [])
-
-
-def _attention(ours: str, official: str):
-    out = []
-    for name in "qkvo":
-        out += _linear(f"{ours}.{name}", f"{official}.{name}")
-    return (
-        out
-        + _norm(f"{ours}.norm_q", f"{official}.norm_q", bias=False)
-        + _norm(f"{ours}.norm_k", f"{official}.norm_k", bias=False)
-    )
-
-
-TOP_PARAMS = (
-    [
-        ("patch_embedding.kernel", "patch_embedding.weight", "conv"),
-        ("patch_embedding.bias", "patch_embedding.bias", "copy"),
-    ]
-    + _linear("text_embedding.fc1", "text_embedding.0")
-    + _linear("text_embedding.fc2", "text_embedding.2")
-    + _linear("time_embedding.fc1", "time_embedding.0")
-    + _linear("time_embedding.fc2", "time_embedding.2")
-    + _linear("time_projection", "time_projection.1")
-    + [("head.modulation", "head.modulation", "copy")]
-    + _linear("head.head", "head.head")
-)
-SAMA_PARAMS = (
-    [("segment_embedding", "segment_embedding.weight", "copy")]
-    + _norm("siglip_feat_mlp.norm", "siglip_feat_mlp.norm")
-    + _linear("siglip_feat_mlp.fc1", "siglip_feat_mlp.fc1")
-    + _linear("siglip_feat_mlp.fc2", "siglip_feat_mlp.fc2")
-    + _norm("semantic_head.norm", "semantic_head.norm")
-    + _linear("semantic_head.proj", "semantic_head.proj")
-)
-BLOCK_PARAMS = (
-    [("blocks.modulation", "blocks.{i}.modulation", "copy")]
-    + _attention("blocks.self_attn", "blocks.{i}.self_attn")
-    + _norm("blocks.norm3", "blocks.{i}.norm3")
-    + _attention("blocks.cross_attn", "blocks.{i}.cross_attn")
-    + _linear("blocks.ffn.fc1", "blocks.{i}.ffn.0")
-    + _linear("blocks.ffn.fc2", "blocks.{i}.ffn.2")
-)
-
-
-# torch (out, in) -> flax kernel (in, out); Conv3d (out, in, t, h, w) -> (t, h, w, in, out).
-_PERMUTATION = {"linear": (1, 0), "conv": (2, 3, 4, 1, 0)}
-
-
-def _transform(array: np.ndarray, how: str) -> np.ndarray:
-    return array.transpose(_PERMUTATION[how]) if how in _PERMUTATION else array
-
-
-def _stored_shape(torch_shape: tuple[int, ...], how: str) -> tuple[int, ...]:
-    return tuple(torch_shape[i] for i in _PERMUTATION[how]) if how in _PERMUTATION else tuple(torch_shape)
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -330,14 +224,14 @@ def convert(source: TensorSource, output: str, options) -> dict:
     layout = detect_layout(bare, source.path)
     to_file = {}  # official key -> key in the file
     for key in bare:
-        to_file[key if layout == "official" else _rename(key, to_diffusers=False)] = bare[key]
+        to_file[key if layout == "official" else rename(key, to_diffusers=False)] = bare[key]
 
     def shape_of(official_key):
         file_key = to_file.get(official_key)
         return None if file_key is None else tuple(source.shape(file_key))
 
     cfg = derive_config(source, list(to_file), shape_of, options)
-    expected = {_to_layout(k, layout): s for k, s in expected_shapes(cfg).items()}
+    expected = {to_layout(k, layout): s for k, s in expected_shapes(cfg).items()}
     sama_keys = [k for k in expected if k.startswith(SAMA_PREFIXES)]
     allow_base = bool(getattr(options, "allow_base_wan", False))
     try:
@@ -367,8 +261,8 @@ def convert(source: TensorSource, output: str, options) -> dict:
         file_key = to_file.get(official_key)
         if file_key is None:
             initialised.append(official_key)
-            return cast(_transform(_sama_init(official_key, shapes[official_key], cfg, rng), how), dtype)
-        return source.read(file_key, dtype, permute=_PERMUTATION.get(how))
+            return cast(transform(_sama_init(official_key, shapes[official_key], cfg, rng), how), dtype)
+        return source.read(file_key, dtype, permute=PERMUTATION.get(how))
 
     def layers(template: str, how: str):
         return lambda start, stop: (
@@ -378,10 +272,10 @@ def convert(source: TensorSource, output: str, options) -> dict:
         )
 
     num_layers = cfg["num_layers"]
-    stored = {ours: _stored_shape(shapes[official], how) for ours, official, how in TOP_PARAMS + SAMA_PARAMS}
+    stored = {ours: stored_shape(shapes[official], how) for ours, official, how in TOP_PARAMS + SAMA_PARAMS}
     stored.update(
         {
-            ours: (num_layers, *_stored_shape(shapes[template.format(i=0)], how))
+            ours: (num_layers, *stored_shape(shapes[template.format(i=0)], how))
             for ours, template, how in BLOCK_PARAMS
         }
     )

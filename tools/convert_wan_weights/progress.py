@@ -3,7 +3,7 @@
     convert-wan-weights: wan_dit 12/52 arrays, 3.1/26.3 GiB, 41s, ETA 4m52s
 
 A line every INTERVAL_S seconds while data is written, and one when the last array is written.
-The ETA extrapolates the bytes written so far.
+The ETA extrapolates the bytes written so far (sama_jax.progress formats it).
 """
 
 from __future__ import annotations
@@ -11,18 +11,9 @@ from __future__ import annotations
 import sys
 import time
 
+from sama_jax import progress
+
 INTERVAL_S = 10.0
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 class Progress:
@@ -46,12 +37,12 @@ class Progress:
         if done:
             tail = "done"
         elif self.nbytes:
-            tail = "ETA " + _duration(elapsed * (self.total_bytes - self.nbytes) / self.nbytes)
+            tail = progress.eta(self.nbytes, self.total_bytes, elapsed / self.nbytes)
         else:
             tail = "ETA unknown"
         print(
             f"convert-wan-weights: {self.label} {self.arrays}/{self.total_arrays} arrays, "
-            f"{self.nbytes / 2**30:.2f}/{self.total_bytes / 2**30:.2f} GiB, {_duration(elapsed)}, {tail}",
+            f"{self.nbytes / 2**30:.2f}/{self.total_bytes / 2**30:.2f} GiB, {progress.duration(elapsed)}, {tail}",
             file=self.stream,
             flush=True,
         )

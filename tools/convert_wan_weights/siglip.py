@@ -22,31 +22,19 @@ import re
 import numpy as np
 
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.source import (
+from sama_jax.models.params_table import transform, tree
+from sama_jax.models.siglip_params import PARAMS, PREFIX
+from sama_jax.tensor_source import (
     ConversionError,
     TensorSource,
     cast,
     check_keys,
     config_json,
-    nest,
 )
 
 KIND = "siglip"
-PREFIX = "vision_model."
 # Tensors that are present in released checkpoints but are not part of the tower we build.
 IGNORED = re.compile(r"^(vision_model\.)?head\.|^text_model\.|^logit_(scale|bias)$")
-
-# Our path under layers/ (stacked over layers) -> (transformers key without prefix, transpose).
-PER_LAYER = {}
-for _norm in ("layer_norm1", "layer_norm2"):
-    PER_LAYER[(_norm, "scale")] = (f"encoder.layers.{{i}}.{_norm}.weight", False)
-    PER_LAYER[(_norm, "bias")] = (f"encoder.layers.{{i}}.{_norm}.bias", False)
-for _proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-    PER_LAYER[("self_attn", _proj, "kernel")] = (f"encoder.layers.{{i}}.self_attn.{_proj}.weight", True)
-    PER_LAYER[("self_attn", _proj, "bias")] = (f"encoder.layers.{{i}}.self_attn.{_proj}.bias", False)
-for _fc in ("fc1", "fc2"):
-    PER_LAYER[("mlp", _fc, "kernel")] = (f"encoder.layers.{{i}}.mlp.{_fc}.weight", True)
-    PER_LAYER[("mlp", _fc, "bias")] = (f"encoder.layers.{{i}}.mlp.{_fc}.bias", False)
 
 
 def prefix_of(source: TensorSource) -> str | None:
@@ -118,31 +106,24 @@ def infer_config(source: TensorSource, prefix: str) -> dict:
     return config
 
 
-def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
+def _torch_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Our parameter path -> the torch tensor's shape (one layer's for a stacked one)."""
     d, f, p = config["hidden_size"], config["intermediate_size"], config["patch_size"]
-    grid = config["image_size"] // p
-    out = {
-        f"{prefix}embeddings.patch_embedding.weight": (d, 3, p, p),
-        f"{prefix}embeddings.patch_embedding.bias": (d,),
-        f"{prefix}embeddings.position_embedding.weight": (grid * grid, d),
-        f"{prefix}post_layernorm.weight": (d,),
-        f"{prefix}post_layernorm.bias": (d,),
+    shapes = {
+        "patch_embedding.kernel": (d, 3, p, p),
+        "position_embedding.embedding": ((config["image_size"] // p) ** 2, d),
+        "layers.mlp.fc1.kernel": (f, d),
+        "layers.mlp.fc1.bias": (f,),
+        "layers.mlp.fc2.kernel": (d, f),
     }
-    torch_shapes = {
-        "layer_norm": (d,),
-        "proj.weight": (d, d),
-        "proj.bias": (d,),
-        "fc1.weight": (f, d),
-        "fc1.bias": (f,),
-        "fc2.weight": (d, f),
-        "fc2.bias": (d,),
-    }
-    for i in range(config["num_layers"]):
-        for key, _ in PER_LAYER.values():
-            key = key.format(i=i)
-            kind = next(k for k in torch_shapes if k in key)
-            out[prefix + key] = torch_shapes[kind]
-    return out
+    square = [p.ours for p in PARAMS if p.ours.startswith("layers.self_attn") and p.how == "linear"]
+    return shapes | {ours: (d, d) for ours in square}
+
+
+def expected_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
+    shapes = _torch_shapes(config)
+    hidden = (config["hidden_size"],)
+    return {prefix + key: shapes.get(p.ours, hidden) for p in PARAMS for key in p.keys(config["num_layers"])}
 
 
 def convert(source: TensorSource, output: str, args) -> dict:
@@ -176,27 +157,10 @@ def convert(source: TensorSource, output: str, args) -> dict:
 
 
 def _write(writer, get, config, dtype) -> None:
-    """Embeddings and final norm in one group, then each per-layer tensor stacked over layers."""
-    writer.add(
-        {
-            # Conv2d (out, in, h, w) -> Flax (h, w, in, out).
-            "patch_embedding": {
-                "kernel": cast(get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0), dtype),
-                "bias": cast(get("embeddings.patch_embedding.bias"), dtype),
-            },
-            "position_embedding": {"embedding": cast(get("embeddings.position_embedding.weight"), dtype)},
-            "post_layernorm": {
-                "scale": cast(get("post_layernorm.weight"), dtype),
-                "bias": cast(get("post_layernorm.bias"), dtype),
-            },
-        }
-    )
-    for path, (key, transpose) in PER_LAYER.items():
-        stacked = np.stack(
-            [
-                cast(get(key.format(i=i)).T if transpose else get(key.format(i=i)), dtype)
-                for i in range(config["num_layers"])
-            ]
-        )
-        writer.add({"layers": nest(path, stacked)})
+    """The unstacked parameters in one group, then each per-layer tensor stacked over layers."""
+    writer.add(tree((p.ours, cast(transform(get(p.key), p.how), dtype)) for p in PARAMS if not p.stacked))
+    for p in PARAMS:
+        if p.stacked:
+            layers = [cast(transform(get(key), p.how), dtype) for key in p.keys(config["num_layers"])]
+            writer.add(tree([(p.ours, np.stack(layers))]))
     writer.finalize()

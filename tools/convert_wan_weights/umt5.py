@@ -25,40 +25,16 @@ import re
 
 import numpy as np
 
+from convert_wan_weights.progress import Progress
 from sama_jax import params_io, presets
-from tools.convert_wan_weights.progress import Progress
-from tools.convert_wan_weights.source import ConversionError, TensorSource, check_keys, config_json, nest
+from sama_jax.models.params_table import PERMUTATION, stored_shape, tree
+from sama_jax.models.umt5_params import BY_OURS, IGNORED_PREFIXES, PARAMS, UNTIED_EMBEDDING, key_in
+from sama_jax.tensor_source import ConversionError, TensorSource, check_keys, config_json
 
 KIND = "umt5"
 # Rows of the token embedding per write, and the size above which a stacked weight is written
 # layer by layer.
 EMBEDDING_BLOCK_BYTES = 64 << 20
-
-# Our parameter path under blocks/ (stacked over layers) -> (official key, transformers key).
-_ATTN = "encoder.block.{i}.layer.0.SelfAttention."
-_FFN = "encoder.block.{i}.layer.1.DenseReluDense."
-PER_LAYER = {
-    ("norm1", "scale"): ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
-    ("attn", "q", "kernel"): ("blocks.{i}.attn.q.weight", _ATTN + "q.weight"),
-    ("attn", "k", "kernel"): ("blocks.{i}.attn.k.weight", _ATTN + "k.weight"),
-    ("attn", "v", "kernel"): ("blocks.{i}.attn.v.weight", _ATTN + "v.weight"),
-    ("attn", "o", "kernel"): ("blocks.{i}.attn.o.weight", _ATTN + "o.weight"),
-    ("pos_embedding", "embedding"): (
-        "blocks.{i}.pos_embedding.embedding.weight",
-        _ATTN + "relative_attention_bias.weight",
-    ),
-    ("norm2", "scale"): ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
-    ("ffn", "gate", "kernel"): ("blocks.{i}.ffn.gate.0.weight", _FFN + "wi_0.weight"),
-    ("ffn", "fc1", "kernel"): ("blocks.{i}.ffn.fc1.weight", _FFN + "wi_1.weight"),
-    ("ffn", "fc2", "kernel"): ("blocks.{i}.ffn.fc2.weight", _FFN + "wo.weight"),
-}
-GLOBAL = {
-    ("token_embedding", "embedding"): ("token_embedding.weight", "shared.weight"),
-    ("norm", "scale"): ("norm.weight", "encoder.final_layer_norm.weight"),
-}
-# transformers tensors that are not part of the encoder we build.
-IGNORED_PREFIXES = ("decoder.", "lm_head.")
-UNTIED_EMBEDDING = "encoder.embed_tokens.weight"
 
 
 def layout_of(source: TensorSource) -> str | None:
@@ -74,20 +50,19 @@ def matches(source: TensorSource) -> bool:
 
 
 def infer_config(source: TensorSource, layout: str) -> dict:
-    col = 0 if layout == "official" else 1
-    key = lambda path: PER_LAYER[path][col].format(i=0) if path in PER_LAYER else GLOBAL[path][col]
-    embedding = key(("token_embedding", "embedding"))
+    key = lambda ours: key_in(layout, BY_OURS[ours].key).format(i=0)
+    embedding = key("token_embedding.embedding")
     if embedding not in source and layout == "transformers" and UNTIED_EMBEDDING in source:
         embedding = UNTIED_EMBEDDING
-    for needed in (embedding, key(("ffn", "fc1", "kernel")), key(("pos_embedding", "embedding"))):
+    for needed in (embedding, key("blocks.ffn.fc1.kernel"), key("blocks.pos_embedding.embedding")):
         if needed not in source:
             raise ConversionError(f"{source.path}: {layout} umT5 layout but no tensor {needed!r}")
     pattern = re.compile(r"^blocks\.(\d+)\." if layout == "official" else r"^encoder\.block\.(\d+)\.")
     layers = {int(m.group(1)) for k in source.keys() if (m := pattern.match(k))}
     vocab_size, dim = source.shape(embedding)
-    num_buckets, num_heads = source.shape(key(("pos_embedding", "embedding")))
+    num_buckets, num_heads = source.shape(key("blocks.pos_embedding.embedding"))
     full = presets.TEXT_ENCODER["wan_14b"]
-    ffn_dim = source.shape(key(("ffn", "fc1", "kernel")))[0]
+    ffn_dim = source.shape(key("blocks.ffn.fc1.kernel"))[0]
     config = dict(
         vocab_size=vocab_size,
         dim=dim,
@@ -116,28 +91,20 @@ def infer_config(source: TensorSource, layout: str) -> dict:
 
 
 def expected_shapes(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
-    col = 0 if layout == "official" else 1
     d, f, h, nb = config["dim"], config["ffn_dim"], config["num_heads"], config["num_buckets"]
     torch_shapes = {
-        ("norm1", "scale"): (d,),
-        ("norm2", "scale"): (d,),
-        ("attn", "q", "kernel"): (d, d),
-        ("attn", "k", "kernel"): (d, d),
-        ("attn", "v", "kernel"): (d, d),
-        ("attn", "o", "kernel"): (d, d),
-        ("pos_embedding", "embedding"): (nb, h),
-        ("ffn", "gate", "kernel"): (f, d),
-        ("ffn", "fc1", "kernel"): (f, d),
-        ("ffn", "fc2", "kernel"): (d, f),
+        "token_embedding.embedding": (config["vocab_size"], d),
+        "blocks.pos_embedding.embedding": (nb, h),
+        "blocks.ffn.gate.kernel": (f, d),
+        "blocks.ffn.fc1.kernel": (f, d),
+        "blocks.ffn.fc2.kernel": (d, f),
+        **{f"blocks.attn.{n}.kernel": (d, d) for n in "qkvo"},
     }
-    out = {
-        GLOBAL[("token_embedding", "embedding")][col]: (config["vocab_size"], d),
-        GLOBAL[("norm", "scale")][col]: (d,),
+    return {
+        key_in(layout, p.key).format(i=i): torch_shapes.get(p.ours, (d,))
+        for p in PARAMS
+        for i in range(config["num_layers"] if p.stacked else 1)
     }
-    for i in range(config["num_layers"]):
-        for path, names in PER_LAYER.items():
-            out[names[col].format(i=i)] = torch_shapes[path]
-    return out
 
 
 def convert(source: TensorSource, output: str, args) -> dict:
@@ -148,15 +115,14 @@ def convert(source: TensorSource, output: str, args) -> dict:
             "Wan2.1 nor the transformers UMT5EncoderModel layout)"
         )
     config = infer_config(source, layout)
-    col = 0 if layout == "official" else 1
     expected = expected_shapes(config, layout)
     shapes = {k: source.shape(k) for k in source.keys()}
     ignored = [k for k in shapes if layout == "transformers" and k.startswith(IGNORED_PREFIXES)]
-    embedding_key = GLOBAL[("token_embedding", "embedding")][col]
+    embedding_key = key_in(layout, "token_embedding.weight")
     if layout == "transformers":
         if embedding_key not in shapes and UNTIED_EMBEDDING in shapes:
             embedding_key = UNTIED_EMBEDDING  # only the encoder's copy was saved
-            expected[UNTIED_EMBEDDING] = expected.pop(GLOBAL[("token_embedding", "embedding")][col])
+            expected[UNTIED_EMBEDDING] = expected.pop(key_in(layout, "token_embedding.weight"))
         elif UNTIED_EMBEDDING in shapes:
             ignored.append(UNTIED_EMBEDDING)  # tied to shared.weight; possibly left as zeros
     check_keys(source.path, {k: v for k, v in shapes.items() if k not in ignored}, expected)
@@ -167,23 +133,21 @@ def convert(source: TensorSource, output: str, args) -> dict:
     dtype, itemsize = args.dtype, 2 if args.dtype == "bfloat16" else 4
     num_layers = config["num_layers"]
     vocab, dim = source.shape(embedding_key)
+    stacked = [p for p in PARAMS if p.stacked]
     per_layer = {
-        path: (num_layers, *reversed(source.shape(names[col].format(i=0))))
-        if path[-1] == "kernel"
-        else (num_layers, *source.shape(names[col].format(i=0)))
-        for path, names in PER_LAYER.items()
+        p.ours: (num_layers, *stored_shape(source.shape(key_in(layout, p.key).format(i=0)), p.how))
+        for p in stacked
     }
     total = itemsize * (vocab * dim + dim + sum(int(np.prod(shape)) for shape in per_layer.values()))
-    progress = Progress(KIND, 2 + len(PER_LAYER), total)
+    progress = Progress(KIND, 2 + len(stacked), total)
 
-    def layer(path, names, i):
-        # torch Linear weights are (out, in); Flax kernels are (in, out).
-        return source.read(names[col].format(i=i), dtype, permute=(1, 0) if path[-1] == "kernel" else None)
+    def layer(p, i):
+        return source.read(key_in(layout, p.key).format(i=i), dtype, permute=PERMUTATION.get(p.how))
 
     with params_io.ParamsWriter(
         output, KIND, config, overwrite=args.overwrite, on_written=progress
     ) as writer:
-        writer.add({"norm": {"scale": source.read(GLOBAL[("norm", "scale")][col], dtype)}})
+        writer.add(tree([("norm.scale", source.read(key_in(layout, "norm.weight"), dtype))]))
         writer.add_by_rows(
             ("token_embedding", "embedding"),
             (vocab, dim),
@@ -191,18 +155,16 @@ def convert(source: TensorSource, output: str, args) -> dict:
             lambda start, stop: source.read(embedding_key, dtype, rows=(start, stop)),
             block_rows=max(1, EMBEDDING_BLOCK_BYTES // (dim * itemsize)),
         )
-        for path, names in PER_LAYER.items():
-            if int(np.prod(per_layer[path])) * itemsize > EMBEDDING_BLOCK_BYTES:
+        for p in stacked:
+            if int(np.prod(per_layer[p.ours])) * itemsize > EMBEDDING_BLOCK_BYTES:
                 writer.add_by_rows(
-                    ("blocks", *path),
-                    per_layer[path],
+                    tuple(p.ours.split(".")),
+                    per_layer[p.ours],
                     _np_dtype(dtype),
-                    lambda start, stop, path=path, names=names: layer(path, names, start)[None],
+                    lambda start, stop, p=p: layer(p, start)[None],
                 )
             else:
-                writer.add(
-                    {"blocks": nest(path, np.stack([layer(path, names, i) for i in range(num_layers)]))}
-                )
+                writer.add(tree([(p.ours, np.stack([layer(p, i) for i in range(num_layers)]))]))
         writer.finalize()
     num_params = sum(int(np.prod(s)) for s in expected.values())
     return dict(
