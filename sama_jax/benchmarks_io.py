@@ -367,7 +367,7 @@ def fit_to_source(benchmark: str, edit: np.ndarray, source_frames: int, source_h
 
 
 def _write_csv(path: str, header, rows) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # processes finalizing at once never share a temporary file
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(header), extrasaction="ignore")
         writer.writeheader()

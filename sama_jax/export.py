@@ -439,6 +439,11 @@ def edit_settings(args):
     return edit.settings_from_args(args, semantic_tokens)
 
 
+def build_editor(args, settings, log):
+    """The Editor the model flags name (edit_flags.editor_from_flags), behind run_export's contract."""
+    return EditorAdapter(edit_flags.editor_from_flags(args), settings, log)
+
+
 def check_sources(cases: list[benchmarks_io.Case], media_root: str | None) -> None:
     """One line before any model loads when no source exists at all (a wrong --media-root); single
     missing sources become failed cases."""
@@ -497,7 +502,7 @@ def _main(_, args) -> int:
         export_records.load_records(args.out), dataclasses.asdict(settings), None, args.out
     )
     start = time.perf_counter()
-    editor = EditorAdapter(edit_flags.editor_from_flags(args), settings, print)
+    editor = build_editor(args, settings, print)
     siglip = None
     if args.siglip:
         from sama_jax.models import siglip as siglip_lib

@@ -20,7 +20,7 @@ def fmt(value) -> str:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # processes finalizing at once never share a temporary file
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
     os.replace(tmp, path)
@@ -35,7 +35,7 @@ def finalize(out_dir: str, benchmark: str, cases: list[benchmarks_io.Case]) -> d
         return None
     ordered = [records[c.case_id] for c in cases]
     done = {r["case_id"] for r in ordered if export_records.is_finished(r, out_dir)}
-    tmp = os.path.join(out_dir, "records.jsonl.tmp")
+    tmp = os.path.join(out_dir, f"records.jsonl.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for record in ordered:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -126,7 +126,7 @@ def _write_report(path: str, benchmark: str, records: list[dict], done: set, tab
             f"{e(status)}<br>{e(score_text)}</td><td>{image}</td></tr>"
         )
     parts.append("</table>")
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # processes finalizing at once never share a temporary file
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
     os.replace(tmp, path)
