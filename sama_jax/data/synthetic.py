@@ -123,10 +123,11 @@ def _patch(obj: Shape, cy: float, cx: float, height: int, width: int) -> tuple[s
         mask = solid
     elif obj.style in ("outline", "striped"):
         # Outline: the solid minus a shrunken copy; thickness grows with size so it stays visible.
-        thickness = max(1.5, r / 4)
+        # Lines and stripes a few pixels wide: the demo's VAE (8x downsampling) can keep them.
+        thickness = max(2.5, r / 3)
         mask = solid & ~_solid(obj.shape, dy, dx, r - thickness)
         if obj.style == "striped":  # diagonal stripes inside the outline, in object coordinates
-            period = max(3.0, r / 2)
+            period = max(5.0, 0.8 * r)
             mask = mask | (solid & (np.mod(np.floor((dy + dx) / period), 2) == 0))
     else:
         raise ValueError(f"unknown style {obj.style!r}; expected one of {STYLES}")
@@ -169,6 +170,49 @@ def _direction(obj: Shape) -> str:
     if abs(obj.vx) >= abs(obj.vy):
         return "moves to the right" if obj.vx > 0 else "moves to the left"
     return "moves down" if obj.vy > 0 else "moves up"
+
+
+# Where an added object goes, named in its instruction, as fractions of (height, width): the
+# instruction alone fixes the new object (place, size, speed and direction), so the target of an
+# "add" edit is learnable from the source and the text, as every other edit's is.
+PLACES = {
+    "top left": (0.25, 0.25),
+    "top": (0.25, 0.5),
+    "top right": (0.25, 0.75),
+    "left": (0.5, 0.25),
+    "centre": (0.5, 0.5),
+    "right": (0.5, 0.75),
+    "bottom left": (0.75, 0.25),
+    "bottom": (0.75, 0.5),
+    "bottom right": (0.75, 0.75),
+}
+MOTIONS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0), "up": (-1.0, 0.0)}
+ADDED_RADIUS = 0.16  # of min(height, width)
+ADDED_SPEED = 0.035  # of min(height, width), pixels per frame
+
+
+def added_object(
+    rng: np.random.Generator, height: int, width: int, taken: set, still: bool
+) -> tuple[Shape, str]:
+    """(new object, where it goes in words): its (colour, shape) is not in `taken`; place, radius,
+    speed and direction are those its words name."""
+    free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in taken]
+    colour, shape = free[rng.integers(len(free))]
+    place = list(PLACES)[rng.integers(len(PLACES))]
+    motion = None if still else list(MOTIONS)[rng.integers(len(MOTIONS))]
+    size = min(height, width)
+    (fy, fx), (dy, dx) = PLACES[place], MOTIONS.get(motion, (0.0, 0.0))
+    obj = Shape(
+        shape=shape,
+        colour=colour,
+        style=str(rng.choice(STYLES, p=[0.6, 0.2, 0.2])),
+        radius=ADDED_RADIUS * size,
+        y=fy * (height - 1),
+        x=fx * (width - 1),
+        vy=dy * ADDED_SPEED * size,
+        vx=dx * ADDED_SPEED * size,
+    )
+    return obj, f"at the {place}"
 
 
 def random_object(rng: np.random.Generator, height: int, width: int, taken: set, still: bool) -> Shape:
@@ -216,10 +260,10 @@ def random_edit(
         edit = "add"  # keep at least one object in the source and the target
     taken = {(o.colour, o.shape) for o in scene.objects}
     if edit == "add":
-        new = random_object(rng, height, width, taken, still)
+        new, where = added_object(rng, height, width, taken, still)
         target = dataclasses.replace(scene, objects=scene.objects + (new,))
         motion = "" if still else f" that {_direction(new)}"
-        text = f"Add {_a(new.describe(with_style=True))}{motion}."
+        text = f"Add {_a(new.describe(with_style=True))} {where}{motion}."
         return target, text, dict(type="add", object=len(scene.objects))
     k = int(rng.integers(len(scene.objects)))
     obj = scene.objects[k]

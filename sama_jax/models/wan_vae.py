@@ -188,6 +188,10 @@ def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int], paddin
     frames = (t - kt) // st + 1
     out = None
     for i in range(kt):
+        if i + st * (frames - 1) < pad_t0:
+            # Every frame this tap sees is causal zero padding (a 1-frame input, e.g. an image or
+            # a video's first frame): it adds nothing, so it is skipped (3x less work on images).
+            continue
         shifted = x[:, i : i + st * (frames - 1) + 1 : st]
         y = jax.lax.conv_general_dilated(
             shifted.reshape((b * frames,) + x.shape[2:]),
@@ -235,12 +239,13 @@ class CausalConv3d(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         x = x.astype(self.dtype)
+        time_pad = (0, 0)
         if self.time_pad:
             if cache is None:
-                x = jnp.pad(x, ((0, 0), (self.time_pad, 0), (0, 0), (0, 0), (0, 0)))
+                time_pad = (self.time_pad, 0)  # causal zeros, padded by the convolution
             else:
                 x = cache.extend(x, keep=self.time_pad)
-        y = _conv(x, self.kernel[...].astype(self.dtype), self.stride, ((0, 0),) + self.spatial_pad)
+        y = _conv(x, self.kernel[...].astype(self.dtype), self.stride, (time_pad,) + self.spatial_pad)
         return y + self.bias[...].astype(self.dtype)
 
 
