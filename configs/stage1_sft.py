@@ -10,8 +10,9 @@ Sizing (not yet measured with this code): wan_14b is the paper's model; the anch
 DiT training at 81 frames in 19.2 GiB on one H100 with remat (diffusers).
 Any field can be overridden: --config.optimizer.lr=1e-5 --config.mesh.ici.fsdp=-1
 
-The argument selects the model preset (tiny | wan_1_3b | wan_14b); the tiny variant also switches to
-the generated dataset, small frames and a few steps so it runs in minutes on a CPU.
+The argument selects the model preset (tiny | demo | wan_1_3b | wan_14b); tiny (the tests' model) and
+demo (sama-demo's) also switch to the generated dataset, small frames and a few steps so they run in
+minutes on a CPU.
 """
 
 import ml_collections
@@ -21,7 +22,8 @@ from sama_jax import edit_rules, presets, sharding
 
 def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
     preset = arg or "wan_14b"
-    tiny = preset == "tiny"
+    # tiny (tests) and demo (sama-demo) run on a CPU: generated data, 64x64 frames, fp32.
+    tiny = preset in presets.CPU_PRESETS
     c = ml_collections.ConfigDict()
     c.stage = 1
     c.seed = 0
@@ -194,4 +196,11 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
             ),
         )
     )
+    if preset == "demo":
+        # sama-demo trains this DiT for ~1,000 steps on precomputed features (see sama_jax/demo.py):
+        # a longer warmup and a cosine decay for its larger width, an EMA over ~200 steps.
+        c.optimizer.lr = 1e-3
+        c.optimizer.ema_decay = 0.995
+        c.schedule.update(warmup_steps=50, decay="cosine", end_lr_fraction=0.05)
+        c.train.log_every = 50
     return c

@@ -1,4 +1,4 @@
-"""Model size presets: tiny (CPU tests and the embedded demo), wan_1_3b and wan_14b.
+"""Model size presets: tiny (CPU tests), demo (sama-demo's embedded default), wan_1_3b and wan_14b.
 
 One table per component. The DiT differs between sizes; the frozen encoders (VAE, umT5-XXL,
 SigLIP so400m/384) are the released full-size ones for both Wan sizes and tiny ones for `tiny`.
@@ -11,7 +11,9 @@ import copy
 
 import ml_collections
 
-PRESET_NAMES = ("tiny", "wan_1_3b", "wan_14b")
+PRESET_NAMES = ("tiny", "demo", "wan_1_3b", "wan_14b")
+# Presets that run on a CPU with generated data (small frames, few steps, random encoders allowed).
+CPU_PRESETS = ("tiny", "demo")
 
 _DIT_COMMON = dict(
     freq_dim=256,
@@ -25,6 +27,10 @@ _DIT_COMMON = dict(
     semantic_hidden_dim=1024,
     num_segments=3,
 )
+# The demo VAE's latent channels: 3x Wan's 16 (a 64x64 frame keeps 8x8x48 numbers), so a VAE
+# fitted in minutes reconstructs the synthetic world (flat shapes with sharp edges).
+DEMO_LATENT_CHANNELS = 48
+
 DIT = {
     # head_dim 16 -> RoPE split t/h/w = 8/4/4 real dims.
     "tiny": dict(
@@ -39,6 +45,22 @@ DIT = {
         semantic_dim=32,
         semantic_hidden_dim=48,
     ),
+    # sama-demo: the tiny encoders' widths, a DiT big enough to learn the synthetic edits in minutes
+    # on two CPU cores; latent channels are the demo VAE's.
+    "demo": dict(
+        _DIT_COMMON,
+        dim=192,
+        ffn_dim=512,
+        num_heads=6,
+        num_layers=4,
+        freq_dim=64,
+        text_dim=32,
+        text_len=16,
+        semantic_dim=32,
+        semantic_hidden_dim=48,
+        in_dim=DEMO_LATENT_CHANNELS,
+        out_dim=DEMO_LATENT_CHANNELS,
+    ),
     "wan_1_3b": dict(_DIT_COMMON, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan_14b": dict(_DIT_COMMON, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
@@ -48,6 +70,14 @@ _VAE_FULL = dict(
 )
 VAE = {
     "tiny": dict(_VAE_FULL, base_dim=8),
+    # Normalisation stats start at (0, 1); sama-fit-vae measures and stores the fitted VAE's.
+    "demo": dict(
+        _VAE_FULL,
+        base_dim=8,
+        z_dim=DEMO_LATENT_CHANNELS,
+        latents_mean=(0.0,) * DEMO_LATENT_CHANNELS,
+        latents_std=(1.0,) * DEMO_LATENT_CHANNELS,
+    ),
     "wan_1_3b": dict(_VAE_FULL),
     "wan_14b": dict(_VAE_FULL),
 }
@@ -102,6 +132,10 @@ SEMANTIC = {
     "wan_1_3b": dict(num_anchor_frames=1, pool_grid=8, global_token="mean"),
     "wan_14b": dict(num_anchor_frames=1, pool_grid=8, global_token="mean"),
 }
+
+# The demo keeps the tiny text encoder, SigLIP and semantic pooling (random, frozen).
+for _table in (TEXT_ENCODER, SIGLIP, SEMANTIC):
+    _table["demo"] = _table["tiny"]
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

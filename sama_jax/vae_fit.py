@@ -25,7 +25,7 @@ import numpy as np
 from sama_jax import cli
 
 
-def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
+def training_clips(config, num_frames: int, limit: int = 1024) -> np.ndarray:
     """(N, num_frames, H, W, 3) uint8 clips of the mixture's video sources (every window of
     num_frames consecutive frames, whole images repeated), read through the data pipeline's
     per-sample decode so sizes and crops are the training ones."""
@@ -36,9 +36,7 @@ def training_clips(config, num_frames: int, limit: int = 256) -> np.ndarray:
     spec = dc.replace(pipeline.SampleSpec.from_config(config.data, seed=int(config.seed)), pretext=None)
     clips = []
     for _, source in pipeline.open_sources(config.data.mixture, root=config.data.root):
-        for i in range(len(source)):
-            if len(clips) >= limit:
-                break
+        for i in range(min(len(source), limit)):
             try:
                 sample = pipeline.prepare_sample(source[i], i, spec)
             except Exception:  # noqa: BLE001 - the pipeline counts bad samples; here they are simply not used
@@ -62,9 +60,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def fit(
-    config, out: str, steps: int = 400, batch_size: int = 8, lr: float = 2e-3, seed: int = 0, log=print
+    config,
+    out: str,
+    steps: int = 1500,
+    batch_size: int = 16,
+    clip_batch_size: int = 4,
+    clip_fraction: float = 0.25,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log=lambda line: print(line, flush=True),
 ) -> dict:
-    """Fits, calibrates and saves the VAE of config.model.vae; returns {psnr, seconds, ...}."""
+    """Fits, calibrates and saves the VAE of config.model.vae; returns {psnr, seconds, ...}.
+
+    Two phases on one optimizer and schedule: single frames first (batch_size of them per step),
+    then whole clips (clip_batch_size per step) for the last clip_fraction of the steps. The causal
+    Wan VAE encodes a video's first frame alone, so the frame phase fits every spatial layer at a
+    fifth of a clip's cost; the clip phase then fits the temporal layers (frames 1..4 of each
+    latent) and adapts the rest to them."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -78,11 +90,14 @@ def fit(
     clips = training_clips(config, num_frames)
     held_out = clips[: max(1, len(clips) // 8)]
     train = clips[len(held_out) :] if len(clips) > len(held_out) else clips
+    frames = train.reshape((-1, 1) + train.shape[2:])
     cfg = wan_vae.WanVAEConfig.from_config(
         config.model.vae, dict(compute_dtype="float32", param_dtype="float32")
     )
     vae = wan_vae.WanVAE(cfg, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(vae, optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05)), wrt=nnx.Param)
+    warmup = min(50, max(1, steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.05 * lr)
+    optimizer = nnx.Optimizer(vae, optax.adam(schedule), wrt=nnx.Param)
 
     def reconstruct(vae, video):
         # Whole clips, not the cached chunk loop: the same function (the chunked path equals it to
@@ -109,22 +124,35 @@ def fit(
         return jnp.clip((y + 1.0) * 127.5, 0, 255), mu
 
     rng = np.random.default_rng(seed)
-    last = time.time()
-    for step in range(steps):
-        loss = train_step(vae, optimizer, jnp.asarray(train[rng.integers(0, len(train), batch_size)]))
-        if step == 0 or time.time() - last > 10 or step == steps - 1:
-            last = time.time()
-            eta = (time.time() - start) / (step + 1) * (steps - step - 1)
+    clip_steps = min(steps, round(steps * clip_fraction)) if num_frames > 1 else 0
+    phases = [
+        ("frames", frames, batch_size, steps - clip_steps),
+        ("clips", train, clip_batch_size, clip_steps),
+    ]
+    step = 0
+    for name, pool, size, count in phases:
+        clock = StepClock(count)
+        for _ in range(count):
+            loss = train_step(vae, optimizer, jnp.asarray(pool[rng.integers(0, len(pool), size)]))
+            step += 1
+            line = clock.tick(lambda: float(loss))
+            if line:
+                log(f"sama-fit-vae: {name} step {line}, loss {float(loss):.4f} (step {step}/{steps})")
+        if count:
+            sample = held_out[:batch_size]
             log(
-                f"sama-fit-vae: step {step + 1}/{steps} loss {float(loss):.4f} "
-                f"({time.time() - start:.0f}s, ETA {eta:.0f}s)"
+                f"sama-fit-vae: after the {name} phase: held-out PSNR "
+                f"{psnr(np.asarray(decode_mean(vae, jnp.asarray(sample))[0]).round(), sample):.2f} dB"
             )
 
     recon, mus = [], []
     for i in range(0, len(clips), batch_size):
-        frames, mu = decode_mean(vae, jnp.asarray(clips[i : i + batch_size]))
-        recon.append(np.asarray(frames))
-        mus.append(np.asarray(mu).reshape(-1, cfg.z_dim))
+        batch = clips[i : i + batch_size]
+        # The last batch is padded to the others' size: one compiled program for every batch.
+        padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        out_frames, mu = decode_mean(vae, jnp.asarray(padded))
+        recon.append(np.asarray(out_frames)[: len(batch)])
+        mus.append(np.asarray(mu)[: len(batch)].reshape(-1, cfg.z_dim))
     mus = np.concatenate(mus)
     recon = np.concatenate(recon).round().astype(np.uint8)
     calibrated = dataclasses.replace(
@@ -137,11 +165,14 @@ def fit(
         k: v for k, v in dataclasses.asdict(calibrated).items() if k not in params_io.PRECISION_KEYS
     }
     params_io.save_params(out, params, wan_vae.KIND, architecture, overwrite=True)
+    held = recon[: len(held_out)]
     report = dict(
         psnr_train=psnr(recon[len(held_out) :], train) if len(clips) > len(held_out) else None,
-        psnr_held_out=psnr(recon[: len(held_out)], held_out),
+        psnr_held_out=psnr(held, held_out),
+        psnr_held_out_per_frame=[psnr(held[:, t], held_out[:, t]) for t in range(held_out.shape[1])],
         clips=len(clips),
         steps=steps,
+        clip_steps=clip_steps,
         frames=num_frames,
         size=list(clips.shape[2:4]),
         seconds=round(time.time() - start, 1),
@@ -151,21 +182,57 @@ def fit(
     return report
 
 
+class StepClock:
+    """'i/N, s/step, ETA' lines every `every` seconds, timed from the end of the first step: that
+    step compiles (seconds to minutes on a CPU), so it stays out of the rate and the ETA."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every, self.done = total, every, 0
+        self.first_end = self.last = None
+
+    def tick(self, sync) -> str | None:
+        self.done += 1
+        if self.first_end is None:
+            sync()  # the first step's compile and run end here
+            self.first_end = self.last = time.perf_counter()
+            return f"1/{self.total} (compiled in this step)"
+        now = time.perf_counter()
+        if now - self.last < self.every and self.done < self.total:
+            return None
+        sync()
+        now = self.last = time.perf_counter()
+        per_step = (now - self.first_end) / (self.done - 1)
+        return (
+            f"{self.done}/{self.total}, {per_step:.2f} s/step, ETA {per_step * (self.total - self.done):.0f}s"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sama-fit-vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="output params checkpoint directory")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1500, help="frame steps, then clip steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per step (frame phase)")
+    parser.add_argument("--clip-batch-size", type=int, default=4, help="clips per step (clip phase)")
+    parser.add_argument(
+        "--clip-fraction", type=float, default=0.25, help="the last fraction of the steps, on clips"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def run(config, args):
         report = fit(
-            config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=int(config.seed)
+            config,
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            clip_batch_size=args.clip_batch_size,
+            clip_fraction=args.clip_fraction,
+            lr=args.lr,
+            seed=int(config.seed),
         )
         print(
             f"sama-fit-vae: wrote {args.out}: reconstruction PSNR {report['psnr_held_out']:.2f} dB "

@@ -443,9 +443,11 @@ DEFAULT_SIZE = dict(frames=9, height=64, width=64)
 DEFAULT_COUNTS = dict(video_edits=32, image_edits=32, clips=32)
 VAL_COUNTS = dict(video_edits=20, image_edits=8, clips=8)  # the demo scores the video edits
 VAL_SEED = 1  # held out: a generator seed the training split never uses
+# sama-demo's training split: enough distinct scenes that the DiT learns the edits, not the samples.
+DEMO_COUNTS = dict(video_edits=800, image_edits=800, clips=400)
 
 
-def ensure_dataset(data_dir: str, vocab_size: int) -> str:
+def ensure_dataset(data_dir: str, vocab_size: int, counts: dict | None = None) -> str:
     """The tiny presets' data, made once under data_dir: the training split (seed 0, no
     HELD_OUT_PAIRS object), a held-out split in data_dir/val (seed 1, each sample shows one) and a
     SentencePiece tokenizer trained on the training texts.
@@ -457,7 +459,7 @@ def ensure_dataset(data_dir: str, vocab_size: int) -> str:
 
     if not os.path.exists(os.path.join(data_dir, "video_edits.jsonl")):
         print(f"generating the synthetic dataset in {data_dir}")
-        generate(data_dir, seed=0, **DEFAULT_COUNTS, **DEFAULT_SIZE, held_out=False)
+        generate(data_dir, seed=0, **(counts or DEFAULT_COUNTS), **DEFAULT_SIZE, held_out=False)
     val_dir = os.path.join(data_dir, "val")
     if not os.path.exists(os.path.join(val_dir, "video_edits.jsonl")):
         print(f"generating the held-out synthetic split in {val_dir}")
