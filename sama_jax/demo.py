@@ -65,13 +65,7 @@ TARGETS = dict(
     budget_seconds=900.0,  # the whole command on a quiet 2-core machine, cold compilation cache
 )
 # Steps of each phase: the full demo, and --quick (the test: the same commands, a few steps).
-FULL = dict(
-    vae_steps=1500,
-    stage0_steps=400,
-    stage1_steps=1200,
-    edit_steps=20,
-    cases=20,
-)
+FULL = dict(vae_steps=800, stage0_steps=200, stage1_steps=600, edit_steps=20, cases=20)
 QUICK = dict(vae_steps=4, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=3)
 # Precomputed features per stage: stage 0's sources (motion-aligned clips, image-edit sources) and
 # prompts (task tokens) are made at train time, so only its targets' features are stored.
@@ -160,10 +154,15 @@ class Demo:
 
     def train_overrides(self, stage: int, steps: int) -> list[str]:
         # Validation loss and checkpoints a few times per stage, not every 10 steps.
+        from sama_jax import config as config_lib
+
         every = str(max(1, steps // 4))
         features = STAGE_FEATURES[stage]
+        config = config_lib.build_config(self.config_arg(stage).removeprefix("--config="))
         return [
             f"--config.data.root={self.workdir}",
+            f"--config.data.mixture={self.shard_mixture(config.data.mixture)}",
+            f"--config.eval.val_loss.mixture={self.shard_mixture(config.eval.val_loss.mixture)}",
             *(f"--config.model.checkpoints.{k}={v}" for k, v in self.encoder_paths().items()),
             f"--config.data.features={features!r}",
             f"--config.train.steps={steps}",
@@ -220,7 +219,36 @@ class Demo:
             *(a for k, v in paths.items() for a in (f"--{k.replace('_', '-')}", v)),
             *(a for m in manifests for a in ("--manifest", m)),
         )
-        return dict(manifests=manifests, **paths)
+        # Training reads precomputed features from shard datasets: media and features in one record.
+        for manifest in manifests:
+            self.command(
+                "sama_jax.data.arrayrecord",
+                "--manifest",
+                manifest,
+                "--out",
+                self.shards_of(manifest),
+                "--features",
+                ",".join(STAGE_FEATURES[1]),
+            )
+        return dict(manifests=manifests, shards=[self.shards_of(m) for m in manifests], **paths)
+
+    def shards_of(self, manifest: str) -> str:
+        """The shard dataset sama-build-shards makes of a manifest: data/shards/[val_]<stem>."""
+        split = "val_" if os.path.basename(os.path.dirname(manifest)) == "val" else ""
+        stem = os.path.splitext(os.path.basename(manifest))[0]
+        return self.path("data", "shards", split + stem)
+
+    def shard_mixture(self, mixture) -> str:
+        """A config mixture of the generated manifests, as the same mixture of their shard datasets."""
+        entries = [
+            dict(
+                kind=e["kind"],
+                shards=self.shards_of(os.path.join(self.workdir, e["manifest"])),
+                weight=float(e["weight"]),
+            )
+            for e in mixture
+        ]
+        return repr(entries)
 
     def stage0(self) -> dict:
         self.command(

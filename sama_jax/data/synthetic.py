@@ -444,7 +444,7 @@ DEFAULT_COUNTS = dict(video_edits=32, image_edits=32, clips=32)
 VAL_COUNTS = dict(video_edits=20, image_edits=8, clips=8)  # the demo scores the video edits
 VAL_SEED = 1  # held out: a generator seed the training split never uses
 # sama-demo's training split: enough distinct scenes that the DiT learns the edits, not the samples.
-DEMO_COUNTS = dict(video_edits=800, image_edits=800, clips=400)
+DEMO_COUNTS = dict(video_edits=500, image_edits=500, clips=250)
 
 
 def ensure_dataset(data_dir: str, vocab_size: int, counts: dict | None = None) -> str:
