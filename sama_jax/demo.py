@@ -222,7 +222,7 @@ class Demo:
         # Training reads precomputed features from shard datasets: media and features in one record.
         for manifest in manifests:
             self.command(
-                "sama_jax.data.arrayrecord",
+                "sama_jax.data.build_shards",
                 "--manifest",
                 manifest,
                 "--out",

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sama_jax import params_io, sharding, text
+from sama_jax import params_io, presets, sharding, text
 from sama_jax import semantic as semantic_lib
 from sama_jax.config import ConfigError
 from sama_jax.models import siglip, umt5, wan_vae
@@ -191,7 +191,7 @@ def training_tokenizer(config, workdir: str):
     checkpoints = config.model.checkpoints
     if checkpoints.tokenizer:
         return text.load_tokenizer(checkpoints.tokenizer), os.path.abspath(checkpoints.tokenizer)
-    if config.model.preset == "tiny":
+    if config.model.preset in presets.CPU_PRESETS:
         # The generated dataset lives where the mixture's manifests point (data/synthetic).
         manifest = config.data.mixture[0].get("manifest") or "data/synthetic/x"
         data_dir = os.path.dirname(os.path.join(config.data.root, manifest)) or "."
@@ -224,7 +224,7 @@ def resolve_for_training(
         if n not in given and os.path.isdir(os.path.join(workdir, GENERATED_DIR, n))
     }
     missing = tuple(n for n in names if n not in given and n not in saved)
-    if missing and config.model.preset != "tiny":
+    if missing and config.model.preset not in presets.CPU_PRESETS:
         raise ConfigError(
             f"no checkpoint for the frozen encoders {list(missing)}: set "
             + ", ".join(f"config.model.checkpoints.{n}" for n in missing)
@@ -234,7 +234,9 @@ def resolve_for_training(
     generated = generate(config, missing, mesh, rules)
     frozen = Encoders(*(getattr(loaded, n) or getattr(generated, n) for n in NAMES), semantic_config(config))
     record = {"tokenizer": tokenizer_path} if tokenizer_path else {}
-    record.update({n: os.path.abspath(p) for n, p in given.items()})
+    # Every encoder checkpoint the config gives is recorded, also one whose outputs all come
+    # precomputed: the run directory stays enough for sama-edit / sama-export --run.
+    record.update({n: os.path.abspath(checkpoints[n]) for n in NAMES if checkpoints[n]})
     record.update(save_generated(workdir, generated, config))
     record.update({n: os.path.join(GENERATED_DIR, n) for n in saved})
     if jax.process_index() == 0:

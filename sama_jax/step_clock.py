@@ -1,6 +1,6 @@
 """The train loop's clock: step time, throughput, MFU and ETA over the steps since the last log.
 
-    clock = StepClock(total_steps, peak_flops=peak_tflops * 1e12 * devices)
+    clock = StepClock(total_steps, peak_flops=peak_tflops * 1e12 * devices)   # None: no MFU (CPU)
     clock.compiled(seconds)           # a step that compiled a new batch shape: left out of the rates
     with clock.paused():              # evaluation, checkpoint saving: left out of the rates
         ...
@@ -22,7 +22,7 @@ LATEST = ("skipped_updates", "nonfinite_in_row")
 
 
 class StepClock:
-    def __init__(self, total_steps: int, peak_flops: float, now=time.time):
+    def __init__(self, total_steps: int, peak_flops: float | None, now=time.time):
         self.total_steps, self.peak_flops, self.now = total_steps, peak_flops, now
         self.window: list[dict] = []
         self.since: tuple[float, int] | None = None  # (time, step) the window starts at
@@ -79,9 +79,10 @@ class StepClock:
             step_time=dt,
             samples_per_sec=mean("_samples") / dt,
             tokens_per_sec=mean("_tokens") / dt,
-            mfu=mean("_flops") / dt / self.peak_flops,
             compile_seconds=self.compile_seconds,
         )
+        if self.peak_flops:  # unknown on a CPU: no MFU rather than a meaningless tiny number
+            out["mfu"] = mean("_flops") / dt / self.peak_flops
         out.update({k: self.window[-1][k] for k in keys if k in LATEST})
         self.seconds_per_step = dt
         self._restart(step)

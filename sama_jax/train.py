@@ -134,7 +134,9 @@ def _main(config, args) -> int:
     ids_log = SampleIdLog(config, workdir)
     config_json = run_dir.config_json(config)  # saved with every checkpoint
     total_steps = int(config.train.steps)
-    clock = StepClock(total_steps, float(config.train.peak_tflops) * 1e12 * jax.device_count())
+    # train.peak_tflops is an accelerator's; a CPU has no such figure, so its runs log no MFU.
+    peak = float(config.train.peak_tflops) * 1e12 * jax.device_count()
+    clock = StepClock(total_steps, None if jax.default_backend() == "cpu" else peak)
     # Ctrl-C and SIGTERM: the step and any save in flight finish, the state is saved, exit.
     stop = interrupts.StopRequest("sama-train", "stopping after this step and saving it").install()
 

@@ -86,7 +86,7 @@ def fit(
     import optax
     from flax import nnx
 
-    from sama_jax import params_io
+    from sama_jax import params_io, progress
     from sama_jax.models import wan_vae
 
     start = time.time()
@@ -139,9 +139,15 @@ def fit(
         for _ in range(count):
             loss = train_step(vae, optimizer, jnp.asarray(pool[rng.integers(0, len(pool), size)]))
             step += 1
-            line = clock.tick(lambda: float(loss))
-            if line:
-                log(f"sama-fit-vae: {name} step {line}, loss {float(loss):.4f} (step {step}/{steps})")
+            per_step = clock.tick(lambda: float(loss))
+            if per_step == 0.0:
+                log(f"sama-fit-vae: {name} step 1/{count} done (it compiled), loss {float(loss):.4f}")
+            elif per_step is not None:
+                details = f"{per_step:.2f} s/step, loss {float(loss):.4f}"
+                log(
+                    "sama-fit-vae: "
+                    + progress.step_line(clock.done, count, per_step, details, what=f"{name} step")
+                )
 
     recon, mus = [], []
     for i in range(0, len(clips), batch_size):
@@ -181,28 +187,26 @@ def fit(
 
 
 class StepClock:
-    """'i/N, s/step, ETA' lines every `every` seconds, timed from the end of the first step: that
-    step compiles (seconds to minutes on a CPU), so it stays out of the rate and the ETA."""
+    """When to report, and seconds per step timed from the end of the first step: that step
+    compiles (seconds to minutes on a CPU), so it stays out of the rate and the ETA."""
 
     def __init__(self, total: int, every: float = 10.0):
         self.total, self.every, self.done = total, every, 0
         self.first_end = self.last = None
 
-    def tick(self, sync) -> str | None:
+    def tick(self, sync) -> float | None:
+        """One more step done: -> seconds per step when a line is due (0.0 after the first step,
+        which compiled), else None. `sync` waits for the step (device work is asynchronous)."""
         self.done += 1
         if self.first_end is None:
-            sync()  # the first step's compile and run end here
+            sync()
             self.first_end = self.last = time.perf_counter()
-            return f"1/{self.total} (compiled in this step)"
-        now = time.perf_counter()
-        if now - self.last < self.every and self.done < self.total:
+            return 0.0
+        if time.perf_counter() - self.last < self.every and self.done < self.total:
             return None
         sync()
-        now = self.last = time.perf_counter()
-        per_step = (now - self.first_end) / (self.done - 1)
-        return (
-            f"{self.done}/{self.total}, {per_step:.2f} s/step, ETA {per_step * (self.total - self.done):.0f}s"
-        )
+        self.last = time.perf_counter()
+        return (self.last - self.first_end) / (self.done - 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,3 +51,14 @@ def test_progress_formats():
     assert [progress.duration(s) for s in (0.4, 41, 292.4, 3727)] == ["0s", "41s", "4m52s", "1h02m07s"]
     assert progress.step_line(12, 50, 0.8, "loss=0.1") == "step 12/50 loss=0.1, ETA 30s"
     assert progress.step_line(3, 3, 1.0, what="denoising step") == "denoising step 3/3, ETA 0s"
+
+
+def test_no_mfu_without_a_peak():
+    # A CPU has no peak FLOP/s (sama-train passes None there): the summary has no MFU at all.
+    now = FakeTime()
+    clock = StepClock(total_steps=4, peak_flops=None, now=now)
+    clock.record(1, {"loss": 1.0}, samples=1, flops=1e6, tokens=1)
+    now.t += 2.0
+    clock.record(2, {"loss": 1.0}, samples=1, flops=1e6, tokens=1)
+    summary = clock.summary(2)
+    assert "mfu" not in summary and summary["step_time"] == pytest.approx(2.0)

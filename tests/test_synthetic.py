@@ -165,3 +165,28 @@ def test_held_out_split_shows_pairs_the_training_split_never_does(tmp_path):
     )
     assert sorted(paths) == ["clips", "image_edits", "video_edits"]
     assert len(manifest.read_manifest(paths["video_edits"])) == 2
+
+
+def test_an_added_object_is_fixed_by_its_instruction():
+    # Place, size, speed and direction of an added object are the ones its words name, so the
+    # target of an "add" edit follows from the source and the instruction.
+    seen = 0
+    for index in range(60):
+        rng = synthetic.sample_rng(5, "video_edit", index)
+        scene = synthetic.random_scene(rng, H, W)
+        edited, text, record = synthetic.random_edit(rng, scene, H, W)
+        if record["type"] != "add":
+            continue
+        seen += 1
+        new = edited.objects[record["object"]]
+        place = next(p for p in sorted(synthetic.PLACES, key=len, reverse=True) if f"at the {p} " in text)
+        fy, fx = synthetic.PLACES[place]
+        assert (new.y, new.x) == (fy * (H - 1), fx * (W - 1))
+        assert new.radius == synthetic.ADDED_RADIUS * min(H, W)
+        speed = synthetic.ADDED_SPEED * min(H, W)
+        direction = text.rsplit("moves ", 1)[1].removeprefix("to the ").rstrip(".")
+        assert (new.vy, new.vx) == (
+            synthetic.MOTIONS[direction][0] * speed,
+            synthetic.MOTIONS[direction][1] * speed,
+        )
+    assert seen >= 5
