@@ -33,13 +33,13 @@ import html
 import json
 import os
 import shlex
-import subprocess
+import signal
 import sys
 import time
 
 import numpy as np
 
-from sama_jax import cli
+from sama_jax import child_processes, cli, interrupts
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PRESET = "demo"
@@ -77,6 +77,14 @@ STAGE_FEATURES = {
 
 class DemoError(ValueError):
     """A phase's command failed: the demo stops; a rerun continues from the finished phases."""
+
+
+class DemoInterrupted(Exception):
+    """Ctrl-C or SIGTERM: the phase in flight stopped cleanly; a rerun continues."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +145,24 @@ class Demo:
         # and a rerun of the demo compiles almost nothing.
         env = dict(os.environ)
         env.setdefault("JAX_COMPILATION_CACHE_DIR", self.path("jax_cache"))
-        rc = subprocess.call(argv, env=env)
+        # The phase dies with the demo (a kill -9 leaves no orphan training in the workdir). Ctrl-C
+        # reaches the whole process group, so the phase itself stops cleanly (sama-train saves);
+        # the demo waits for it, and passes a SIGTERM sent to the demo alone on to it.
+        proc = child_processes.popen(argv, env=env)
+        with interrupts.StopRequest("sama-demo", f"waiting for {module} to stop cleanly") as stop:
+            passed_on = False
+            while proc.poll() is None:
+                if stop.signal == signal.SIGTERM and not passed_on:
+                    proc.send_signal(signal.SIGTERM)
+                    passed_on = True
+                time.sleep(0.2)
+        rc = proc.returncode
+        if stop.requested:
+            raise DemoInterrupted(
+                f"sama-demo: {stop.name} during {module} (exit status {rc}); rerun the same command to "
+                f"continue (finished phases are kept)",
+                stop.exit_code,
+            )
         if rc:
             raise DemoError(
                 f"{module} exited with status {rc}; fix the cause and rerun sama-demo "
@@ -575,7 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     def run(_, args):
         base = QUICK if args.quick else FULL
         steps = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
-        return Demo(args.workdir, steps, args.cpu_devices, quick=args.quick).run()
+        try:
+            return Demo(args.workdir, steps, args.cpu_devices, quick=args.quick).run()
+        except DemoInterrupted as stopped:
+            print(stopped, file=sys.stderr)
+            return stopped.exit_code
 
     return cli.run("sama-demo", lambda: run(*cli.parse(build_parser(), argv, config=False)))
 

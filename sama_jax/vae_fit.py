@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from sama_jax import cli
+from sama_jax import cli, interrupts
 
 
 def training_clips(config, num_frames: int, limit: int = 1024) -> np.ndarray:
@@ -134,9 +134,19 @@ def fit(
         ("clips", train, clip_batch_size, clip_steps),
     ]
     step = 0
+    # Ctrl-C / SIGTERM: the step in flight finishes and the fit stops without writing --out (a
+    # half-fitted VAE is no result; whatever --out held before stays as it was).
+    stop = interrupts.StopRequest("sama-fit-vae", "stopping after this step; nothing is written")
+    stop.install()
     for name, pool, size, count in phases:
         clock = StepClock(count)
         for _ in range(count):
+            if stop.requested:
+                stop.restore()
+                raise FitInterrupted(
+                    f"sama-fit-vae: {stop.name} at step {step} of {steps}; nothing written to {out}",
+                    stop.exit_code,
+                )
             loss = train_step(vae, optimizer, jnp.asarray(pool[rng.integers(0, len(pool), size)]))
             step += 1
             per_step = clock.tick(lambda: float(loss))
@@ -149,6 +159,7 @@ def fit(
                     + progress.step_line(clock.done, count, per_step, details, what=f"{name} step")
                 )
 
+    stop.restore()
     recon, mus = [], []
     for i in range(0, len(clips), batch_size):
         batch = clips[i : i + batch_size]
@@ -184,6 +195,12 @@ def fit(
     with open(os.path.join(out, "fit.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+class FitInterrupted(Exception):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StepClock:
@@ -226,16 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config, args):
-        report = fit(
-            config,
-            args.out,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            clip_batch_size=args.clip_batch_size,
-            clip_fraction=args.clip_fraction,
-            lr=args.lr,
-            seed=int(config.seed),
-        )
+        try:
+            report = fit(
+                config,
+                args.out,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                clip_batch_size=args.clip_batch_size,
+                clip_fraction=args.clip_fraction,
+                lr=args.lr,
+                seed=int(config.seed),
+            )
+        except FitInterrupted as stopped:
+            print(stopped, file=sys.stderr)
+            return stopped.exit_code
         frames = ", ".join(f"{p:.1f}" for p in report["psnr_held_out_per_frame"])
         print(
             f"sama-fit-vae: wrote {args.out}: reconstruction PSNR {report['psnr_held_out']:.2f} dB "
