@@ -3,6 +3,10 @@ demo runs, and every output it promises."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -59,3 +63,88 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
     rerun = capsys.readouterr().out
     assert all(f"{phase} done before" in rerun for phase in demo.PHASES[:-1])
+
+
+def _live_pids(pattern: str) -> list[int]:
+    """Processes whose command line contains `pattern` (not zombies)."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in map(int, out):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1][0] != "Z":
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def _read_until(proc, text: str, timeout: float = 300.0) -> str:
+    seen, start = "", time.time()
+    while text not in seen:
+        line = proc.stdout.readline()
+        assert line or time.time() - start < timeout, seen
+        assert line, f"exited before printing {text!r}:\n{seen}"
+        seen += line
+    return seen
+
+
+@pytest.mark.slow
+def test_killing_the_demo_kills_its_running_phase(tmp_path):
+    # kill -9 of sama-demo while its VAE phase runs: the phase dies with it (no orphan that a rerun
+    # would race in the same workdir).
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sama_jax.demo", "--workdir", str(workdir), "--quick"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _read_until(proc, "+ sama_jax.vae_fit")
+    deadline = time.time() + 60
+    while not _live_pids(f"vae_fit.*{workdir}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert _live_pids(f"vae_fit.*{workdir}")
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while _live_pids(f"vae_fit.*{workdir}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _live_pids(f"vae_fit.*{workdir}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_vae_fit_and_writes_nothing(tmp_path, tiny_dataset):
+    # SIGINT to the process group (Ctrl-C) after the first step: the step in flight ends, one line
+    # says what happened, status 130, and --out is not written (a half-fitted VAE is no result).
+    from helpers import link_tiny_dataset
+
+    link_tiny_dataset(tiny_dataset, tmp_path)
+    out = tmp_path / "vae"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sama_jax.vae_fit",
+            f"--config={demo.CONFIGS}/stage1_sft.py:tiny",
+            "--config.data.pixels=1024",
+            "--out",
+            str(out),
+            "--steps",
+            "1000",
+            "--clip-fraction",
+            "0",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    _read_until(proc, "step 1/1000 done")
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest
+    assert "sama-fit-vae: SIGINT at step" in rest and "nothing written" in rest
+    assert "Traceback" not in rest
+    assert not out.exists()
