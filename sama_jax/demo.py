@@ -79,14 +79,6 @@ class DemoError(ValueError):
     """A phase's command failed: the demo stops; a rerun continues from the finished phases."""
 
 
-class DemoInterrupted(Exception):
-    """Ctrl-C or SIGTERM: the phase in flight stopped cleanly; a rerun continues."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sama-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +150,7 @@ class Demo:
                 time.sleep(0.2)
         rc = proc.returncode
         if stop.requested:
-            raise DemoInterrupted(
+            raise interrupts.Stopped(
                 f"sama-demo: {stop.name} during {module} (exit status {rc}); rerun the same command to "
                 f"continue (finished phases are kept)",
                 stop.exit_code,
@@ -602,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
         try:
             return Demo(args.workdir, steps, args.cpu_devices, quick=args.quick).run()
-        except DemoInterrupted as stopped:
+        except interrupts.Stopped as stopped:
             print(stopped, file=sys.stderr)
             return stopped.exit_code
 

@@ -70,3 +70,12 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+class Stopped(Exception):
+    """A command stopped on request: its one-line message and exit status (cli-level handlers print
+    the message and return the status)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

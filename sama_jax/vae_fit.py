@@ -143,7 +143,7 @@ def fit(
         for _ in range(count):
             if stop.requested:
                 stop.restore()
-                raise FitInterrupted(
+                raise interrupts.Stopped(
                     f"sama-fit-vae: {stop.name} at step {step} of {steps}; nothing written to {out}",
                     stop.exit_code,
                 )
@@ -197,12 +197,6 @@ def fit(
     return report
 
 
-class FitInterrupted(Exception):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class StepClock:
     """When to report, and seconds per step timed from the end of the first step: that step
     compiles (seconds to minutes on a CPU), so it stays out of the rate and the ETA."""
@@ -254,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 seed=int(config.seed),
             )
-        except FitInterrupted as stopped:
+        except interrupts.Stopped as stopped:
             print(stopped, file=sys.stderr)
             return stopped.exit_code
         frames = ", ".join(f"{p:.1f}" for p in report["psnr_held_out_per_frame"])
