@@ -218,14 +218,14 @@ class Demo:
 
         from flax import nnx
 
-        from sama_jax import conditioning, run_dir
         from sama_jax import config as config_lib
+        from sama_jax import encoders
 
         config = config_lib.build_config(f"{CONFIGS}/stage1_sft.py:{PRESET}")
         missing = tuple(n for n in ("text_encoder", "siglip") if not os.path.isdir(self.path("encoders", n)))
         if missing:
-            encoders = conditioning.build_encoders(config, nnx.Rngs(int(config.seed) + 1), names=missing)
-            run_dir.save_generated_encoders(self.workdir, encoders, config)
+            generated = encoders.build(config, nnx.Rngs(int(config.seed) + 1), names=missing)
+            encoders.save_generated(self.workdir, generated, config)
         paths = self.encoder_paths()
         manifests = sorted(glob.glob(os.path.join(self.data_dir, "*.jsonl")))
         manifests += sorted(glob.glob(os.path.join(self.data_dir, "val", "*.jsonl")))
