@@ -108,8 +108,6 @@ def check_and_write_config(workdir: str, config, allow_change: bool, write: bool
 
 
 # encoders.json, encoders/ and tokenizer/ are sama_jax.encoders' (it records and loads them).
-# demo.py reads a run's encoder paths through this name.
-read_encoder_paths = encoders_lib.read_record
 
 
 # ---------------------------------------------------------------------------------------------------
