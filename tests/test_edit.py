@@ -304,11 +304,17 @@ def test_ctrl_c_during_an_edit_is_one_line_and_leaves_nothing(ckpt, tmp_path):
 
     root, models = ckpt
     out, log = tmp_path / "out", tmp_path / "log.txt"
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Unbuffered: "models loaded" reaches the log when it is printed, not at exit (on a quiet
+    # machine with a warm compilation cache a short edit is over before a buffered line shows).
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
     argv = ["--src-video", str(root / "clip.mp4"), "--prompt", "p", "--output-dir", str(out)]
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sama_jax.edit", *argv, *models, "--steps", "50"],
+            [sys.executable, "-m", "sama_jax.edit", *argv, *models, "--steps", "400"],
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
