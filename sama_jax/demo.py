@@ -213,10 +213,9 @@ class Demo:
 
     def features(self) -> dict:
         """The random tiny text encoder and SigLIP of the demo, saved once (the same ones every phase
-        uses), then every manifest's features through sama-precompute."""
+        uses), every manifest's features through sama-precompute, then each manifest with its
+        features as a shard dataset (sama-build-shards), which is what training reads."""
         import glob
-
-        from flax import nnx
 
         from sama_jax import config as config_lib
         from sama_jax import encoders
@@ -224,8 +223,7 @@ class Demo:
         config = config_lib.build_config(f"{CONFIGS}/stage1_sft.py:{PRESET}")
         missing = tuple(n for n in ("text_encoder", "siglip") if not os.path.isdir(self.path("encoders", n)))
         if missing:
-            generated = encoders.build(config, nnx.Rngs(int(config.seed) + 1), names=missing)
-            encoders.save_generated(self.workdir, generated, config)
+            encoders.save_generated(self.workdir, encoders.build_random(config, missing), config)
         paths = self.encoder_paths()
         manifests = sorted(glob.glob(os.path.join(self.data_dir, "*.jsonl")))
         manifests += sorted(glob.glob(os.path.join(self.data_dir, "val", "*.jsonl")))
@@ -236,7 +234,6 @@ class Demo:
             *(a for k, v in paths.items() for a in (f"--{k.replace('_', '-')}", v)),
             *(a for m in manifests for a in ("--manifest", m)),
         )
-        # Training reads precomputed features from shard datasets: media and features in one record.
         for manifest in manifests:
             self.command(
                 "sama_jax.data.build_shards",

@@ -105,10 +105,16 @@ def load(config, paths: Mapping[str, str], *, mesh=None, rules=None, names: tupl
     )
 
 
+def build_random(config, names: tuple[str, ...]) -> Encoders:
+    """The random frozen encoders of a CPU preset: the same values wherever they are made (from
+    config.seed), in sama-train and in sama-demo."""
+    return build(config, nnx.Rngs(int(config.seed) + 1), names=names)
+
+
 def generate(config, names: tuple[str, ...], mesh, rules) -> Encoders:
     """Random frozen encoders (tiny preset), sharded. Every process makes the same values from
     config.seed and places its own shards of them (no transfer or collective per array)."""
-    graphdef, state = nnx.split(build(config, nnx.Rngs(int(config.seed) + 1), names=names))
+    graphdef, state = nnx.split(build_random(config, names))
 
     def place(x, where):
         host = np.asarray(x)

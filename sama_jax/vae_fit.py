@@ -136,30 +136,27 @@ def fit(
     step = 0
     # Ctrl-C / SIGTERM: the step in flight finishes and the fit stops without writing --out (a
     # half-fitted VAE is no result; whatever --out held before stays as it was).
-    stop = interrupts.StopRequest("sama-fit-vae", "stopping after this step; nothing is written")
-    stop.install()
-    for name, pool, size, count in phases:
-        clock = StepClock(count)
-        for _ in range(count):
-            if stop.requested:
-                stop.restore()
-                raise interrupts.Stopped(
-                    f"sama-fit-vae: {stop.name} at step {step} of {steps}; nothing written to {out}",
-                    stop.exit_code,
-                )
-            loss = train_step(vae, optimizer, jnp.asarray(pool[rng.integers(0, len(pool), size)]))
-            step += 1
-            per_step = clock.tick(lambda: float(loss))
-            if per_step == 0.0:
-                log(f"sama-fit-vae: {name} step 1/{count} done (it compiled), loss {float(loss):.4f}")
-            elif per_step is not None:
-                details = f"{per_step:.2f} s/step, loss {float(loss):.4f}"
-                log(
-                    "sama-fit-vae: "
-                    + progress.step_line(clock.done, count, per_step, details, what=f"{name} step")
-                )
+    with interrupts.StopRequest("sama-fit-vae", "stopping after this step; nothing is written") as stop:
+        for name, pool, size, count in phases:
+            timer = PhaseTimer(count)
+            for _ in range(count):
+                if stop.requested:
+                    raise interrupts.Stopped(
+                        f"sama-fit-vae: {stop.name} at step {step} of {steps}; nothing written to {out}",
+                        stop.exit_code,
+                    )
+                loss = train_step(vae, optimizer, jnp.asarray(pool[rng.integers(0, len(pool), size)]))
+                step += 1
+                per_step = timer.tick(lambda: float(loss))
+                if per_step == 0.0:
+                    log(f"sama-fit-vae: {name} step 1/{count} done (it compiled), loss {float(loss):.4f}")
+                elif per_step is not None:
+                    details = f"{per_step:.2f} s/step, loss {float(loss):.4f}"
+                    log(
+                        "sama-fit-vae: "
+                        + progress.step_line(timer.done, count, per_step, details, what=f"{name} step")
+                    )
 
-    stop.restore()
     recon, mus = [], []
     # Scored and calibrated on the held-out clips and as many training clips (not all: on a CPU a
     # pass over thousands of clips costs minutes and moves the statistics little).
@@ -202,7 +199,7 @@ def fit(
     return report
 
 
-class StepClock:
+class PhaseTimer:
     """When to report, and seconds per step timed from the end of the first step: that step
     compiles (seconds to minutes on a CPU), so it stays out of the rate and the ETA."""
 
