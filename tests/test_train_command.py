@@ -22,6 +22,7 @@ from helpers import link_tiny_dataset
 
 from sama_jax import checkpointing, encoders, run_dir
 
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 STEPS = 10
 ARGS = [
@@ -42,7 +43,8 @@ def env(tmp_path_factory, tiny_dataset):
     root = tmp_path_factory.mktemp("train_command")
     link_tiny_dataset(tiny_dataset, root)
     # The test run's compilation cache (conftest) is inherited: the runs share compiled steps.
-    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # The runs choose their device count (--cpu-devices); conftest's compile flags are kept.
+    environ = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(DEVICE_COUNT_FLAG, ""))
     environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return root, environ
 
