@@ -76,6 +76,27 @@ def data_config(**overrides):
     return ml_collections.ConfigDict(cfg)
 
 
+def synthetic_samples(root, seed: int, video_edits: int, image_edits: int, clips: int, frames, height, width):
+    """Generated samples of all three kinds under root (sama_jax.data.synthetic, clips at 8 fps),
+    as one list of manifest records: video edits, then image edits, then clips."""
+    from sama_jax.data import manifest, synthetic
+
+    paths = synthetic.generate(
+        str(root),
+        seed=seed,
+        video_edits=video_edits,
+        image_edits=image_edits,
+        clips=clips,
+        frames=frames,
+        height=height,
+        width=width,
+        fps=8,
+    )
+    return [
+        s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])
+    ]
+
+
 def link_tiny_dataset(tiny_dataset: str, cwd) -> None:
     """cwd/data -> the shared tiny dataset (conftest's tiny_dataset fixture): the tiny preset finds
     data/synthetic there and generates nothing. Read only."""

@@ -7,6 +7,7 @@ import pickle
 import grain
 import numpy as np
 import pytest
+from helpers import synthetic_samples
 
 from sama_jax.data import (
     arrayrecord,
@@ -25,12 +26,7 @@ T, H, W = 5, 32, 48
 def dataset(tmp_path_factory):
     """A manifest of good synthetic samples of all three kinds plus one bad item of each reason."""
     root = tmp_path_factory.mktemp("data")
-    paths = synthetic.generate(
-        str(root), seed=3, video_edits=3, image_edits=2, clips=2, frames=T, height=H, width=W, fps=8
-    )
-    samples = [
-        s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])
-    ]
+    samples = synthetic_samples(root, 3, 3, 2, 2, T, H, W)
     good = synthetic.render(synthetic.random_scene(np.random.default_rng(0), H, W), T, H, W)
     blob = open(root / samples[0]["source"], "rb").read()
     (root / "bad").mkdir()

@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import synthetic_samples
 
-from sama_jax.data import arrayrecord, build_shards, manifest, shard_builder, shard_format, synthetic
+from sama_jax.data import arrayrecord, build_shards, manifest, shard_builder, shard_format
 
 T, H, W = 5, 16, 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,12 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data(tmp_path_factory):
     """10 samples of all kinds (clips at 8 fps) and the manifest that lists them."""
     root = tmp_path_factory.mktemp("shards_data")
-    paths = synthetic.generate(
-        str(root), seed=5, video_edits=4, image_edits=3, clips=3, frames=T, height=H, width=W, fps=8
-    )
-    samples = [
-        s for name in ("video_edits", "image_edits", "clips") for s in manifest.read_manifest(paths[name])
-    ]
+    samples = synthetic_samples(root, 5, 4, 3, 3, T, H, W)
     path = str(root / "all.jsonl")
     manifest.write_manifest(path, samples)
     return root, path, samples
