@@ -127,6 +127,23 @@ def get_config(arg: str = "wan_14b") -> ml_collections.ConfigDict:
             peak_tflops=459.0,
             profile_steps=0,  # > 0: a profiler trace of this many steps after the first log
             log_sample_ids=False,  # append each step's sample ids to WORKDIR/sample_ids.*.jsonl
+            # LoRA (sama_jax/lora_train.py): rank > 0 trains low-rank adapters (update alpha / rank *
+            # x A B, B = 0 at step 0) on the DiT Linears whose official names match `targets` (fnmatch
+            # patterns; default: DiffSynth's q, k, v, o, ffn.0, ffn.2 of every block), and the modules
+            # matching `extra_trainable` in full (e.g. "siglip_feat_mlp", "semantic_head",
+            # "segment_embedding" when the base is a plain Wan2.1); the rest is the frozen base of
+            # checkpoint.init_from, in precision.frozen_param_dtype. rank 0: full fine-tuning.
+            lora=dict(
+                rank=0,
+                alpha=32.0,
+                targets=(
+                    "blocks.*.self_attn.[qkvo]",
+                    "blocks.*.cross_attn.[qkvo]",
+                    "blocks.*.ffn.0",
+                    "blocks.*.ffn.2",
+                ),
+                extra_trainable=(),
+            ),
         )
     )
     c.optimizer = ml_collections.ConfigDict(

@@ -114,11 +114,16 @@ def check_and_write_config(workdir: str, config, allow_change: bool, write: bool
 # Parameters
 
 
-def abstract_params(dit_config, mesh=None, rules=None):
-    """(graphdef, abstract nnx.Param state with shardings, rest) of the DiT `dit_config` builds."""
+def abstract_params(dit_config, mesh=None, rules=None, lora=None):
+    """(graphdef, abstract nnx.Param state with shardings, rest) of the DiT `dit_config` builds (with
+    the adapters of a config.train.lora section whose rank is > 0)."""
+    from sama_jax import lora_train
     from sama_jax.models import wan_dit
 
-    abstract = wan_dit.abstract_dit(dit_config)
+    if lora is not None and int(lora.rank) > 0:
+        abstract = lora_train.abstract_dit(dit_config, lora)
+    else:
+        abstract = wan_dit.abstract_dit(dit_config)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is not None:
         shardings = sharding.state_shardings(params, mesh, rules or sharding.DEFAULT_RULES)
@@ -155,6 +160,52 @@ def restore_params(workdir: str, params_abstract, *, use_ema: bool, step: int | 
     return jax.tree.map(lambda p, a: p.astype(a.dtype), params, params_abstract), step
 
 
+def run_params(workdir: str, params_abstract, *, use_ema: bool, mesh=None, rules=None):
+    """The DiT parameters a run trained, in params_abstract's dtypes and shardings (a LoRA run: its
+    base with the adapters merged, lora_train.merged_params); -> (params, step)."""
+    from sama_jax import lora_train
+
+    config = read_config(workdir)
+    if lora_train.enabled(config):
+        return lora_train.merged_params(
+            config, workdir, params_abstract, use_ema=use_ema, mesh=mesh, rules=rules
+        )
+    return restore_params(workdir, params_abstract, use_ema=use_ema)
+
+
+def initial_params(config, params_abstract, mesh, rules, say):
+    """checkpoint.init_from: a run directory (its parameters), a params checkpoint (converted Wan2.1
+    DiT or SAMA-14B), or empty: random initialisation from config.seed, created sharded. Loaded in
+    params_abstract's dtype."""
+    from sama_jax.models import wan_dit
+
+    source = config.checkpoint.init_from
+    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    if not source:
+
+        def create():
+            return nnx.state(wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(int(config.seed))), nnx.Param)
+
+        shardings = jax.tree.map(lambda x: x.sharding, params_abstract)
+        say("DiT initialised at random (checkpoint.init_from is empty)")
+        return jax.jit(create, out_shardings=shardings)()
+    if is_run_dir(source):
+        check_same_architecture(read_config(source), config, f"checkpoint.init_from={source}")
+        params, step = run_params(source, params_abstract, use_ema=False, mesh=mesh, rules=rules)
+        say(f"DiT parameters from run {source} step {step} (fresh optimizer)")
+        return params
+    dtype = jax.tree.leaves(params_abstract)[0].dtype
+    precision = dict(config.precision, param_dtype=jax.numpy.dtype(dtype).name)
+    dit = wan_dit.load_dit(source, mesh=mesh, rules=rules, precision=precision)
+    differences = config_differences(dit.cfg.architecture(), dit_cfg.architecture())
+    if differences:
+        raise ValueError(
+            f"checkpoint.init_from={source}: its DiT differs from config.model.dit: " + "; ".join(differences)
+        )
+    say(f"DiT parameters from {source}")
+    return nnx.state(dit, nnx.Param)
+
+
 def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Run:
     """A run directory alone -> its config, DiT (EMA or raw parameters of the latest checkpoint),
     frozen encoders, tokenizer and step. With `mesh`, arrays are placed by `rules` (default: the
@@ -166,7 +217,7 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Ru
     graphdef, params_abstract, rest = abstract_params(
         wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision), mesh, rules
     )
-    params, step = restore_params(workdir, params_abstract, use_ema=use_ema)
+    params, step = run_params(workdir, params_abstract, use_ema=use_ema, mesh=mesh, rules=rules)
     dit = nnx.merge(graphdef, params, rest)
     encoders, tokenizer = encoders_lib.load_recorded(config, workdir, mesh=mesh, rules=rules)
     return Run(config, dit, encoders, tokenizer, step)

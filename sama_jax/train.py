@@ -87,6 +87,7 @@ def _main(config, args) -> int:
 
     from sama_jax import checkpointing, conditioning, encoders, evaluators, interrupts, run_dir, sharding
     from sama_jax.data import pipeline
+    from sama_jax.lora_train import Exporter
     from sama_jax.step_clock import StepClock
 
     started = time.time()
@@ -110,7 +111,7 @@ def _main(config, args) -> int:
     frozen = encoders.resolve_for_training(config, workdir, mesh, rules, tokenizer_path, say)
 
     # -- Model, optimizer and train state ------------------------------------------------------
-    model = build_model(config, mesh, rules, frozen)
+    model = build_model(config, mesh, rules, frozen, say)
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, run_dir.CHECKPOINTS),
         every_steps=int(config.checkpoint.every_steps),
@@ -120,7 +121,7 @@ def _main(config, args) -> int:
     first_step, state, data_state = restore_or_init(
         config, model, checkpointer, args.resume_step, mesh, rules, say
     )
-    say(f"SAMA DiT '{config.model.preset}': {model.num_params:,} parameters")
+    say(f"SAMA DiT '{config.model.preset}': {model.num_params:,} parameters, {model.num_trained:,} trained")
 
     # -- Input ---------------------------------------------------------------------------------
     iterator = iter(build_input(config, sources, frozen))
@@ -133,6 +134,7 @@ def _main(config, args) -> int:
     hooks = progress_hooks(config, writer, first_step, primary)
     ids_log = SampleIdLog(config, workdir)
     config_json = run_dir.config_json(config)  # saved with every checkpoint
+    export_lora = Exporter(config, workdir, mesh, checkpointer)  # LoRA runs: WORKDIR/lora/
     total_steps = int(config.train.steps)
     # train.peak_tflops is an accelerator's; a CPU has no such figure, so its runs log no MFU.
     peak = float(config.train.peak_tflops) * 1e12 * jax.device_count()
@@ -177,11 +179,13 @@ def _main(config, args) -> int:
                 step, state, iterator.get_state(), config_json
             ):
                 saved_step = step
+                export_lora(step, state)
     metrics_log.flush()
 
     # -- End: the last state is always saved (unless it is of a non-finite streak) -----------------
     if saved_step != step and not metrics_log.nonfinite_in_row:
         checkpointer.save(step, state, iterator.get_state(), config_json, force=True)
+        export_lora(step, state)
     checkpointer.close()
     writer.flush()
     iterator.close()
@@ -249,43 +253,58 @@ def check_config_paths(config) -> None:
 
 
 class Model(NamedTuple):
-    """The DiT being trained: its config, abstract (sharded) parameters and the jitted step."""
+    """The DiT being trained: its config, abstract (sharded) trainable parameters and the jitted step."""
 
     dit_cfg: Any
     graphdef: Any
-    params_abstract: Any
+    params_abstract: Any  # what the optimizer trains: every parameter, or a LoRA run's adapters + extras
     rest: Any
-    parts: Any  # train_step.StepParts
+    parts: Any  # train_step.StepParts (a LoRA run's frozen base: parts.dit_frozen)
     step_fn: Callable
     num_params: int
+    num_trained: int
 
 
-def build_model(config, mesh, rules, frozen) -> Model:
+def build_model(config, mesh, rules, frozen, say) -> Model:
     import jax
     from flax import nnx
 
-    from sama_jax import run_dir, train_step
+    from sama_jax import lora_train, run_dir, train_step
     from sama_jax.models import wan_dit
 
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
-    graphdef, params_abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules)
-    parts = train_step.StepParts.build(
-        config, mesh, rules, nnx.merge(graphdef, params_abstract, rest), frozen
+    graphdef, params_abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules, config.train.get("lora"))
+    dit = nnx.merge(graphdef, params_abstract, rest)
+    if lora_train.enabled(config):
+        # The frozen base is loaded for a fresh and a resumed run alike: the step holds it, as it
+        # holds the frozen encoders; the fresh adapters are the start of a new run.
+        dit = lora_train.initial_dit(config, dit_cfg, graphdef, params_abstract, rest, mesh, rules, say)
+    parts = train_step.StepParts.build(config, mesh, rules, dit, frozen)
+    trained = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        parts.dit_trainable,
+        parts.state_shardings["params"],
     )
-    num_params = sum(x.size for x in jax.tree.leaves(params_abstract))
+    num_trained = sum(x.size for x in jax.tree.leaves(trained))
+    num_params = num_trained + sum(x.size for x in jax.tree.leaves(parts.dit_frozen))
     step_fn = train_step.make_train_step(config, parts)
-    return Model(dit_cfg, graphdef, params_abstract, rest, parts, step_fn, num_params)
+    return Model(dit_cfg, graphdef, trained, rest, parts, step_fn, num_params, num_trained)
 
 
 def restore_or_init(config, model: Model, checkpointer, resume_step: int | None, mesh, rules, say):
     """-> (step, state, data iterator state): the newest checkpoint of the workdir that restores (or
     --resume-step's), else step 0 and a fresh state."""
+    from sama_jax import lora_train, run_dir
+
     abstract = model.parts.abstract_state(model.params_abstract)
     step, state, data_state = checkpointer.resume_newest(abstract, resume_step, log=say)
     if step is not None:
         say(f"resumed from step {step} ({checkpointer.directory}/{step})")
         return step, state, data_state
-    params = initial_params(config, model.dit_cfg, model.graphdef, model.params_abstract, mesh, rules, say)
+    if lora_train.enabled(config):  # the adapters and extras build_model made with the base
+        params = model.parts.dit_trainable
+    else:
+        params = run_dir.initial_params(config, model.params_abstract, mesh, rules, say)
     return 0, model.parts.init_state(params), None
 
 
@@ -418,7 +437,7 @@ def evaluate(evals, model: Model, state, step: int, writer, config, say) -> None
         return
     tree = state["ema"] if config.eval.use_ema else state["params"]
     tree = jax.tree.map(lambda x, a: x.astype(a.dtype), tree, model.params_abstract)
-    dit = nnx.merge(model.graphdef, tree, model.rest)
+    dit = nnx.merge(model.graphdef, tree, model.parts.dit_frozen, model.rest)
     scalars, images = {}, {}
     for evaluator in evals:
         for name, value in evaluator.run(dit, step):
@@ -434,39 +453,6 @@ def evaluate(evals, model: Model, state, step: int, writer, config, say) -> None
         + " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
         + (f" (+{len(images)} sample images)" if images else "")
     )
-
-
-def initial_params(config, dit_cfg, graphdef, params_abstract, mesh, rules, say):
-    """checkpoint.init_from: a run directory (its parameters), a params checkpoint (converted Wan2.1
-    DiT or SAMA-14B), or empty: random initialisation from config.seed, created sharded."""
-    import jax
-    from flax import nnx
-
-    from sama_jax import run_dir
-    from sama_jax.models import wan_dit
-
-    source = config.checkpoint.init_from
-    if not source:
-
-        def create():
-            return nnx.state(wan_dit.WanDiT(dit_cfg, rngs=nnx.Rngs(int(config.seed))), nnx.Param)
-
-        shardings = jax.tree.map(lambda x: x.sharding, params_abstract)
-        say("DiT initialised at random (checkpoint.init_from is empty)")
-        return jax.jit(create, out_shardings=shardings)()
-    if run_dir.is_run_dir(source):
-        run_dir.check_same_architecture(run_dir.read_config(source), config, f"checkpoint.init_from={source}")
-        params, step = run_dir.restore_params(source, params_abstract, use_ema=False)
-        say(f"DiT parameters from run {source} step {step} (fresh optimizer)")
-        return params
-    dit = wan_dit.load_dit(source, mesh=mesh, rules=rules, precision=config.precision)
-    differences = run_dir.config_differences(dit.cfg.architecture(), dit_cfg.architecture())
-    if differences:
-        raise ValueError(
-            f"checkpoint.init_from={source}: its DiT differs from config.model.dit: " + "; ".join(differences)
-        )
-    say(f"DiT parameters from {source}")
-    return nnx.state(dit, nnx.Param)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sama_jax import conditioning, dit_cost, flow_matching, optim, sharding
+from sama_jax import conditioning, dit_cost, flow_matching, lora_train, optim, sharding
 from sama_jax.config import ConfigError
 from sama_jax.features import BATCH_PREFIX
 
@@ -53,6 +53,7 @@ def check_config(config, num_batch_shards: int, num_processes: int = 1) -> None:
     train = config.train
     if train.loss_weighting not in LOSS_WEIGHTINGS:
         raise ConfigError(f"train.loss_weighting={train.loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
+    lora_train.check_config(config)
     accum = int(train.grad_accum)
     if accum < 1:
         raise ConfigError(f"train.grad_accum={accum} must be >= 1")
@@ -102,6 +103,12 @@ class StepParts:
     rules: Any
     dit_graphdef: Any
     dit_rest: Any  # the DiT's non-parameter variables (none today), unchanged
+    # The DiT's parameters split by lora_train.trainable_filter: what the optimizer trains (values, or
+    # abstract), and the frozen rest the step holds (a LoRA run's base, in frozen_param_dtype; empty
+    # for a full fine-tune).
+    dit_trainable: Any
+    dit_frozen: Any
+    dit_frozen_shardings: Any
     encoder_graphdef: Any
     encoder_state: Any  # sharded arrays (or abstract ones for a benchmark)
     encoder_shardings: Any
@@ -114,6 +121,9 @@ class StepParts:
     def build(cls, config, mesh, rules, dit: nnx.Module, encoders: nnx.Module) -> "StepParts":
         """dit, encoders: real (sharded) or abstract modules."""
         dit_graphdef, params, rest = nnx.split(dit, nnx.Param, ...)
+        params, frozen = nnx.split_state(params, lora_train.trainable_filter(config), ...)
+        params = lora_train.with_dtype(params, jnp.dtype(config.precision.param_dtype))
+        frozen = lora_train.with_dtype(frozen, jnp.dtype(config.precision.frozen_param_dtype))
         encoder_graphdef, encoder_state = nnx.split(encoders)
         tx = optim.make_optimizer(config)
         abstract = jax.eval_shape(lambda p: _init(p, tx, 0), params)
@@ -131,6 +141,9 @@ class StepParts:
             rules,
             dit_graphdef,
             rest,
+            params,
+            frozen,
+            sharding.state_shardings(frozen, mesh, rules),
             encoder_graphdef,
             encoder_state,
             sharding.state_shardings(encoder_state, mesh, rules),
@@ -166,18 +179,19 @@ def _init(params, tx, seed: int) -> dict:
 
 
 class TrainStep:
-    """The jitted step; calls and lowerings run under the mesh and its logical rules."""
+    """The jitted step; calls and lowerings run under the mesh and its logical rules, with the frozen
+    DiT parameters (a LoRA run's base) it holds."""
 
-    def __init__(self, jitted, mesh, rules):
-        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+    def __init__(self, jitted, mesh, rules, frozen):
+        self.jitted, self.mesh, self.rules, self.frozen = jitted, mesh, rules, frozen
 
     def __call__(self, state, encoder_state, batch):
         with sharding.use_mesh(self.mesh, self.rules):
-            return self.jitted(state, encoder_state, batch)
+            return self.jitted(state, encoder_state, self.frozen, batch)
 
     def lower(self, state, encoder_state, batch):
         with sharding.use_mesh(self.mesh, self.rules):
-            return self.jitted.lower(state, encoder_state, batch)
+            return self.jitted.lower(state, encoder_state, self.frozen, batch)
 
 
 def make_objective(config, dit_graphdef, dit_rest, encoder_graphdef):
@@ -273,16 +287,23 @@ def make_train_step(config, parts: StepParts) -> TrainStep:
     accum = int(config.train.grad_accum)
     ema_decay = float(config.optimizer.ema_decay)
     schedule = optim.learning_rate(config)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_step(params, encoder_state, batch, key, sample_index=None):
-        return grad_fn(params, prepare(encoder_state, batch, key, sample_index=sample_index))
+    # The gradient is taken of the trainable parameters only: the frozen ones get none. Their
+    # Variables are rebuilt in here (tree.map): nnx refuses a module whose Variables come from two
+    # trace levels (the step's and the gradient's).
+    def frozen_and_trained_loss(params, frozen, p):
+        return loss_fn(nnx.merge_state(params, jax.tree.map(lambda x: x, frozen)), p)
 
-    def step_fn(state, encoder_state, batch):
+    grad_fn = jax.value_and_grad(frozen_and_trained_loss, has_aux=True)
+
+    def micro_step(params, frozen, encoder_state, batch, key, sample_index=None):
+        return grad_fn(params, frozen, prepare(encoder_state, batch, key, sample_index=sample_index))
+
+    def step_fn(state, encoder_state, frozen, batch):
         params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
         if accum == 1:
-            (_, metrics), grads = micro_step(params, encoder_state, batch, key)
+            (_, metrics), grads = micro_step(params, frozen, encoder_state, batch, key)
         else:
             # The loss is a mean over the valid samples of the whole batch: micro-batch i's mean
             # (and gradient) enters weighted by its share of the valid samples, so the sum equals
@@ -294,23 +315,23 @@ def make_train_step(config, parts: StepParts) -> TrainStep:
             # Micro-batch i holds samples i, i + accum, ... (_micro_batches): their noise keys.
             indices = jnp.arange(size).reshape(size // accum, accum).T
 
-            def weighted(encoder_state, one, index, weight):
-                (_, m), g = micro_step(params, encoder_state, one, key, index)
+            def weighted(held, one, index, weight):
+                (_, m), g = micro_step(params, held[1], held[0], one, key, index)
                 return jax.tree.map(lambda x: weight * x, (g, m))
 
-            # The encoders' state rides in the carry: nnx modules merged inside the body must be
-            # built from the body's own tracers (flax refuses outer-trace values in nnx.scan).
+            # The encoders' state and the frozen parameters ride in the carry: nnx modules merged
+            # inside the body must be built from the body's own tracers (flax refuses outer-trace
+            # values in nnx.scan).
             def body(carry, xs):
-                sums, encoders = carry
-                return (jax.tree.map(jnp.add, sums, weighted(encoders, *xs)), encoders), None
+                sums, held = carry
+                return (jax.tree.map(jnp.add, sums, weighted(held, *xs)), held), None
 
             # Micro-batch 0 starts the sums (it gives their structure); the scan adds the others.
             xs = (micro, indices, weights)
             first = jax.tree.map(lambda x: x[0], xs)
             rest = jax.tree.map(lambda x: x[1:], xs)
-            ((grads, metrics), _), _ = jax.lax.scan(
-                body, (weighted(encoder_state, *first), encoder_state), rest
-            )
+            held = (encoder_state, frozen)
+            ((grads, metrics), _), _ = jax.lax.scan(body, (weighted(held, *first), held), rest)
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -348,8 +369,13 @@ def make_train_step(config, parts: StepParts) -> TrainStep:
     replicated = NamedSharding(parts.mesh, PartitionSpec())
     jitted = jax.jit(
         step_fn,
-        in_shardings=(parts.state_shardings, parts.encoder_shardings, parts.batch_sharding),
+        in_shardings=(
+            parts.state_shardings,
+            parts.encoder_shardings,
+            parts.dit_frozen_shardings,
+            parts.batch_sharding,
+        ),
         out_shardings=(parts.state_shardings, replicated),
         donate_argnums=(0,),
     )
-    return TrainStep(jitted, parts.mesh, parts.rules)
+    return TrainStep(jitted, parts.mesh, parts.rules, parts.dit_frozen)

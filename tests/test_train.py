@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sama_jax import config as config_lib
-from sama_jax import dit_cost, optim, run_dir, sharding, train, train_step
+from sama_jax import dit_cost, optim, run_dir, sharding, train_step
 from sama_jax import encoders as encoders_lib
 from sama_jax.models import wan_dit
 
@@ -49,7 +49,7 @@ def build(config, devices=None):
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     graphdef, abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules)
     parts = train_step.StepParts.build(config, mesh, rules, nnx.merge(graphdef, abstract, rest), encoders)
-    params = train.initial_params(config, dit_cfg, graphdef, abstract, mesh, rules, say=lambda m: None)
+    params = run_dir.initial_params(config, abstract, mesh, rules, say=lambda m: None)
     return parts, parts.init_state(params), train_step.make_train_step(config, parts), mesh, rules
 
 

@@ -42,6 +42,16 @@ def transform(array: np.ndarray, how: str) -> np.ndarray:
     return array.transpose(PERMUTATION[how]) if how in PERMUTATION else array
 
 
+def to_released(array: np.ndarray, how: str) -> np.ndarray:
+    """ours -> the checkpoint's layout: the inverse of transform (a flattened gain's torch shape is
+    not known here)."""
+    if how == "conv1x1":
+        return array.T[:, :, None, None]
+    if how == "flatten":
+        raise ValueError("a 'flatten' row's released shape is not recorded: it has no inverse here")
+    return array.transpose(np.argsort(PERMUTATION[how])) if how in PERMUTATION else array
+
+
 def stored_shape(torch_shape: tuple[int, ...], how: str) -> tuple[int, ...]:
     if how == "conv1x1":
         return (torch_shape[1], torch_shape[0])

@@ -122,8 +122,22 @@ _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear with room for a low-rank adapter beside it: y = x W + b + adapter(x). The adapter
+    (sama_jax.lora_train) holds its own variable type, so nnx filters keep it apart from the frozen W;
+    W and b keep nnx.Linear's parameter paths, so checkpoints are the same with or without one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(None)
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        return y if self.lora is None else y + self.lora(x.astype(y.dtype))
+
+
 def _linear(cfg, din, dout, names, rngs, dtype=None, kernel_init=_xavier, bias_init=_zeros):
-    return nnx.Linear(
+    return Linear(
         din,
         dout,
         dtype=dtype or cfg.compute_dtype,
