@@ -273,27 +273,31 @@ def merge_trained(base, trained, lora):
     return base
 
 
+def trained_abstract(config, mesh=None, rules=None):
+    """The trainable tree of a LoRA run (adapters and extras) as ShapeDtypeStructs in param_dtype,
+    placed by `rules` on `mesh`, or on the first device."""
+    from sama_jax.models import wan_dit
+
+    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
+    _, adapted, _ = nnx.split(abstract_dit(dit_cfg, config.train.lora), nnx.Param, ...)
+    trained, _ = nnx.split_state(adapted, trainable_filter(config), ...)
+    if mesh is not None:
+        shardings = sharding.state_shardings(trained, mesh, rules or sharding.DEFAULT_RULES)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, trained)
+    dtype = jnp.dtype(config.precision.param_dtype)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), trained, shardings)
+
+
 def merged_params(config, workdir: str, params_abstract, *, use_ema: bool, mesh=None, rules=None):
     """A LoRA run's DiT as edits use it: its base (checkpoint.init_from) with the adapters of the
     latest checkpoint (EMA or raw) merged and its extra modules in place; -> (params, step).
     params_abstract: the plain DiT's (run_dir.abstract_params), the dtypes wanted."""
     from sama_jax import run_dir
-    from sama_jax.models import wan_dit
 
-    dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
-    _, adapted, _ = nnx.split(abstract_dit(dit_cfg, config.train.lora), nnx.Param, ...)
-    trained_abstract, _ = nnx.split_state(adapted, trainable_filter(config), ...)
-    if mesh is not None:
-        shardings = sharding.state_shardings(trained_abstract, mesh, rules or sharding.DEFAULT_RULES)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, trained_abstract)
-    trained_abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.precision.param_dtype), sharding=s),
-        trained_abstract,
-        shardings,
-    )
-    trained, step = run_dir.restore_params(workdir, trained_abstract, use_ema=use_ema)
+    abstract = trained_abstract(config, mesh, rules)
+    trained, step = run_dir.restore_params(workdir, abstract, use_ema=use_ema)
     base = run_dir.initial_params(config, params_abstract, mesh, rules, say=lambda _: None)
     return merge_trained(base, trained, config.train.lora), step
 
