@@ -10,9 +10,11 @@ for a TPU or GPU slice without the hardware. Nothing is allocated.
         --samples-per-device 4    # the image-edit step at train.image_batch_size = 4 x batch_size
     PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --config=configs/stage1_sft.py:tiny \
         --layout 8xh100 --frames 5 --height 64 --width 64 --steps 4           # a smoke run, ~1 min
+    PYTHONPATH=. .venv/bin/python benchmarks/memory_plan.py --kind lora     # LoRA on one host: 8xh100,
+                                                                            # v5p-8, v6e-8
 
 Layouts: v5p-64 (32 chips of 95 GiB; the name counts TensorCores), v6e-64 (64 chips of 32 GiB),
-8xh100 (8 GPUs of 80 GiB). The program is compiled for as many simulated CPU devices; with
+8xh100 (8 GPUs of 80 GiB); one host: v5p-8 (4 chips of 95 GiB), v6e-8 (8 chips of 32 GiB), 8xh100. The program is compiled for as many simulated CPU devices; with
 --backend tpu, TPU slices are compiled ahead of time by the TPU compiler for their topology
 (jax.experimental.topologies; needs libtpu, not a TPU). The two agree: wan_14b train, v5p-64, 17
 frames, fsdp=32: peak 37.17 GiB per device on CPU, 37.30 GiB from the TPU compiler (temp 30.45 /
@@ -24,12 +26,16 @@ all), with jax.jit(...).lower(abstract inputs).compile(), and `compiled.memory_a
           with every frozen-encoder output precomputed (data.features = all), one sample per device
           of the batch axes (train.batch_size = data x fsdp); the DiT forward + backward of SAMA's
           loss, clipping, AdamW, fp32 EMA, state donated.
+  lora    the same step of a LoRA run (train.lora.rank=32, alpha 32, DiffSynth's targets q, k, v, o
+          of both attentions and ffn.0, ffn.2 of every block): the base frozen in
+          precision.frozen_param_dtype (bfloat16), no gradient, AdamW or EMA of it; the adapters'
+          optimizer state and fp32 EMA. Default layouts: the one-host slices.
   edit    sampling.sample (the editor's loop): 50 Euler steps with CFG as one doubled batch, the
           DiT in bfloat16 as sama-edit loads it, sama-edit's rules (the CFG batch on 'data' only).
 Tokens: 480x832 and F frames -> latents (1 + (F-1)/4) x 60 x 104 -> source + 65 semantic + target
 (17 frames: 15,665; 49: 40,625; 81: 65,585).
 
-Printed per device (GiB): argument, output, alias (donated), temp; params / optimizer / EMA from the
+Printed per device (GiB): argument, output, alias (donated), temp; params (trained + frozen) / optimizer / EMA from the
 sharded state's shapes (exact per-device shard sizes), activations = temp (XLA's temporaries:
 activations, gradients, gathered weights); peak = argument + output - alias + temp, compared with
 the chip's HBM. A candidate fits when the peak leaves at least --headroom of HBM free.
@@ -120,9 +126,15 @@ LAYOUTS = {
     "v5p-64": Layout("v5p-64", 32, 95.0, "v5p:2x4x4", _TRAIN, _EDIT),
     "v6e-64": Layout("v6e-64", 64, 32.0, "v6e:8x8", _TRAIN, _EDIT),
     "8xh100": Layout("8xh100", 8, 80.0, None, _TRAIN, _EDIT),
+    "v5p-8": Layout("v5p-8", 4, 95.0, "v5p:2x2x1", _TRAIN, _EDIT),
+    "v6e-8": Layout("v6e-8", 8, 32.0, "v6e:2x4", _TRAIN, _EDIT),
 }
 FRAMES = (17, 49, 81)
-KINDS = ("train", "edit")
+KINDS = ("train", "lora", "edit")
+# The slices each kind plans by default: a LoRA run is what fits one host.
+DEFAULT_LAYOUTS = {"train": ("v5p-64", "v6e-64", "8xh100"), "edit": ("v5p-64", "v6e-64", "8xh100")}
+DEFAULT_LAYOUTS["lora"] = ("8xh100", "v5p-8", "v6e-8")
+LORA_RANK = 32
 SEMANTIC_TOKENS = 65
 
 
@@ -134,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--frames", type=int, action="append", help=f"video frames, 4k+1 (repeatable; default {FRAMES})"
     )
-    p.add_argument("--kind", action="append", choices=KINDS, help="train and/or edit (default both)")
+    p.add_argument(
+        "--kind", action="append", choices=KINDS, help="train, lora and/or edit (default train and edit)"
+    )
     p.add_argument(
         "--sharding", action="append", help="candidate name(s) to lower (default all of the layout's)"
     )
@@ -181,9 +195,9 @@ def parse(argv):
     """-> (config, args). Simulates the CPU devices before the config file imports jax's users."""
     spec, overrides, rest = config_lib.split_config_args(argv)
     args = build_parser().parse_args(rest)
-    args.layout = args.layout or list(LAYOUTS)
     args.frames = args.frames or list(FRAMES)
-    args.kind = args.kind or list(KINDS)
+    args.kind = args.kind or ["train", "edit"]
+    args.layout = args.layout or sorted({name for kind in args.kind for name in DEFAULT_LAYOUTS[kind]})
     for f in args.frames:
         if f < 1 or (f - 1) % 4:
             raise SystemExit(f"memory_plan: error: --frames {f}: the Wan VAE takes 4k+1 frames")
@@ -264,9 +278,11 @@ def run_config(config, candidate: Candidate, kind: str):
     c.mesh.ici = dict(candidate.ici)
     c.precision.remat = candidate.remat
     c.sharding_rules = [list(r) for r in candidate.rules] + list(c.sharding_rules)
-    if kind == "train":
+    if kind in ("train", "lora"):
         c.data.features = features.NAMES
         c.train.grad_accum = 1
+    if kind == "lora":
+        c.train.lora.update(rank=LORA_RANK, alpha=float(LORA_RANK))
     return c
 
 
@@ -325,7 +341,7 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
     from flax import nnx
 
     from sama_jax import encoders as encoders_lib
-    from sama_jax import train_step
+    from sama_jax import lora_train, train_step
     from sama_jax.features import BATCH_PREFIX
     from sama_jax.models import wan_dit
 
@@ -333,11 +349,14 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
     with config.unlocked():
         config.train.batch_size = num_shards * samples_per_device
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
-    dit = wan_dit.abstract_dit(dit_cfg)
+    if lora_train.enabled(config):
+        dit = lora_train.abstract_dit(dit_cfg, config.train.lora)
+    else:
+        dit = wan_dit.abstract_dit(dit_cfg)
     encoders = encoders_lib.build(config, nnx.Rngs(0), names=())
     parts = train_step.StepParts.build(config, mesh, rules, dit, encoders)
-    _, params, _ = nnx.split(dit, nnx.Param, ...)
-    state = parts.abstract_state(params)
+    state = parts.abstract_state(parts.dit_trainable)
+    frozen = _sds(parts.dit_frozen, parts.dit_frozen_shardings)  # a LoRA run's base
     b, lat, cfg = config.train.batch_size, latent_shape(frames, height, width), config.model.dit
     shapes = {
         "target_latents": (b, *lat),
@@ -354,6 +373,7 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
     if hbm_bytes is not None:
         bound = (
             per_device_bytes(state)
+            + per_device_bytes(frozen)
             + per_device_bytes(state["params"])
             + saved_residual_bytes(config, mesh, rules, frames, height, width)
         )
@@ -363,7 +383,7 @@ def lower_train(config, mesh, rules, frames, height, width, hbm_bytes=None, samp
             )
     compiled = train_step.make_train_step(config, parts).lower(state, encoder_state, batch).compile()
     split = dict(
-        params=per_device_bytes(state["params"]),
+        params=per_device_bytes(state["params"]) + per_device_bytes(frozen),
         optimizer=per_device_bytes(state["opt_state"]),
         ema=per_device_bytes(state["ema"]),
         batch=per_device_bytes(batch),
@@ -445,9 +465,9 @@ def groups(args):
     for layout_name in args.layout:
         layout = LAYOUTS[layout_name]
         for kind in args.kind:
-            candidates = layout.train if kind == "train" else layout.edit
+            candidates = layout.edit if kind == "edit" else layout.train
             # Context parallelism after plain FSDP, before tensor parallelism.
-            extra = _TRAIN_CP if kind == "train" else _EDIT_CP
+            extra = _EDIT_CP if kind == "edit" else _TRAIN_CP
             candidates = candidates[:1] + extra + candidates[1:]
             candidates = [c for c in candidates if not args.sharding or c.name in args.sharding]
             for frames in args.frames:
@@ -505,7 +525,7 @@ def lower_case(config, args, layout, kind, frames, cand, backend):
         rules = sharding.axis_rules(c.sharding_rules)
         if kind == "edit":  # as sama-edit: the CFG batch on 'data' only, never on fsdp
             rules = (("batch", "data"),) + rules
-        if kind == "train":
+        if kind in ("train", "lora"):
             compiled, split, batch = lower_train(
                 c,
                 mesh,
@@ -536,7 +556,7 @@ def lower_case(config, args, layout, kind, frames, cand, backend):
         remat=cand.remat,
         rules=[list(r) for r in cand.rules],
         batch=batch,
-        samples_per_device=args.samples_per_device if kind == "train" else 1,
+        samples_per_device=args.samples_per_device if kind != "edit" else 1,
         preset=config.model.preset,
         num_layers=int(config.model.dit.num_layers),
         memory=memory,
@@ -608,6 +628,7 @@ def print_table(results):
         (kind, c.name): i
         for kind, cands in (
             ("train", _TRAIN[:1] + _TRAIN_CP + _TRAIN[1:]),
+            ("lora", _TRAIN[:1] + _TRAIN_CP + _TRAIN[1:]),
             ("edit", _EDIT[:1] + _EDIT_CP + _EDIT[1:]),
         )
         for i, c in enumerate(cands)

@@ -5,7 +5,8 @@
     step = train_step.make_train_step(config, parts)
     state, metrics = step(state, parts.encoder_state, batch)   # batch: sharding.shard_batch(...)
 
-The state is a dict of pytrees: params (nnx.State of the DiT's nnx.Param), opt_state (optax), ema
+The state is a dict of pytrees: params (the DiT parameters it trains, an nnx.State: every nnx.Param,
+or a LoRA run's adapters and extra modules, lora_train.trainable_filter), opt_state (optax), ema
 (fp32 copy of params), and scalars step, rng (the run's base key; step s uses fold_in(rng, s)),
 skipped_updates and nonfinite_in_row. Everything the step needs is in it, so a resumed run repeats
 an uninterrupted one bit for bit.
@@ -15,7 +16,8 @@ from the batch (conditioning.dit_inputs), one shifted sigma per sample noises th
 the semantic tokens, the loss is SAMA's (flow_matching.sama_loss, weighted by the batch's `valid`),
 accumulated over train.grad_accum micro-batches with lax.scan (the same loss and gradient as the
 whole batch at once: per-sample noise keys, micro-batches weighted by their valid samples),
-clipped, AdamW, EMA. A step whose loss or
+clipped, AdamW, EMA. The frozen DiT parameters (a LoRA run's base) are an input the step holds
+(TrainStep.frozen), like the encoders' state: no gradient, optimizer state or EMA. A step whose loss or
 gradient norm is not finite leaves params, opt_state and ema as they were and is counted.
 
 Abstract use (benchmarks): build the parts from an abstract DiT/encoders (nnx.eval_shape), then

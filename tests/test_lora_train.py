@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import link_tiny_dataset
-from test_train import make_batch
 
 from sama_jax import config as config_lib
 from sama_jax import encoders as encoders_lib
@@ -31,9 +30,12 @@ TARGETED = [f"blocks.{a}.{m}.kernel" for a in ("self_attn", "cross_attn") for m 
 ]
 
 
+BATCH = 8
+
+
 def lora_config(base, **overrides):
     settings = {
-        "data.features": "('text',)",
+        "data.features": "('text', 'semantic', 'target_latents', 'source_latents')",
         "train.lora.rank": "4",
         "train.lora.alpha": "8.0",
         "train.lora.extra_trainable": f"('{EXTRA}',)",
@@ -43,6 +45,20 @@ def lora_config(base, **overrides):
         **overrides,
     }
     return config_lib.build_config(f"{ROOT}/configs/stage1_sft.py:tiny", list(settings.items()))
+
+
+def feature_batch(config, seed=0):
+    """A batch of precomputed features (no frozen encoder to build): 1-frame 32x32 latents."""
+    rng = np.random.default_rng(seed)
+    dit = config.model.dit
+    shapes = {
+        "target_latents": (BATCH, 1, 4, 4, dit.in_dim),
+        "source_latents": (BATCH, 1, 4, 4, dit.in_dim),
+        "text": (BATCH, dit.text_len, dit.text_dim),
+        "semantic": (BATCH, 5, dit.semantic_dim),
+    }
+    batch = {f"features/{k}": rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    return dict(batch, valid=np.ones((BATCH,), bool))
 
 
 def flat(state) -> dict:
@@ -62,7 +78,7 @@ def test_bad_lora_settings_are_named_at_start(tiny_models):
             {"train.lora.extra_trainable": "('projector',)"},
             r"train.lora.extra_trainable: 'projector' matches no",
         ),
-        ({"checkpoint.init_from": ""}, r"train.lora.rank=4 .* checkpoint.init_from is empty"),
+        ({"checkpoint.init_from": ""}, r"train.lora.rank=4 .* config.checkpoint.init_from is empty"),
         ({"train.lora.alpha": "0.0"}, r"train.lora.alpha=0.0 must be > 0"),
     ]
     for overrides, message in bad:
@@ -74,10 +90,10 @@ def test_bad_lora_settings_are_named_at_start(tiny_models):
 
 @pytest.fixture(scope="module")
 def stepped(tiny_models):
-    """Two LoRA steps from the tiny random base on one batch (8 devices), and the base's own loss
-    of step 0's noise and sigma."""
+    """Two LoRA steps from the tiny random base on one batch (one device: the sharded step is the
+    command's, below), and the base's own loss of step 0's noise and sigma."""
     config = lora_config(tiny_models[0] / "dit")
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     rules = sharding.axis_rules(config.sharding_rules)
     encoders = encoders_lib.build(config, nnx.Rngs(1), names=encoders_lib.needed(config, training=True))
     sharding.shard_module(encoders, mesh, rules)
@@ -86,7 +102,7 @@ def stepped(tiny_models):
     dit = lora_train.initial_dit(config, dit_cfg, graphdef, abstract, rest, mesh, rules, say=lambda m: None)
     parts = train_step.StepParts.build(config, mesh, rules, dit, encoders)
     step = train_step.make_train_step(config, parts)
-    batch = sharding.shard_batch(make_batch(config), mesh, rules)
+    batch = sharding.shard_batch(feature_batch(config), mesh, rules)
 
     base_graphdef, base_abstract, base_rest = run_dir.abstract_params(dit_cfg, mesh, rules)
     base = run_dir.initial_params(config, base_abstract, mesh, rules, say=lambda m: None)
