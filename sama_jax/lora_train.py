@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sama_jax import lora as lora_lib
 from sama_jax import sharding
 from sama_jax.config import ConfigError
 from sama_jax.models import params_table
@@ -56,16 +57,9 @@ def scale(lora) -> float:
 
 
 def _linear_modules(num_layers: int) -> dict[str, tuple[str, int | None]]:
-    """Official Linear module name -> (our module path, layer index or None)."""
-    out = {}
-    for ours, template, how in dit_table.TOP_PARAMS + dit_table.SAMA_PARAMS + dit_table.BLOCK_PARAMS:
-        if how != "linear":
-            continue
-        module = ours[: -len(".kernel")]
-        names = [template.format(i=i) for i in range(num_layers)] if "{i}" in template else [template]
-        for i, name in enumerate(names):
-            out[name[: -len(".weight")]] = (module, i if "{i}" in template else None)
-    return out
+    """Official Linear module name -> (our module path, layer index or None): lora.py's table."""
+    targets = lora_lib.linear_targets(num_layers)
+    return {name: (kernel[: -len(".kernel")], layer) for name, (kernel, layer) in targets.items()}
 
 
 def _select(patterns, names: dict[str, tuple[str, int | None]], key: str, what: str, match) -> set[str]:
