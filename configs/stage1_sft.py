@@ -4,6 +4,8 @@ Run (after `pip install -r requirements.txt -e .`):
   sama-train --config=configs/stage1_sft.py:tiny --workdir=runs/tiny --cpu_devices=8   # CPU, minutes
   sama-train --config=configs/stage1_sft.py:wan_14b --workdir=gs://... \
       --config.checkpoint.init_from=ckpt/wan14b_dit --config.model.checkpoints.vae=ckpt/vae ...
+  sama-train --config=configs/stage1_sft.py:wan_14b --workdir=DIR --config.train.lora.rank=32 \
+      --config.optimizer.lr=1e-4 --config.checkpoint.init_from=ckpt/sama14b ...   # LoRA on one host
   sama-smoke --config=configs/stage1_sft.py:tiny --cpu_devices=8   # the objective, no update
   sama-mesh-info --config=configs/stage1_sft.py:wan_14b            # the mesh it asks for
 Sizing (not yet measured with this code): wan_14b is the paper's model; the anchors have the 1.3B
