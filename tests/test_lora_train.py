@@ -265,6 +265,7 @@ def trained_items(workdir):
     return step, items
 
 
+@pytest.mark.slow
 def test_the_tiny_preset_trains_a_lora_through_the_command(lora_run):
     workdir, out = lora_run
     assert f"done: step {STEPS}" in out
@@ -280,6 +281,7 @@ def test_the_tiny_preset_trains_a_lora_through_the_command(lora_run):
     ]
 
 
+@pytest.mark.slow
 def test_the_run_loads_merged_as_its_released_file_gives(lora_run, tiny_models):
     workdir, _ = lora_run
     run = run_dir.load_run(workdir)  # what sama-edit --run and sama-export --run edit with
@@ -294,6 +296,7 @@ def test_the_run_loads_merged_as_its_released_file_gives(lora_run, tiny_models):
         assert np.array_equal(value, base[path]) == (path not in TARGETED), path
 
 
+@pytest.mark.slow
 def test_a_killed_lora_run_resumes_bitwise(command_env, lora_run):
     import time
 
