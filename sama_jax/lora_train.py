@@ -290,10 +290,16 @@ def merged_params(config, workdir: str, params_abstract, *, use_ema: bool, mesh=
     params_abstract: the plain DiT's (run_dir.abstract_params), the dtypes wanted."""
     from sama_jax import run_dir
 
+    base = config.checkpoint.init_from
+    if not os.path.exists(base):
+        raise FileNotFoundError(
+            f"{workdir} is a LoRA run on the base checkpoint.init_from={base!r}, which does not exist "
+            f"(a relative path is read from the current directory, {os.getcwd()})"
+        )
     abstract = trained_abstract(config, mesh, rules)
     trained, step = run_dir.restore_params(workdir, abstract, use_ema=use_ema)
-    base = run_dir.initial_params(config, params_abstract, mesh, rules, say=lambda _: None)
-    return merge_trained(base, trained, config.train.lora), step
+    params = run_dir.initial_params(config, params_abstract, mesh, rules, say=lambda _: None)
+    return merge_trained(params, trained, config.train.lora), step
 
 
 # -- the released format ----------------------------------------------------------------------------
