@@ -198,8 +198,9 @@ def command_env(tmp_path_factory, tiny_dataset, tiny_models):
         siglip.KIND,
         dataclasses.asdict(siglip_cfg),
     )
-    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    # The runs choose their device count (--cpu-devices); conftest's compile flags are kept.
+    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+    environ = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     args = [
         f"--config={ROOT}/configs/stage1_sft.py:tiny",
         "--config.data.mixture=[{'kind': 'image_edit', 'manifest': 'data/synthetic/image_edits.jsonl', "
