@@ -226,18 +226,6 @@ def with_dtype(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
-def initial_dit(config, dit_cfg, graphdef, params_abstract, rest, mesh, rules, say):
-    """The DiT a LoRA run starts from: the base of checkpoint.init_from (in frozen_param_dtype) with
-    the run's fresh adapters. params_abstract: the adapted DiT's (run_dir.abstract_params)."""
-    from sama_jax import run_dir
-
-    _, base_abstract, _ = run_dir.abstract_params(dit_cfg, mesh, rules)
-    base_abstract = with_dtype(base_abstract, jnp.dtype(config.precision.frozen_param_dtype))
-    base = run_dir.initial_params(config, base_abstract, mesh, rules, say)
-    adapters, _ = nnx.split_state(params_abstract, nnx.LoRAParam, ...)
-    return nnx.merge(graphdef, base, initial_adapters(adapters, int(config.seed)), rest)
-
-
 # -- a trained run --------------------------------------------------------------------------------
 
 
@@ -282,24 +270,6 @@ def trained_abstract(config, mesh=None, rules=None):
         shardings = jax.tree.map(lambda _: device, trained)
     dtype = jnp.dtype(config.precision.param_dtype)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), trained, shardings)
-
-
-def merged_params(config, workdir: str, params_abstract, *, use_ema: bool, mesh=None, rules=None):
-    """A LoRA run's DiT as edits use it: its base (checkpoint.init_from) with the adapters of the
-    latest checkpoint (EMA or raw) merged and its extra modules in place; -> (params, step).
-    params_abstract: the plain DiT's (run_dir.abstract_params), the dtypes wanted."""
-    from sama_jax import run_dir
-
-    base = config.checkpoint.init_from
-    if not os.path.exists(base):
-        raise FileNotFoundError(
-            f"{workdir} is a LoRA run on the base checkpoint.init_from={base!r}, which does not exist "
-            f"(a relative path is read from the current directory, {os.getcwd()})"
-        )
-    abstract = trained_abstract(config, mesh, rules)
-    trained, step = run_dir.restore_params(workdir, abstract, use_ema=use_ema)
-    params = run_dir.initial_params(config, params_abstract, mesh, rules, say=lambda _: None)
-    return merge_trained(params, trained, config.train.lora), step
 
 
 # -- the released format ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sama_jax import encoders as encoders_lib
-from sama_jax import sharding
+from sama_jax import lora_train, sharding
 from sama_jax.config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -117,7 +117,6 @@ def check_and_write_config(workdir: str, config, allow_change: bool, write: bool
 def abstract_params(dit_config, mesh=None, rules=None, lora=None):
     """(graphdef, abstract nnx.Param state with shardings, rest) of the DiT `dit_config` builds (with
     the adapters of a config.train.lora section whose rank is > 0)."""
-    from sama_jax import lora_train
     from sama_jax.models import wan_dit
 
     if lora is not None and int(lora.rank) > 0:
@@ -162,14 +161,11 @@ def restore_params(workdir: str, params_abstract, *, use_ema: bool, step: int | 
 
 def run_params(workdir: str, params_abstract, *, use_ema: bool, mesh=None, rules=None):
     """The DiT parameters a run trained, in params_abstract's dtypes and shardings (a LoRA run: its
-    base with the adapters merged, lora_train.merged_params); -> (params, step)."""
-    from sama_jax import lora_train
+    base with the adapters merged, merged_lora_params); -> (params, step)."""
 
     config = read_config(workdir)
     if lora_train.enabled(config):
-        return lora_train.merged_params(
-            config, workdir, params_abstract, use_ema=use_ema, mesh=mesh, rules=rules
-        )
+        return merged_lora_params(config, workdir, params_abstract, use_ema=use_ema, mesh=mesh, rules=rules)
     return restore_params(workdir, params_abstract, use_ema=use_ema)
 
 
@@ -204,6 +200,32 @@ def initial_params(config, params_abstract, mesh, rules, say):
         )
     say(f"DiT parameters from {source}")
     return nnx.state(dit, nnx.Param)
+
+
+def initial_lora_dit(config, dit_cfg, graphdef, params_abstract, rest, mesh, rules, say):
+    """The DiT a LoRA run starts from: the base of checkpoint.init_from (in frozen_param_dtype) with
+    the run's fresh adapters. params_abstract: the adapted DiT's (abstract_params with the lora section)."""
+    _, base_abstract, _ = abstract_params(dit_cfg, mesh, rules)
+    base_abstract = lora_train.with_dtype(base_abstract, jax.numpy.dtype(config.precision.frozen_param_dtype))
+    base = initial_params(config, base_abstract, mesh, rules, say)
+    adapters, _ = nnx.split_state(params_abstract, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, base, lora_train.initial_adapters(adapters, int(config.seed)), rest)
+
+
+def merged_lora_params(config, workdir: str, params_abstract, *, use_ema: bool, mesh=None, rules=None):
+    """A LoRA run's DiT as edits use it: its base (checkpoint.init_from) with the adapters of the
+    latest checkpoint (EMA or raw) merged and its extra modules in place; -> (params, step).
+    params_abstract: the plain DiT's (abstract_params), the dtypes wanted."""
+    base = config.checkpoint.init_from
+    if not os.path.exists(base):
+        raise FileNotFoundError(
+            f"{workdir} is a LoRA run on the base checkpoint.init_from={base!r}, which does not exist "
+            f"(a relative path is read from the current directory, {os.getcwd()})"
+        )
+    abstract = lora_train.trained_abstract(config, mesh, rules)
+    trained, step = restore_params(workdir, abstract, use_ema=use_ema)
+    params = initial_params(config, params_abstract, mesh, rules, say=lambda _: None)
+    return lora_train.merge_trained(params, trained, config.train.lora), step
 
 
 def load_run(workdir: str, *, use_ema: bool = True, mesh=None, rules=None) -> Run:

@@ -278,7 +278,7 @@ def build_model(config, mesh, rules, frozen, say) -> Model:
     if lora_train.enabled(config):
         # The frozen base is loaded for a fresh and a resumed run alike: the step holds it, as it
         # holds the frozen encoders; the fresh adapters are the start of a new run.
-        dit = lora_train.initial_dit(config, dit_cfg, graphdef, params_abstract, rest, mesh, rules, say)
+        dit = run_dir.initial_lora_dit(config, dit_cfg, graphdef, params_abstract, rest, mesh, rules, say)
     parts = train_step.StepParts.build(config, mesh, rules, dit, frozen)
     trained = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -101,7 +101,7 @@ def stepped(tiny_models):
     sharding.shard_module(encoders, mesh, rules)
     dit_cfg = wan_dit.WanDiTConfig.from_config(config.model.dit, config.precision)
     graphdef, abstract, rest = run_dir.abstract_params(dit_cfg, mesh, rules, config.train.lora)
-    dit = lora_train.initial_dit(config, dit_cfg, graphdef, abstract, rest, mesh, rules, say=lambda m: None)
+    dit = run_dir.initial_lora_dit(config, dit_cfg, graphdef, abstract, rest, mesh, rules, say=lambda m: None)
     parts = train_step.StepParts.build(config, mesh, rules, dit, encoders)
     step = train_step.make_train_step(config, parts)
     batch = sharding.shard_batch(feature_batch(config), mesh, rules)

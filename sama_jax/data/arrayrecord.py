@@ -31,11 +31,8 @@ shape batches without opening any media.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
-import sys
 from typing import Iterable, Sequence
 
 from sama_jax.data import shard_format

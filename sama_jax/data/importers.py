@@ -31,6 +31,7 @@ re-importing the same files gives the same ids. A bad row (a required field miss
 ImportFormatError naming the file and line (JSON lists: the item number); with --skip-bad-rows it is
 logged, counted and left out instead. Media are not opened here: sama-build-shards checks them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,9 @@ def _field(row, where: str, names: Sequence[str], required: bool = True) -> str:
             return str(value).strip()
     if required:
         present = [k for k in names if k in row]
-        detail = f"{present[0]!r} is empty" if present else f"none of {list(names)} present (has {sorted(row)})"
+        detail = (
+            f"{present[0]!r} is empty" if present else f"none of {list(names)} present (has {sorted(row)})"
+        )
         raise ImportFormatError(f"{where}: {detail}")
     return ""
 
@@ -117,7 +120,9 @@ class _Builder:
         self.fmt, self.root, self.absolute = fmt, root, absolute
         self.manifest_dir = os.path.dirname(os.path.abspath(manifest_path))
 
-    def media(self, path: str, metadata_path: str, candidates: Callable[[str], list[str]] | None = None) -> str:
+    def media(
+        self, path: str, metadata_path: str, candidates: Callable[[str], list[str]] | None = None
+    ) -> str:
         root = self.root or os.path.dirname(os.path.abspath(metadata_path))
         if os.path.isabs(path):
             full = path
@@ -127,10 +132,14 @@ class _Builder:
         full = os.path.normpath(os.path.abspath(full))
         return full if self.absolute else os.path.relpath(full, self.manifest_dir)
 
-    def sample(self, metadata_path: str, row_index: int, source: str, target: str, text: str, **extra) -> dict:
+    def sample(
+        self, metadata_path: str, row_index: int, source: str, target: str, text: str, **extra
+    ) -> dict:
         stem = os.path.splitext(os.path.basename(metadata_path))[0]
         if source:
-            kind = "image_edit" if video_io.is_image_ext(os.path.splitext(target)[1] or ".mp4") else "video_edit"
+            kind = (
+                "image_edit" if video_io.is_image_ext(os.path.splitext(target)[1] or ".mp4") else "video_edit"
+            )
         else:
             kind = "t2v"
         sample = dict(id=f"{self.fmt}-{stem}-{row_index:07d}", kind=kind, target=target, text=text)
@@ -146,47 +155,70 @@ def _ditto(builder: _Builder, path: str, where: str, row: dict, index: int) -> d
 
     src_rel = _field(row, where, ("source_path",))
     tgt_rel = _field(row, where, ("edited_path",))
-    return builder.sample(path, index, builder.media(src_rel, path, in_videos(src_rel)),
-                          builder.media(tgt_rel, path, in_videos(tgt_rel)),
-                          _field(row, where, ("instruction",)),
-                          source_caption=_field(row, where, ("source_caption",), required=False))
+    return builder.sample(
+        path,
+        index,
+        builder.media(src_rel, path, in_videos(src_rel)),
+        builder.media(tgt_rel, path, in_videos(tgt_rel)),
+        _field(row, where, ("instruction",)),
+        source_caption=_field(row, where, ("source_caption",), required=False),
+    )
 
 
 def _reco(builder: _Builder, path: str, where: str, row: dict, index: int) -> dict:
     stem = os.path.splitext(os.path.basename(path))[0]
-    task = stem[:-len("_data_configs")] if stem.endswith("_data_configs") else stem
-    return builder.sample(path, index, builder.media(_field(row, where, ("src_video",)), path),
-                          builder.media(_field(row, where, ("tar_video",)), path),
-                          _field(row, where, ("instruction_final_refine",)), task=task)
+    task = stem[: -len("_data_configs")] if stem.endswith("_data_configs") else stem
+    return builder.sample(
+        path,
+        index,
+        builder.media(_field(row, where, ("src_video",)), path),
+        builder.media(_field(row, where, ("tar_video",)), path),
+        _field(row, where, ("instruction_final_refine",)),
+        task=task,
+    )
 
 
 OPENVE_SOURCE = ("original_video", "source_video", "src_video", "input_video")
 OPENVE_TARGET = ("edited_video", "edited_result_path", "target_video", "tgt_video", "video")
 OPENVE_TEXT = ("prompt", "instruction", "edit_prompt")
-OPENVE_START_FRAME = 4   # SAMA's released loader drops these leading frames of OpenVE-3M clips
+OPENVE_START_FRAME = 4  # SAMA's released loader drops these leading frames of OpenVE-3M clips
 
 
 def _openve(builder: _Builder, path: str, where: str, row: dict, index: int) -> dict:
     edit_type = _field(row, where, ("edited_type", "edit_type"), required=False)
-    return builder.sample(path, index, builder.media(_field(row, where, OPENVE_SOURCE), path),
-                          builder.media(_field(row, where, OPENVE_TARGET), path),
-                          _field(row, where, OPENVE_TEXT),
-                          edit_type=edit_type or os.path.splitext(os.path.basename(path))[0],
-                          start_frame=OPENVE_START_FRAME)
+    return builder.sample(
+        path,
+        index,
+        builder.media(_field(row, where, OPENVE_SOURCE), path),
+        builder.media(_field(row, where, OPENVE_TARGET), path),
+        _field(row, where, OPENVE_TEXT),
+        edit_type=edit_type or os.path.splitext(os.path.basename(path))[0],
+        start_frame=OPENVE_START_FRAME,
+    )
 
 
 def _diffsynth(builder: _Builder, path: str, where: str, row: dict, index: int) -> dict:
     source = _field(row, where, ("source_video",), required=False)
-    return builder.sample(path, index, builder.media(source, path) if source else "",
-                          builder.media(_field(row, where, ("video",)), path),
-                          _field(row, where, ("prompt",)))
+    return builder.sample(
+        path,
+        index,
+        builder.media(source, path) if source else "",
+        builder.media(_field(row, where, ("video",)), path),
+        _field(row, where, ("prompt",)),
+    )
 
 
 FORMATS = {"ditto": _ditto, "reco": _reco, "openve": _openve, "diffsynth": _diffsynth}
 
 
-def import_samples(fmt: str, inputs: Iterable[str], manifest_path: str, root: str | None = None,
-                   absolute: bool = False, skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
+def import_samples(
+    fmt: str,
+    inputs: Iterable[str],
+    manifest_path: str,
+    root: str | None = None,
+    absolute: bool = False,
+    skip_bad_rows: bool = False,
+) -> tuple[list[dict], list[str]]:
     """(samples, bad-row messages) for metadata files of one format; paths relative to manifest_path."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
@@ -207,8 +239,14 @@ def import_samples(fmt: str, inputs: Iterable[str], manifest_path: str, root: st
     return samples, bad
 
 
-def import_manifest(fmt: str, inputs: Iterable[str], manifest_path: str, root: str | None = None,
-                    absolute: bool = False, skip_bad_rows: bool = False) -> dict:
+def import_manifest(
+    fmt: str,
+    inputs: Iterable[str],
+    manifest_path: str,
+    root: str | None = None,
+    absolute: bool = False,
+    skip_bad_rows: bool = False,
+) -> dict:
     """Imports and writes the manifest; returns a summary {samples, kinds, bad_rows, manifest}."""
     inputs = list(inputs)
     samples, bad = import_samples(fmt, inputs, manifest_path, root, absolute, skip_bad_rows)
@@ -226,20 +264,26 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="sama-import-manifest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sama-import-manifest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, nargs="+", help="metadata files (csv/json/jsonl)")
     parser.add_argument("--out", required=True, help="manifest (.jsonl) to write")
-    parser.add_argument("--root", default=None, help="directory media paths are relative to "
-                                                     "(default: each metadata file's directory)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="directory media paths are relative to (default: each metadata file's directory)",
+    )
     parser.add_argument("--absolute", action="store_true", help="write absolute media paths")
     parser.add_argument("--skip-bad-rows", action="store_true", help="log and skip malformed rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     summary = import_manifest(args.format, args.input, args.out, args.root, args.absolute, args.skip_bad_rows)
-    print(f"{summary['samples']} samples {summary['kinds']} -> {summary['manifest']}"
-          + (f"; skipped {summary['bad_rows']} bad rows" if summary["bad_rows"] else ""))
+    print(
+        f"{summary['samples']} samples {summary['kinds']} -> {summary['manifest']}"
+        + (f"; skipped {summary['bad_rows']} bad rows" if summary["bad_rows"] else "")
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ becomes, per-sample checks), workers.py (decoding in threads or processes) and p
 global plan, the iterator, the skip-rate guard). The design, its measurements and the rules for
 bad items: docs/data.md.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -20,19 +21,58 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from sama_jax.config import ConfigError
-from sama_jax.data.planner import (BucketBatchDataset, BucketBatchIterator, GlobalPlanner, ShapeProbe,
-                                   SkipGuard, SkipRateError)
-from sama_jax.data.samples import (EDIT_TASK, FEATURE_PREFIX, SKIP_KEY, FieldError, MissingFeatures,
-                                   SampleSpec, collate, media_size, padding_sample, plan_shape,
-                                   prepare_sample, skip_marker)
+from sama_jax.data.planner import (
+    BucketBatchDataset,
+    BucketBatchIterator,
+    GlobalPlanner,
+    ShapeProbe,
+    SkipGuard,
+    SkipRateError,
+)
+from sama_jax.data.samples import (
+    EDIT_TASK,
+    FEATURE_PREFIX,
+    SKIP_KEY,
+    FieldError,
+    MissingFeatures,
+    SampleSpec,
+    collate,
+    media_size,
+    padding_sample,
+    plan_shape,
+    prepare_sample,
+    skip_marker,
+)
 from sama_jax.data.sources import SIZE_KEYS, ManifestSource, describe_entry, mix_sources, open_sources
 from sama_jax.data.workers import PlannedDecoder
 
-__all__ = ["BucketBatchDataset", "BucketBatchIterator", "EDIT_TASK", "FEATURE_PREFIX", "FieldError",
-           "GlobalPlanner", "ManifestSource", "MissingFeatures", "PlannedDecoder", "SIZE_KEYS", "SKIP_KEY",
-           "SampleSpec", "ShapeProbe", "SkipGuard", "SkipRateError", "build_pipeline", "check_data_config",
-           "collate", "media_size", "mix_sources", "open_sources", "padding_sample", "plan_shape",
-           "prepare_sample", "skip_marker"]
+__all__ = [
+    "BucketBatchDataset",
+    "BucketBatchIterator",
+    "EDIT_TASK",
+    "FEATURE_PREFIX",
+    "FieldError",
+    "GlobalPlanner",
+    "ManifestSource",
+    "MissingFeatures",
+    "PlannedDecoder",
+    "SIZE_KEYS",
+    "SKIP_KEY",
+    "SampleSpec",
+    "ShapeProbe",
+    "SkipGuard",
+    "SkipRateError",
+    "build_pipeline",
+    "check_data_config",
+    "collate",
+    "media_size",
+    "mix_sources",
+    "open_sources",
+    "padding_sample",
+    "plan_shape",
+    "prepare_sample",
+    "skip_marker",
+]
 
 
 def _count(data, key: str, default: int, minimum: int) -> int:
@@ -46,19 +86,32 @@ def check_data_config(data, seed: int = 0, anchor_frames: int = 1, text_len: int
     """Every check of config.data that needs no data: the SampleSpec, the loader counts and the
     skip-rate guard. Raises ConfigError naming the key; cheap, so call it before building models."""
     spec = SampleSpec.from_config(data, seed, anchor_frames=anchor_frames, text_len=text_len)
-    for key, default, minimum in (("worker_count", 0, 0), ("read_threads", 1, 1),
-                                  ("metadata_threads", 0, 0), ("prefetch", 2, 0)):
+    for key, default, minimum in (
+        ("worker_count", 0, 0),
+        ("read_threads", 1, 1),
+        ("metadata_threads", 0, 0),
+        ("prefetch", 2, 0),
+    ):
         _count(data, key, default, minimum)
     SkipGuard.from_config(data)
     return spec
 
 
-def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: int, seed: int,
-                   image_batch_size: int | None = None,
-                   num_epochs: int | None = None, process_index: int | None = None,
-                   process_count: int | None = None, worker_count: int | None = None,
-                   anchor_frames: int = 1, text_len: int = 512,
-                   drop_remainder: bool = True) -> BucketBatchDataset:
+def build_pipeline(
+    data,
+    sources: Sequence[tuple[Mapping, Any]],
+    *,
+    batch_size: int,
+    seed: int,
+    image_batch_size: int | None = None,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int | None = None,
+    anchor_frames: int = 1,
+    text_len: int = 512,
+    drop_remainder: bool = True,
+) -> BucketBatchDataset:
     """The training pipeline for config.data over opened sources; batch_size is per process, and
     image_batch_size (None: batch_size) that of single-frame (image) batches.
 
@@ -73,10 +126,17 @@ def build_pipeline(data, sources: Sequence[tuple[Mapping, Any]], *, batch_size: 
     guard = SkipGuard.from_config(data, entries)
     stream = mix_sources(sources, seed, num_epochs)
     workers = _count(data, "worker_count", 0, 0) if worker_count is None else worker_count
-    return BucketBatchDataset(stream, spec, batch_size, image_batch_size=image_batch_size,
-                              process_index=process_index,
-                              process_count=process_count, worker_count=workers,
-                              read_threads=_count(data, "read_threads", 1, 1),
-                              metadata_threads=_count(data, "metadata_threads", 0, 0),
-                              prefetch=_count(data, "prefetch", 2, 0), drop_remainder=drop_remainder,
-                              skip_guard=guard)
+    return BucketBatchDataset(
+        stream,
+        spec,
+        batch_size,
+        image_batch_size=image_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=workers,
+        read_threads=_count(data, "read_threads", 1, 1),
+        metadata_threads=_count(data, "metadata_threads", 0, 0),
+        prefetch=_count(data, "prefetch", 2, 0),
+        drop_remainder=drop_remainder,
+        skip_guard=guard,
+    )

@@ -9,6 +9,7 @@ Every process plans over the whole stream, so all hold the same plan and skip th
 the skip-rate guard (SkipGuard) therefore stops or warns on every process alike. How and why:
 docs/data.md.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,8 +27,8 @@ from sama_jax.data.workers import DecodePool, PlannedDecoder
 
 log = logging.getLogger(__name__)
 
-MAX_SKIP_EXAMPLES = 100     # examples kept in the summary; every skip is logged and counted
-TOP_REASONS = 3             # reasons named in a skip-rate message
+MAX_SKIP_EXAMPLES = 100  # examples kept in the summary; every skip is logged and counted
+TOP_REASONS = 3  # reasons named in a skip-rate message
 
 
 class SkipRateError(ValueError):
@@ -61,23 +62,26 @@ class SkipCounter:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < MAX_SKIP_EXAMPLES:
             self.examples.append({k: marker[k] for k in (SKIP_KEY, "id", "index", "path", "message")})
-        log.warning("%s sample %s (%s) at %s: %s", what, marker["id"], reason, marker["path"],
-                    marker["message"])
+        log.warning(
+            "%s sample %s (%s) at %s: %s", what, marker["id"], reason, marker["path"], marker["message"]
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class SkipGuard:
     """Stops (or warns) when one mixture entry's skip fraction exceeds max_fraction, once the entry
     has min_records records in the metadata pass (one early bad file cannot stop a run)."""
+
     max_fraction: float = 0.5
-    action: str = "error"               # error | warn
+    action: str = "error"  # error | warn
     min_records: int = 20
-    entries: tuple[str, ...] = ()       # how messages name mixture entry i
+    entries: tuple[str, ...] = ()  # how messages name mixture entry i
 
     def __post_init__(self):
         if not 0.0 <= self.max_fraction <= 1.0:
-            raise ConfigError(f"data.max_skip_fraction={self.max_fraction}: must be in [0, 1] "
-                              f"(1 never stops)")
+            raise ConfigError(
+                f"data.max_skip_fraction={self.max_fraction}: must be in [0, 1] (1 never stops)"
+            )
         if self.action not in ("error", "warn"):
             raise ConfigError(f"data.on_skip_excess={self.action!r}: must be 'error' or 'warn'")
         if self.min_records < 1:
@@ -91,8 +95,11 @@ class SkipGuard:
             fraction = float(value)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data.max_skip_fraction={value!r}: must be a number in [0, 1]") from e
-        return cls(max_fraction=fraction, action=str(data.get("on_skip_excess", defaults.action)),
-                   entries=tuple(entries))
+        return cls(
+            max_fraction=fraction,
+            action=str(data.get("on_skip_excess", defaults.action)),
+            entries=tuple(entries),
+        )
 
     def name(self, entry: int) -> str:
         return self.entries[entry] if entry < len(self.entries) else f"data.mixture[{entry}]"
@@ -107,9 +114,16 @@ class GlobalPlanner:
     stream the partial buffers are emitted (oldest first) unless drop_remainder.
     """
 
-    def __init__(self, shapes: grain.MapDataset, global_batch: int, read_options: grain.ReadOptions,
-                 drop_remainder: bool, max_consecutive_skips: int, guard: SkipGuard | None = None,
-                 image_global_batch: int | None = None):
+    def __init__(
+        self,
+        shapes: grain.MapDataset,
+        global_batch: int,
+        read_options: grain.ReadOptions,
+        drop_remainder: bool,
+        max_consecutive_skips: int,
+        guard: SkipGuard | None = None,
+        image_global_batch: int | None = None,
+    ):
         self.shapes, self.global_batch = shapes, global_batch
         self.image_global_batch = image_global_batch or global_batch
         self.read_options, self.drop_remainder = read_options, drop_remainder
@@ -122,7 +136,7 @@ class GlobalPlanner:
     def _open(self):
         # A slice of the MapDataset keeps every record's global position; Grain's read threads keep
         # the order.
-        self._upstream = iter(self.shapes[self._next_position:].to_iter_dataset(self.read_options))
+        self._upstream = iter(self.shapes[self._next_position :].to_iter_dataset(self.read_options))
 
     def close(self):
         if self._upstream is not None and hasattr(self._upstream, "close"):
@@ -139,8 +153,10 @@ class GlobalPlanner:
         stats["example"] = stats["example"] or f"{item['id']} at {item['path']}: {item['message']}"
         self._consecutive_skips += 1
         if self._consecutive_skips >= self.max_consecutive_skips:
-            raise RuntimeError(f"{self._consecutive_skips} samples in a row were unusable; the data "
-                               f"is broken, not a few items: {self._skips.counts} {self._skips.examples}")
+            raise RuntimeError(
+                f"{self._consecutive_skips} samples in a row were unusable; the data "
+                f"is broken, not a few items: {self._skips.counts} {self._skips.examples}"
+            )
 
     def _check_skip_rate(self, item: dict):
         stats, guard = self._entry_stats(item), self.guard
@@ -150,11 +166,13 @@ class GlobalPlanner:
         if skipped <= guard.max_fraction * seen or entry in self._warned:
             return
         top = sorted(stats["skips"].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
-        message = (f"{guard.name(entry)}: {skipped} of the first {seen} records were skipped "
-                   f"({skipped / seen:.0%} > data.max_skip_fraction={guard.max_fraction:g}); top reasons: "
-                   f"{', '.join(f'{reason} {n}' for reason, n in top)}; e.g. {stats['example']}. "
-                   f"Fix or drop the entry, or raise data.max_skip_fraction "
-                   f"(data.on_skip_excess='warn' only warns)")
+        message = (
+            f"{guard.name(entry)}: {skipped} of the first {seen} records were skipped "
+            f"({skipped / seen:.0%} > data.max_skip_fraction={guard.max_fraction:g}); top reasons: "
+            f"{', '.join(f'{reason} {n}' for reason, n in top)}; e.g. {stats['example']}. "
+            f"Fix or drop the entry, or raise data.max_skip_fraction "
+            f"(data.on_skip_excess='warn' only warns)"
+        )
         if guard.action == "error":
             raise SkipRateError(message)
         self._warned.add(entry)
@@ -195,11 +213,15 @@ class GlobalPlanner:
         return self.image_global_batch if shape[0] == 1 else self.global_batch
 
     def state(self) -> dict:
-        return {"next_position": self._next_position,
-                "waiting": sorted(p for bucket in self._buffers.values() for p in bucket),
-                "exhausted": self._exhausted, "skip_counts": dict(self._skips.counts),
-                "skip_examples": list(self._skips.examples), "consecutive_skips": self._consecutive_skips,
-                "entries": {k: dict(v, skips=dict(v["skips"])) for k, v in self._entries.items()}}
+        return {
+            "next_position": self._next_position,
+            "waiting": sorted(p for bucket in self._buffers.values() for p in bucket),
+            "exhausted": self._exhausted,
+            "skip_counts": dict(self._skips.counts),
+            "skip_examples": list(self._skips.examples),
+            "consecutive_skips": self._consecutive_skips,
+            "entries": {k: dict(v, skips=dict(v["skips"])) for k, v in self._entries.items()},
+        }
 
     def restore(self, state: dict | None) -> None:
         """Back to a saved state (None: the start); waiting positions are probed again."""
@@ -227,12 +249,23 @@ class BucketBatchDataset(grain.IterDataset):
     single-frame batches (image edits), as the released trainer's bs_img next to bs_vid.
     """
 
-    def __init__(self, stream: grain.MapDataset, spec: SampleSpec, batch_size: int, *,
-                 image_batch_size: int | None = None,
-                 process_index: int = 0, process_count: int = 1, worker_count: int = 0,
-                 read_threads: int = 1, metadata_threads: int = 0, prefetch: int = 2,
-                 drop_remainder: bool = True, max_consecutive_skips: int = 1000,
-                 skip_guard: SkipGuard | None = None):
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        spec: SampleSpec,
+        batch_size: int,
+        *,
+        image_batch_size: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        worker_count: int = 0,
+        read_threads: int = 1,
+        metadata_threads: int = 0,
+        prefetch: int = 2,
+        drop_remainder: bool = True,
+        max_consecutive_skips: int = 1000,
+        skip_guard: SkipGuard | None = None,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -241,8 +274,10 @@ class BucketBatchDataset(grain.IterDataset):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         if process_count > 1 and not drop_remainder:
-            raise ValueError("drop_remainder=False needs a single process: the last, partial global "
-                             "batch would give processes different batch sizes")
+            raise ValueError(
+                "drop_remainder=False needs a single process: the last, partial global "
+                "batch would give processes different batch sizes"
+            )
         self.stream, self.records, self.spec = stream, stream.map(sources_lib.record_of), spec
         self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
         self.image_batch_size = image_batch_size or batch_size
@@ -251,8 +286,9 @@ class BucketBatchDataset(grain.IterDataset):
         # while this thread decodes makes both wait on the GIL (measured: decodes 2 ms -> 60 ms).
         # > 0 reads ahead about one global batch with threads: for probes that wait on remote storage
         # while worker processes decode.
-        self.metadata_options = grain.ReadOptions(num_threads=metadata_threads,
-                                                  prefetch_buffer_size=batch_size * process_count)
+        self.metadata_options = grain.ReadOptions(
+            num_threads=metadata_threads, prefetch_buffer_size=batch_size * process_count
+        )
         self.drop_remainder = drop_remainder
         self.max_consecutive_skips = max_consecutive_skips
         self.skip_guard = skip_guard or SkipGuard()
@@ -261,24 +297,30 @@ class BucketBatchDataset(grain.IterDataset):
         return BucketBatchIterator(self)
 
     def __str__(self) -> str:
-        return (f"BucketBatchDataset(batch_size={self.batch_size}, "
-                f"image_batch_size={self.image_batch_size}, process {self.process_index} of "
-                f"{self.process_count}, workers={self.worker_count})")
+        return (
+            f"BucketBatchDataset(batch_size={self.batch_size}, "
+            f"image_batch_size={self.image_batch_size}, process {self.process_index} of "
+            f"{self.process_count}, workers={self.worker_count})"
+        )
 
 
 class BucketBatchIterator(grain.DatasetIterator):
-
     def __init__(self, ds: BucketBatchDataset):
         super().__init__()
         self._ds = ds
         self._pool = DecodePool(PlannedDecoder(ds.records, ds.spec), ds.worker_count, ds.read_threads)
-        self._planner = GlobalPlanner(ds.stream.map_with_index(ShapeProbe(ds.spec)),
-                                      ds.batch_size * ds.process_count, ds.metadata_options,
-                                      ds.drop_remainder, ds.max_consecutive_skips, ds.skip_guard,
-                                      image_global_batch=ds.image_batch_size * ds.process_count)
+        self._planner = GlobalPlanner(
+            ds.stream.map_with_index(ShapeProbe(ds.spec)),
+            ds.batch_size * ds.process_count,
+            ds.metadata_options,
+            ds.drop_remainder,
+            ds.max_consecutive_skips,
+            ds.skip_guard,
+            image_global_batch=ds.image_batch_size * ds.process_count,
+        )
         # Planned batches in flight: (shape, this process's positions, plan state after it, jobs).
         self._ahead: collections.deque = collections.deque()
-        self._state = self._planner.state()      # the plan state after the last batch returned
+        self._state = self._planner.state()  # the plan state after the last batch returned
         self._padded = SkipCounter()
 
     def _plan_ahead(self):
@@ -290,17 +332,17 @@ class BucketBatchIterator(grain.DatasetIterator):
             shape, positions = planned
             size = self._planner.batch_size_of(shape) // self._ds.process_count
             first = self._ds.process_index * size
-            mine = positions[first:first + size]
+            mine = positions[first : first + size]
             jobs = [self._pool.submit(p, shape) for p in mine]
             self._ahead.append((shape, mine, self._planner.state(), jobs))
 
     def __next__(self) -> dict:
         self._plan_ahead()
         if not self._ahead:
-            self._state = self._planner.state()   # the end: the skips found after the last batch count
+            self._state = self._planner.state()  # the end: the skips found after the last batch count
             raise StopIteration
         shape, mine, state, jobs = self._ahead.popleft()
-        self._plan_ahead()   # keep the workers busy while this batch is gathered
+        self._plan_ahead()  # keep the workers busy while this batch is gathered
         results = [self._pool.take(job, p, shape) for p, job in zip(mine, jobs)]
         for _, problem in results:
             if problem is not None:
@@ -315,8 +357,9 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._ahead.clear()
 
     def get_state(self) -> dict:
-        return dict(self._state, padded_counts=dict(self._padded.counts),
-                    padded_examples=list(self._padded.examples))
+        return dict(
+            self._state, padded_counts=dict(self._padded.counts), padded_examples=list(self._padded.examples)
+        )
 
     def set_state(self, state: dict) -> None:
         self._drop_ahead()
@@ -330,8 +373,12 @@ class BucketBatchIterator(grain.DatasetIterator):
         for reason, n in self._padded.counts.items():
             counts[reason] = counts.get(reason, 0) + n
         examples = (self._state["skip_examples"] + self._padded.examples)[:MAX_SKIP_EXAMPLES]
-        return {"total": sum(counts.values()), "counts": counts,
-                "padded": sum(self._padded.counts.values()), "examples": examples}
+        return {
+            "total": sum(counts.values()),
+            "counts": counts,
+            "padded": sum(self._padded.counts.values()),
+            "examples": examples,
+        }
 
     def close(self) -> None:
         self._drop_ahead()

@@ -21,6 +21,7 @@ Tasks, mixed none:cube:speed:shuffle = 1:2:3:4 by default (paper):
            SwapFourBlocks); the permutation is returned so `tube_unshuffle` inverts it.
 The released code names no task tokens; ours are in PretextConfig.tokens and configurable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,32 +31,41 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 TASKS = ("none", "cube", "speed", "shuffle")
-DEFAULT_TOKENS = {"none": "", "cube": "[cube inpainting]", "speed": "[speed perturbation]",
-                  "shuffle": "[tube shuffle]"}
+DEFAULT_TOKENS = {
+    "none": "",
+    "cube": "[cube inpainting]",
+    "speed": "[speed perturbation]",
+    "shuffle": "[tube shuffle]",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class PretextConfig:
     weights: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: dict(none=1.0, cube=2.0, speed=3.0, shuffle=4.0))
+        default_factory=lambda: dict(none=1.0, cube=2.0, speed=3.0, shuffle=4.0)
+    )
     cube_mask_ratio: float = 0.3
-    cube_mode: str = "spatial"          # spatial | full_frame
+    cube_mode: str = "spatial"  # spatial | full_frame
     speed_factor: float = 2.0
-    speed_mode: str = "fixed"           # fixed | alternate
+    speed_mode: str = "fixed"  # fixed | alternate
     shuffle_grid: tuple[int, int, int] = (2, 2, 2)
     tokens: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOKENS))
-    none_source: str = "black"          # black (text-to-video) | copy (source = the clip)
+    none_source: str = "black"  # black (text-to-video) | copy (source = the clip)
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
         if unknown or not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
-            raise ValueError(f"pretext weights must be non-negative over {TASKS} with a positive sum, "
-                             f"got {dict(self.weights)}")
+            raise ValueError(
+                f"pretext weights must be non-negative over {TASKS} with a positive sum, "
+                f"got {dict(self.weights)}"
+            )
         if not 0.0 < self.cube_mask_ratio < 1.0:
             raise ValueError(f"cube_mask_ratio must be in (0, 1), got {self.cube_mask_ratio}")
-        checks = {"cube_mode": (self.cube_mode, ("spatial", "full_frame")),
-                  "speed_mode": (self.speed_mode, ("fixed", "alternate")),
-                  "none_source": (self.none_source, ("black", "copy"))}
+        checks = {
+            "cube_mode": (self.cube_mode, ("spatial", "full_frame")),
+            "speed_mode": (self.speed_mode, ("fixed", "alternate")),
+            "none_source": (self.none_source, ("black", "copy")),
+        }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"pretext {name} must be one of {allowed}, got {value!r}")
@@ -81,10 +91,10 @@ class PretextConfig:
 
 
 class PretextResult(NamedTuple):
-    source: np.ndarray      # uint8 (T, H, W, 3), the corrupted clip
-    text: str               # the instruction with the task token in front
-    task: str               # one of TASKS
-    info: dict              # what was done: mask box, speed and indices, or the permutation
+    source: np.ndarray  # uint8 (T, H, W, 3), the corrupted clip
+    text: str  # the instruction with the task token in front
+    task: str  # one of TASKS
+    info: dict  # what was done: mask box, speed and indices, or the permutation
 
 
 def choose_task(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
@@ -112,7 +122,7 @@ def cube_mask(frames: np.ndarray, ratio: float, mode: str, rng: np.random.Genera
     if mode == "full_frame":
         k = min(max(1, round(t * ratio)), t - 1)
         start = _contiguous_run(t, k, rng)
-        mask[start:start + k] = True
+        mask[start : start + k] = True
     elif mode == "spatial":
         side = ratio ** (1.0 / 3.0)
         kt = min(max(1, round(t * side)), t - 1)
@@ -122,7 +132,7 @@ def cube_mask(frames: np.ndarray, ratio: float, mode: str, rng: np.random.Genera
         kw = min(w, max(1, round(h * w * area / kh)))
         start = _contiguous_run(t, kt, rng)
         top, left = int(rng.integers(0, h - kh + 1)), int(rng.integers(0, w - kw + 1))
-        mask[start:start + kt, top:top + kh, left:left + kw] = True
+        mask[start : start + kt, top : top + kh, left : left + kw] = True
     else:
         raise ValueError(f"cube mode must be spatial or full_frame, got {mode!r}")
     masked = frames.copy()
@@ -192,8 +202,9 @@ def with_token(text: str, token: str) -> str:
     return f"{token} {text}" if token else text
 
 
-def apply_pretext(clip: np.ndarray, text: str, cfg: PretextConfig, rng: np.random.Generator,
-                  index: int) -> PretextResult:
+def apply_pretext(
+    clip: np.ndarray, text: str, cfg: PretextConfig, rng: np.random.Generator, index: int
+) -> PretextResult:
     """Chooses a task by cfg.weights and builds (source, text, task, info) from a clean clip.
 
     `index` is the sample's index in the data stream; only the "alternate" speed mode uses it.

@@ -9,6 +9,7 @@
 plan_shape and prepare_sample share one frames-and-bucket computation (_frames_and_bucket), so a
 record's planned shape is the shape it decodes to whenever its metadata is right (docs/data.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +26,12 @@ from sama_jax import resolution
 from sama_jax.config import ConfigError
 from sama_jax.data import manifest as manifest_lib
 from sama_jax.data import pretext as pretext_lib
-from sama_jax.data import transforms
-from sama_jax.data import video_io
+from sama_jax.data import transforms, video_io
 from sama_jax.data.sources import SIZE_KEYS
 from sama_jax.data.video_io import MediaError
 
-EDIT_TASK = "edit"          # the task name of real editing pairs (no pretext)
-SKIP_KEY = "skipped"        # present (with the reason) only in skip markers
+EDIT_TASK = "edit"  # the task name of real editing pairs (no pretext)
+SKIP_KEY = "skipped"  # present (with the reason) only in skip markers
 FEATURE_PREFIX = features_lib.BATCH_PREFIX
 ARRAY_KEYS = ("source", "target", "anchors")
 STRING_KEYS = ("text", "kind", "id", "task")
@@ -45,26 +45,29 @@ def _is_4k1(n: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
     """What one sample becomes; built from config.data with `from_config`, checked when made."""
+
     num_frames: int = 81
     frame_stride: int = 1
-    fps: float = 0.0                  # > 0: stride = round(record fps / fps) when the record has fps
-    min_frames: int = 5               # a video giving fewer 4k+1 frames is skipped as too short
+    fps: float = 0.0  # > 0: stride = round(record fps / fps) when the record has fps
+    min_frames: int = 5  # a video giving fewer 4k+1 frames is skipped as too short
     buckets: tuple = ((480, 832),)
     anchor_frames: int = 1
-    pretext: pretext_lib.PretextConfig | None = None   # set: t2v clips get a motion-alignment source
+    pretext: pretext_lib.PretextConfig | None = None  # set: t2v clips get a motion-alignment source
     seed: int = 0
-    features: tuple = ()              # precomputed features to carry, e.g. ("text", "semantic")
-    text_len: int = 512               # the "text" feature is zero-padded to this many tokens
-    min_size: int = 8                 # min(h, w) of source and target below this: skipped too_small
-    max_aspect: float = 4.0           # max(h, w) / min(h, w) above this: skipped bad_aspect
+    features: tuple = ()  # precomputed features to carry, e.g. ("text", "semantic")
+    text_len: int = 512  # the "text" feature is zero-padded to this many tokens
+    min_size: int = 8  # min(h, w) of source and target below this: skipped too_small
+    max_aspect: float = 4.0  # max(h, w) / min(h, w) above this: skipped bad_aspect
 
     def __post_init__(self):
         # Each of these would make every sample of a kind unusable; the run stops here instead of
         # skipping them one by one. Field names are the data.* keys they come from.
         problems = []
         if not _is_4k1(self.num_frames):
-            problems.append(f"data.num_frames={self.num_frames}: must be 4k+1 (1, 5, 9, ..., 81): "
-                            f"the Wan VAE maps 4k+1 frames to k+1 latent frames")
+            problems.append(
+                f"data.num_frames={self.num_frames}: must be 4k+1 (1, 5, 9, ..., 81): "
+                f"the Wan VAE maps 4k+1 frames to k+1 latent frames"
+            )
         if self.frame_stride < 1:
             problems.append(f"data.frame_stride={self.frame_stride}: must be >= 1 (1 takes every frame)")
         if not self.fps >= 0:
@@ -72,14 +75,19 @@ class SampleSpec:
         if not _is_4k1(self.min_frames):
             problems.append(f"data.min_frames={self.min_frames}: must be 4k+1 (1, 5, 9, ...)")
         elif _is_4k1(self.num_frames) and self.min_frames > self.num_frames:
-            problems.append(f"data.min_frames={self.min_frames}: more than data.num_frames="
-                            f"{self.num_frames}, so every video would be skipped as too short")
+            problems.append(
+                f"data.min_frames={self.min_frames}: more than data.num_frames="
+                f"{self.num_frames}, so every video would be skipped as too short"
+            )
         if not self.buckets or any(len(b) != 2 or min(b) < 1 for b in self.buckets):
-            problems.append(f"buckets {self.buckets}: need at least one (height, width), both >= 1 "
-                            f"(from data.pixels, data.aspect_ratios, data.size_multiple)")
+            problems.append(
+                f"buckets {self.buckets}: need at least one (height, width), both >= 1 "
+                f"(from data.pixels, data.aspect_ratios, data.size_multiple)"
+            )
         if self.anchor_frames < 1:
-            problems.append(f"anchor_frames={self.anchor_frames}: must be >= 1 "
-                            f"(model.semantic.num_anchor_frames)")
+            problems.append(
+                f"anchor_frames={self.anchor_frames}: must be >= 1 (model.semantic.num_anchor_frames)"
+            )
         if self.text_len < 1:
             problems.append(f"text_len={self.text_len}: must be >= 1 (the DiT's text_len)")
         if self.min_size < 1:
@@ -88,15 +96,18 @@ class SampleSpec:
             problems.append(f"data.max_aspect={self.max_aspect}: must be >= 1 (longer side / shorter side)")
         unknown = sorted(set(self.features) - set(features_lib.NAMES))
         if unknown:
-            problems.append(f"data.features={tuple(self.features)}: unknown {unknown} "
-                            f"(known: {features_lib.NAMES})")
+            problems.append(
+                f"data.features={tuple(self.features)}: unknown {unknown} (known: {features_lib.NAMES})"
+            )
         # Motion alignment rewrites the instruction and makes the source at train time, so features
         # of the stored text or source cannot match what the sample becomes.
         stale = {"text", "source_latents"} & set(self.features)
         if self.pretext is not None and stale:
-            problems.append(f"data.features: precomputed {sorted(stale)} cannot be used with motion "
-                            f"alignment (it prepends a task token and makes the source per step); "
-                            f"encode them online or drop them from data.features")
+            problems.append(
+                f"data.features: precomputed {sorted(stale)} cannot be used with motion "
+                f"alignment (it prepends a task token and makes the source per step); "
+                f"encode them online or drop them from data.features"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -127,19 +138,24 @@ class SampleSpec:
         except (TypeError, ValueError):
             ratios = ()
         if not ratios or not all(r > 0 and math.isfinite(r) for r in ratios):
-            raise ConfigError(f"data.aspect_ratios={data['aspect_ratios']!r}: must be positive numbers "
-                              f"(h/w), at least one")
+            raise ConfigError(
+                f"data.aspect_ratios={data['aspect_ratios']!r}: must be positive numbers (h/w), at least one"
+            )
         defaults = cls()
-        return cls(num_frames=_number(data, "num_frames", _REQUIRED, int),
-                   frame_stride=_number(data, "frame_stride", defaults.frame_stride, int),
-                   fps=_number(data, "fps", defaults.fps, float),
-                   min_frames=_number(data, "min_frames", defaults.min_frames, int),
-                   buckets=tuple(resolution.training_buckets(pixels, ratios, size_multiple)),
-                   anchor_frames=int(anchor_frames),
-                   pretext=pretext, seed=int(seed), features=tuple(data.get("features", ())),
-                   text_len=int(text_len),
-                   min_size=_number(data, "min_size", defaults.min_size, int),
-                   max_aspect=_number(data, "max_aspect", defaults.max_aspect, float))
+        return cls(
+            num_frames=_number(data, "num_frames", _REQUIRED, int),
+            frame_stride=_number(data, "frame_stride", defaults.frame_stride, int),
+            fps=_number(data, "fps", defaults.fps, float),
+            min_frames=_number(data, "min_frames", defaults.min_frames, int),
+            buckets=tuple(resolution.training_buckets(pixels, ratios, size_multiple)),
+            anchor_frames=int(anchor_frames),
+            pretext=pretext,
+            seed=int(seed),
+            features=tuple(data.get("features", ())),
+            text_len=int(text_len),
+            min_size=_number(data, "min_size", defaults.min_size, int),
+            max_aspect=_number(data, "max_aspect", defaults.max_aspect, float),
+        )
 
 
 def _number(data, key: str, default, kind: type):
@@ -202,8 +218,9 @@ def _check_features(record: Mapping, spec: SampleSpec) -> dict:
     if missing:
         raise MissingFeatures(f"no precomputed {missing} (record has {sorted(stored)})")
     if "text" in spec.features and np.shape(stored["text"])[0] > spec.text_len:
-        raise MissingFeatures(f"text feature has {np.shape(stored['text'])[0]} tokens, "
-                              f"more than {spec.text_len}")
+        raise MissingFeatures(
+            f"text feature has {np.shape(stored['text'])[0]} tokens, more than {spec.text_len}"
+        )
     return stored
 
 
@@ -232,15 +249,24 @@ def _frames_and_bucket(target: Sequence[int], source: Sequence[int] | None, samp
     media = {"target": target} if source is None else {"target": target, "source": source}
     for field, (_, height, width) in media.items():
         if min(height, width) < spec.min_size:
-            raise FieldError(field, transforms.SkipSample(
-                f"{field} too small: {height}x{width}, shorter side below data.min_size={spec.min_size}"),
-                "too_small")
+            raise FieldError(
+                field,
+                transforms.SkipSample(
+                    f"{field} too small: {height}x{width}, shorter side below data.min_size={spec.min_size}"
+                ),
+                "too_small",
+            )
         if max(height, width) / min(height, width) > spec.max_aspect:
-            raise FieldError(field, transforms.SkipSample(
-                f"{field} aspect ratio {max(height, width) / min(height, width):.2f} ({height}x{width}) "
-                f"above data.max_aspect={spec.max_aspect}"), "bad_aspect")
+            raise FieldError(
+                field,
+                transforms.SkipSample(
+                    f"{field} aspect ratio {max(height, width) / min(height, width):.2f} ({height}x{width}) "
+                    f"above data.max_aspect={spec.max_aspect}"
+                ),
+                "bad_aspect",
+            )
     num_frames, stride, min_frames, start = sampling
-    shortest = min(media, key=lambda field: media[field][0])   # the target on a tie
+    shortest = min(media, key=lambda field: media[field][0])  # the target on a tie
     try:
         idx = transforms.frame_indices(media[shortest][0], num_frames, stride, min_frames, start)
     except transforms.SkipSample as e:
@@ -268,7 +294,9 @@ def _check_present(value, name: str) -> None:
 def _image_size(value, name: str) -> tuple[int, int]:
     """(height, width) from an image's header; pixels are not decoded."""
     try:
-        with Image.open(io.BytesIO(bytes(value)) if not isinstance(value, (str, os.PathLike)) else value) as im:
+        with Image.open(
+            io.BytesIO(bytes(value)) if not isinstance(value, (str, os.PathLike)) else value
+        ) as im:
             width, height = im.size
     except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError (bad chunks)...
         raise MediaError(f"{name}: cannot read image header ({type(e).__name__}: {e})") from e
@@ -283,8 +311,10 @@ def _stated_size(record: Mapping, field: str) -> list:
         # A shard record keeps its manifest line in `meta`, whose frames/height/width describe all the
         # sample's media (the record's own are the target's, read at shard build).
         meta = record.get("meta") or {}
-        values = [value or meta.get(key) or meta.get(shared)
-                  for value, key, shared in zip(values, keys, SIZE_KEYS["target"])]
+        values = [
+            value or meta.get(key) or meta.get(shared)
+            for value, key, shared in zip(values, keys, SIZE_KEYS["target"])
+        ]
     return values
 
 
@@ -365,8 +395,9 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
 
     target = _decode(record, "target", max_frames)
     source = _decode(record, "source", max_frames) if kind != "t2v" else None
-    idx, size = _frames_and_bucket(target.shape[:3], None if source is None else source.shape[:3],
-                                   sampling, spec)
+    idx, size = _frames_and_bucket(
+        target.shape[:3], None if source is None else source.shape[:3], sampling, spec
+    )
     target = resolution.cover_and_crop(target[idx], size)
     task = EDIT_TASK
     if source is not None:
@@ -378,8 +409,9 @@ def prepare_sample(record: Mapping, index: int, spec: SampleSpec) -> dict:
         # A raw clip outside motion-alignment training is plain text-to-video: no source content.
         source, task = np.zeros_like(target), "none"
     anchors = target[transforms.anchor_indices(target.shape[0], spec.anchor_frames)]
-    sample = dict(source=source, target=target, anchors=anchors, text=text, kind=kind,
-                  id=str(record["id"]), task=task)
+    sample = dict(
+        source=source, target=target, anchors=anchors, text=text, kind=kind, id=str(record["id"]), task=task
+    )
     sample.update(_features(stored, spec))
     return sample
 
@@ -399,8 +431,16 @@ def padding_sample(record: Mapping, shape: tuple[int, int, int], spec: SampleSpe
     t, h, w = shape
     frames = np.zeros((t, h, w, 3), np.uint8)
     anchors = np.zeros((len(transforms.anchor_indices(t, spec.anchor_frames)), h, w, 3), np.uint8)
-    sample = dict(source=frames, target=frames, anchors=anchors, text="", kind=str(record.get("kind", "")),
-                  id=str(record.get("id", "")), task="", valid=False)
+    sample = dict(
+        source=frames,
+        target=frames,
+        anchors=anchors,
+        text="",
+        kind=str(record.get("kind", "")),
+        id=str(record.get("id", "")),
+        task="",
+        valid=False,
+    )
     # The metadata pass found the features in the record, so their shapes are known.
     sample.update({k: np.zeros_like(v) for k, v in _features(record.get("features") or {}, spec).items()})
     return sample

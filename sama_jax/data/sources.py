@@ -7,6 +7,7 @@ A source is anything with __len__ and __getitem__ returning record dicts: Manife
 manifest), arrayrecord.ShardSource (shards built by sama-build-shards) or a list. The record keys are
 described in docs/data.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,10 @@ from sama_jax.data import arrayrecord
 from sama_jax.data import manifest as manifest_lib
 
 # The record keys that state the size of each media field (docs/data.md, "Metadata").
-SIZE_KEYS = {"target": ("frames", "height", "width"),
-             "source": ("source_frames", "source_height", "source_width")}
+SIZE_KEYS = {
+    "target": ("frames", "height", "width"),
+    "source": ("source_frames", "source_height", "source_width"),
+}
 
 
 class ManifestSource:
@@ -57,8 +60,10 @@ def _resolved_path(i: int, entry: Mapping, root: str) -> tuple[str, str]:
     """(key, absolute path) of mixture entry i: relative paths resolve against root, else the cwd."""
     key = "shards" if entry.get("shards") else "manifest" if entry.get("manifest") else None
     if key is None:
-        raise ConfigError(f"data.mixture[{i}]: {dict(entry)} names neither shards nor a manifest "
-                          f"(give shards=<directory from sama-build-shards> or manifest=<file.jsonl>)")
+        raise ConfigError(
+            f"data.mixture[{i}]: {dict(entry)} names neither shards nor a manifest "
+            f"(give shards=<directory from sama-build-shards> or manifest=<file.jsonl>)"
+        )
     value = os.fspath(entry[key])
     path = os.path.abspath(os.path.join(root, value))
     # shards: a build directory or one .array_record file; a manifest is a file.
@@ -69,8 +74,9 @@ def _resolved_path(i: int, entry: Mapping, root: str) -> tuple[str, str]:
             against = f"resolved against data.root={os.path.abspath(root)}"
         else:
             against = f"resolved against the current directory {os.getcwd()}"
-        raise ConfigError(f"data.mixture[{i}].{key}: {value} not found ({against}; "
-                          f"set data.root or use an absolute path)")
+        raise ConfigError(
+            f"data.mixture[{i}].{key}: {value} not found ({against}; set data.root or use an absolute path)"
+        )
     return key, path
 
 
@@ -96,8 +102,9 @@ def open_sources(mixture: Sequence[Mapping[str, Any]], root: str = "") -> list[t
     entries = []
     for i, entry in enumerate(mixture):
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"data.mixture[{i}]={entry!r}: must be a dict with kind, manifest or "
-                              f"shards, and weight")
+            raise ConfigError(
+                f"data.mixture[{i}]={entry!r}: must be a dict with kind, manifest or shards, and weight"
+            )
         entry = dict(entry)
         _weight(i, entry)
         key, entry[key] = _resolved_path(i, entry, root)
@@ -140,8 +147,9 @@ class _TagWithEntry:
         return self.entry, record
 
 
-def mix_sources(sources: Sequence[tuple[Mapping, Any]], seed: int,
-                num_epochs: int | None = None) -> grain.MapDataset:
+def mix_sources(
+    sources: Sequence[tuple[Mapping, Any]], seed: int, num_epochs: int | None = None
+) -> grain.MapDataset:
     """(entry index, record) pairs: globally shuffled, repeated, weight-mixed; each epoch reshuffled."""
     parts, weights = [], []
     for i, (entry, source) in enumerate(sources):

@@ -11,13 +11,10 @@ uint8 on the host (4x less to copy and transfer than float32) and become floats 
 Why 4k+1: the Wan VAE compresses time 4x after the first frame, so clips of 4k+1 frames map to k+1
 latent frames with nothing dropped or padded.
 """
+
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import numpy as np
-from PIL import Image
 
 
 class SkipSample(ValueError):
@@ -47,8 +44,9 @@ def frames_needed(num_frames: int, stride: int, start: int = 0) -> int:
     return start + (num_frames - 1) * stride + 1
 
 
-def frame_indices(total: int, num_frames: int, stride: int = 1, min_frames: int = 5,
-                  start: int = 0) -> np.ndarray:
+def frame_indices(
+    total: int, num_frames: int, stride: int = 1, min_frames: int = 5, start: int = 0
+) -> np.ndarray:
     """Indices of the frames to keep: start, start + stride, ... , as many as fit, cut to 4k+1.
 
     Starts at frame 0 as the released code does, or at `start` for clips whose first frames are
@@ -67,8 +65,9 @@ def frame_indices(total: int, num_frames: int, stride: int = 1, min_frames: int 
     count = min(num_frames, largest_4k1(available))
     if count < max(1, min_frames):
         after = f" after dropping the first {start}" if start else ""
-        raise SkipSample(f"too short: {total} frames give {count} at stride {stride}{after}, "
-                         f"need at least {min_frames}")
+        raise SkipSample(
+            f"too short: {total} frames give {count} at stride {stride}{after}, need at least {min_frames}"
+        )
     return start + np.arange(count) * stride
 
 

@@ -13,6 +13,7 @@ files on disk and records read back from ArrayRecord shards. Anything that canno
 empty, corrupt or truncated - raises MediaError whose message names the file (or "<bytes>") and the
 problem, never an exception of another kind: the data pipeline skips and counts exactly these.
 """
+
 from __future__ import annotations
 
 import io
@@ -146,8 +147,9 @@ def decode_image(source: MediaInput) -> np.ndarray:
             image.load()  # Image.open is lazy; load() is where truncation shows up
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
-        raise MediaError(f"{name}: cannot decode image (not a known image format, "
-                         "or its header is damaged)") from e
+        raise MediaError(
+            f"{name}: cannot decode image (not a known image format, or its header is damaged)"
+        ) from e
     except Exception as e:  # OSError (truncated), SyntaxError (bad PNG chunks)...
         raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -159,8 +161,10 @@ def decode_media(source: MediaInput, ext: str, max_frames: int | None = None) ->
         return decode_image(source)[None]
     if ext in VIDEO_EXTS:
         return decode_video(source, max_frames=max_frames)
-    raise MediaError(f"{_name(source)}: unsupported extension {ext!r} "
-                     f"(images: {IMAGE_EXTS}, videos: {VIDEO_EXTS})", "unsupported")
+    raise MediaError(
+        f"{_name(source)}: unsupported extension {ext!r} (images: {IMAGE_EXTS}, videos: {VIDEO_EXTS})",
+        "unsupported",
+    )
 
 
 def video_info(source: MediaInput) -> dict:
@@ -179,11 +183,18 @@ def video_info(source: MediaInput) -> dict:
             # frame count) but loses packets, and demuxing finds that without decoding.
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
             if declared > 0 and frames < declared:
-                raise MediaError(f"{name}: truncated video, header declares {declared} frames but "
-                                 f"only {frames} are stored", "truncated")
+                raise MediaError(
+                    f"{name}: truncated video, header declares {declared} frames but "
+                    f"only {frames} are stored",
+                    "truncated",
+                )
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            info = dict(frames=int(frames), fps=float(rate) if rate else 0.0,
-                        height=int(stream.codec_context.height), width=int(stream.codec_context.width))
+            info = dict(
+                frames=int(frames),
+                fps=float(rate) if rate else 0.0,
+                height=int(stream.codec_context.height),
+                width=int(stream.codec_context.width),
+            )
     except MediaError:
         raise
     except Exception as e:
@@ -202,8 +213,9 @@ def _check_frames(path: str, frames: np.ndarray, video: bool) -> np.ndarray:
     return frames
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 17,
-                threads: int = 1) -> None:
+def write_video(
+    path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 17, threads: int = 1
+) -> None:
     """Writes an H.264 (yuv420p) mp4 that any player reads; written to a temporary name then renamed.
 
     yuv420p halves the chroma resolution, so height and width must be even. crf 17 is visually
@@ -216,26 +228,58 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     frames = _check_frames(path, frames, video=True)
     t, h, w, _ = frames.shape
     if t == 0 or h % 2 or w % 2:
-        raise MediaError(f"{path}: H.264 yuv420p needs >= 1 frame and even height/width, "
-                         f"got {t} frames of {h}x{w}", "invalid")
+        raise MediaError(
+            f"{path}: H.264 yuv420p needs >= 1 frame and even height/width, got {t} frames of {h}x{w}",
+            "invalid",
+        )
     if fps <= 0:
         raise MediaError(f"{path}: fps must be positive, got {fps}", "invalid")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".tmp.mp4"
     rate = Fraction(fps).limit_denominator(1001)
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-nostdin",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-r", f"{rate.numerator}/{rate.denominator}",
-               "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf),
-               "-threads", str(threads),
-               # faststart puts the index first, so a truncated file is detected by its frame count.
-               "-movflags", "+faststart", "-f", "mp4", tmp]
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-r",
+        f"{rate.numerator}/{rate.denominator}",
+        "-i",
+        "-",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        str(crf),
+        "-threads",
+        str(threads),
+        # faststart puts the index first, so a truncated file is detected by its frame count.
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        tmp,
+    ]
     try:
-        result = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        result = subprocess.run(
+            command,
+            input=np.ascontiguousarray(frames).tobytes(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         if result.returncode != 0:
-            raise MediaError(f"{path}: ffmpeg failed (exit {result.returncode}): "
-                             f"{result.stderr.decode(errors='replace').strip()[-500:]}")
+            raise MediaError(
+                f"{path}: ffmpeg failed (exit {result.returncode}): "
+                f"{result.stderr.decode(errors='replace').strip()[-500:]}"
+            )
         os.replace(tmp, path)
     except Exception as e:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ Worker processes hold a copy of the record stream and decode by position; their 
 through shared memory (pickling them through the pool's pipe cost the main process ~4x more CPU
 per sample, measured with benchmarks/data_throughput.py).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -46,9 +47,13 @@ class PlannedDecoder:
             if got == tuple(shape):
                 sample["valid"] = True
                 return sample, None
-            problem = {SKIP_KEY: "shape_mismatch", "id": str(record.get("id")), "index": int(position),
-                       "path": samples.where(record, "source" if record.get("source") else "target"),
-                       "message": f"decoded to (T, H, W) {got}, its metadata predicted {tuple(shape)}"}
+            problem = {
+                SKIP_KEY: "shape_mismatch",
+                "id": str(record.get("id")),
+                "index": int(position),
+                "path": samples.where(record, "source" if record.get("source") else "target"),
+                "message": f"decoded to (T, H, W) {got}, its metadata predicted {tuple(shape)}",
+            }
         return samples.padding_sample(record, shape, self.spec), problem
 
 
@@ -69,8 +74,11 @@ class DecodePool:
             if self.worker_count > 0:
                 # Spawned, not forked: a caller's threads (JAX, Grain) cannot deadlock the children.
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.worker_count, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker, initargs=(self.decoder, os.getpid()))
+                    self.worker_count,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.decoder, os.getpid()),
+                )
             else:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads)
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
@@ -92,7 +100,7 @@ class DecodePool:
     def drop(self, job) -> None:
         """Forgets a job whose result will not be used, freeing its shared memory."""
         if job is not None and not job.cancel() and self.worker_count > 0:
-            job.add_done_callback(_discard)   # runs now if done, else when it finishes
+            job.add_done_callback(_discard)  # runs now if done, else when it finishes
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -105,7 +113,7 @@ _WORKER_DECODER: PlannedDecoder | None = None
 
 def _start_worker(decoder: PlannedDecoder, parent: int) -> None:
     global _WORKER_DECODER
-    child_processes.worker_init(parent)   # Ctrl-C is the trainer's to handle; die with it
+    child_processes.worker_init(parent)  # Ctrl-C is the trainer's to handle; die with it
     _WORKER_DECODER = decoder
 
 
@@ -114,7 +122,7 @@ def _decode_in_worker(position: int, shape: tuple[int, int, int]):
     return {k: _to_shared(v) for k, v in sample.items()}, problem
 
 
-_SHARED_MIN_BYTES = 1 << 14   # smaller arrays are pickled
+_SHARED_MIN_BYTES = 1 << 14  # smaller arrays are pickled
 
 
 @dataclasses.dataclass(frozen=True)
