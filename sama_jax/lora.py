@@ -106,7 +106,7 @@ def merge_lora(model, lora: dict[str, np.ndarray], alpha: float = 1.0) -> list[s
     for module, pair in pairs.items():
         ours, layer = targets[module]
         var = flat[ours]
-        kernel_shape = var.value.shape if layer is None else var.value.shape[1:]
+        kernel_shape = var.get_value().shape if layer is None else var.get_value().shape[1:]
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (a.shape[1], b.shape[0]) != kernel_shape:
             raise LoraError(
@@ -116,6 +116,7 @@ def merge_lora(model, lora: dict[str, np.ndarray], alpha: float = 1.0) -> list[s
         updates.append((module, var, layer, (alpha * (b.astype(np.float64) @ a.astype(np.float64))).T))
     for _, var, layer, delta in updates:
         delta = jnp.asarray(delta, jnp.float32)
-        var.value = _add(var.value, delta) if layer is None else _add_layer(var.value, layer, delta)
+        value = var.get_value()
+        var.set_value(_add(value, delta) if layer is None else _add_layer(value, layer, delta))
     nnx.update(model, params)
     return sorted(m for m, *_ in updates)

@@ -22,7 +22,7 @@ def model():
 
 def flat_params(model):
     state = nnx.state(model, nnx.Param)
-    return {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def random_lora(rng, rank=3):
