@@ -56,6 +56,7 @@ setup(
             "sama-edit=sama_jax.edit:main",
             "sama-fit-vae=sama_jax.vae_fit:main",
             "sama-demo=sama_jax.demo:main",
+            "sama-ablate=sama_jax.ablate:main",
         ],
     },
 )

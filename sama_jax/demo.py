@@ -34,6 +34,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -104,6 +105,7 @@ class Demo:
         self.data_dir = os.path.join(self.workdir, "data", "synthetic")
         self.held_out = os.path.join(self.data_dir, "val", "video_edits.jsonl")
         self.phases_dir = os.path.join(self.workdir, "phases")
+        self.prog = "sama-demo"  # the command that runs the phases, in its messages
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -126,8 +128,9 @@ class Demo:
             json.dump(record, f, indent=1)
         os.replace(tmp, os.path.join(self.phases_dir, phase + ".json"))
 
-    def command(self, module: str, *args: str) -> None:
-        """Runs one of our commands as a user would, printing it first; a failure stops the demo."""
+    def command(self, module: str, *args: str, log: str | None = None) -> None:
+        """Runs one of our commands as a user would, printing it first; a failure stops the demo.
+        log: a file that takes the command's output (appended) instead of the console."""
         argv = [sys.executable, "-m", module, *args]
         if self.cpu_devices:
             argv.append(f"--cpu-devices={self.cpu_devices}")
@@ -140,8 +143,13 @@ class Demo:
         # The phase dies with the demo (a kill -9 leaves no orphan training in the workdir). Ctrl-C
         # reaches the whole process group, so the phase itself stops cleanly (sama-train saves);
         # the demo waits for it, and passes a SIGTERM sent to the demo alone on to it.
-        proc = child_processes.popen(argv, env=env)
-        with interrupts.StopRequest("sama-demo", f"waiting for {module} to stop cleanly") as stop:
+        output = open(log, "a") if log else None
+        try:
+            proc = child_processes.popen(argv, env=env, stdout=output, stderr=output and subprocess.STDOUT)
+        finally:
+            if output:
+                output.close()  # the child holds its own copy
+        with interrupts.StopRequest(self.prog, f"waiting for {module} to stop cleanly") as stop:
             passed_on = False
             while proc.poll() is None:
                 if stop.signal == signal.SIGTERM and not passed_on:
@@ -151,13 +159,14 @@ class Demo:
         rc = proc.returncode
         if stop.requested:
             raise interrupts.Stopped(
-                f"sama-demo: {stop.name} during {module} (exit status {rc}); rerun the same command to "
+                f"{self.prog}: {stop.name} during {module} (exit status {rc}); rerun the same command to "
                 f"continue (finished phases are kept)",
                 stop.exit_code,
             )
         if rc:
             raise DemoError(
-                f"{module} exited with status {rc}; fix the cause and rerun sama-demo "
+                f"{module} exited with status {rc}{f' (its output: {log})' if log else ''}; fix the cause "
+                f"and rerun {self.prog} "
                 f"(finished phases are kept)"
             )
 

@@ -188,11 +188,17 @@ PLACES = {
 }
 MOTIONS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0), "up": (-1.0, 0.0)}
 ADDED_RADIUS = 0.16  # of min(height, width)
-ADDED_SPEED = 0.035  # of min(height, width), pixels per frame
+# Object speeds, as fractions of min(height, width) per frame: a moving object's is drawn from
+# SPEEDS; an added object (whose speed no instruction names) moves at the middle of that range.
+SPEEDS = (0.02, 0.05)
+ADDED_SPEED = sum(SPEEDS) / 2
+# The fast-motion held-out split (sama-ablate's temporal-consistency cases): every object at least
+# twice as fast as the fastest training object.
+FAST_SPEEDS = (2 * SPEEDS[1], 3 * SPEEDS[1])
 
 
 def added_object(
-    rng: np.random.Generator, height: int, width: int, taken: set, still: bool
+    rng: np.random.Generator, height: int, width: int, taken: set, still: bool, speeds: tuple = SPEEDS
 ) -> tuple[Shape, str]:
     """(new object, where it goes in words): its (colour, shape) is not in `taken`; place, radius,
     speed and direction are those its words name."""
@@ -209,18 +215,20 @@ def added_object(
         radius=ADDED_RADIUS * size,
         y=fy * (height - 1),
         x=fx * (width - 1),
-        vy=dy * ADDED_SPEED * size,
-        vx=dx * ADDED_SPEED * size,
+        vy=dy * sum(speeds) / 2 * size,
+        vx=dx * sum(speeds) / 2 * size,
     )
     return obj, f"at the {place}"
 
 
-def random_object(rng: np.random.Generator, height: int, width: int, taken: set, still: bool) -> Shape:
-    """A new object whose (colour, shape) is not in `taken`."""
+def random_object(
+    rng: np.random.Generator, height: int, width: int, taken: set, still: bool, speeds: tuple = SPEEDS
+) -> Shape:
+    """A new object whose (colour, shape) is not in `taken`, moving at a speed drawn from `speeds`."""
     free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in taken]
     colour, shape = free[rng.integers(len(free))]
     radius = float(rng.uniform(0.12, 0.2) * min(height, width))
-    speed = 0.0 if still else float(rng.uniform(0.02, 0.05) * min(height, width))
+    speed = 0.0 if still else float(rng.uniform(*speeds) * min(height, width))
     angle = float(rng.uniform(0, 2 * np.pi))
     return Shape(
         shape=shape,
@@ -235,11 +243,16 @@ def random_object(rng: np.random.Generator, height: int, width: int, taken: set,
 
 
 def random_scene(
-    rng: np.random.Generator, height: int, width: int, still: bool = False, max_objects: int = 3
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    still: bool = False,
+    max_objects: int = 3,
+    speeds: tuple = SPEEDS,
 ) -> Scene:
     objects, taken = [], set()
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        obj = random_object(rng, height, width, taken, still)
+        obj = random_object(rng, height, width, taken, still, speeds)
         taken.add((obj.colour, obj.shape))
         objects.append(obj)
     return Scene(background=str(rng.choice(list(BACKGROUNDS))), objects=tuple(objects))
@@ -251,7 +264,7 @@ def _other(rng: np.random.Generator, options, current):
 
 
 def random_edit(
-    rng: np.random.Generator, scene: Scene, height: int, width: int, still: bool = False
+    rng: np.random.Generator, scene: Scene, height: int, width: int, still: bool = False, speeds=SPEEDS
 ) -> tuple[Scene, str, dict]:
     """(edited scene, instruction, edit record). The record names the edit and the object index it
     touches in the source (remove/recolour/replace/restyle) or the target (add)."""
@@ -260,7 +273,7 @@ def random_edit(
         edit = "add"  # keep at least one object in the source and the target
     taken = {(o.colour, o.shape) for o in scene.objects}
     if edit == "add":
-        new, where = added_object(rng, height, width, taken, still)
+        new, where = added_object(rng, height, width, taken, still, speeds)
         target = dataclasses.replace(scene, objects=scene.objects + (new,))
         motion = "" if still else f" that {_direction(new)}"
         text = f"Add {_a(new.describe(with_style=True))} {where}{motion}."
@@ -323,13 +336,19 @@ def _draw(rng: np.random.Generator, held_out: bool | None, make):
 
 
 def make_video_edit(
-    seed: int, index: int, frames: int, height: int, width: int, held_out: bool | None = None
+    seed: int,
+    index: int,
+    frames: int,
+    height: int,
+    width: int,
+    held_out: bool | None = None,
+    speeds: tuple = SPEEDS,
 ):
     """(source (T,H,W,3), target, instruction, edit record) for video-edit sample `index`."""
 
     def make(rng):
-        scene = random_scene(rng, height, width)
-        edited, text, record = random_edit(rng, scene, height, width)
+        scene = random_scene(rng, height, width, speeds=speeds)
+        edited, text, record = random_edit(rng, scene, height, width, speeds=speeds)
         return (scene, edited), (
             render(scene, frames, height, width),
             render(edited, frames, height, width),
@@ -377,8 +396,10 @@ def generate(
     width: int = 96,
     fps: float = 16.0,
     held_out: bool | None = None,
+    speeds: tuple = SPEEDS,
 ) -> dict:
     """Writes the media and the three manifests under `out`; returns {manifest name: path}.
+    speeds: the range of the video edits' object speeds (fractions of min(height, width) per frame).
 
     held_out: None draws any scene; False (a training split) never shows a HELD_OUT_PAIRS object;
     True (a held-out split) always shows at least one, in the source or the target."""
@@ -390,7 +411,7 @@ def generate(
     rows = {"video_edits": [], "image_edits": [], "clips": []}
     for i in range(video_edits):
         sid = f"synvid_{i:06d}"
-        source, target, text, record = make_video_edit(seed, i, frames, height, width, held_out)
+        source, target, text, record = make_video_edit(seed, i, frames, height, width, held_out, speeds)
         src, tgt = f"videos/{sid}_src.mp4", f"videos/{sid}_tgt.mp4"
         video_io.write_video(os.path.join(out, src), source, fps)
         video_io.write_video(os.path.join(out, tgt), target, fps)
@@ -445,6 +466,27 @@ VAL_COUNTS = dict(video_edits=20, image_edits=8, clips=8)  # the demo scores the
 VAL_SEED = 1  # held out: a generator seed the training split never uses
 # sama-demo's training split: enough distinct scenes that the DiT learns the edits, not the samples.
 DEMO_COUNTS = dict(video_edits=500, image_edits=500, clips=250)
+FAST_SEED = 2  # the fast-motion split's generator seed (no other split uses it)
+
+
+def ensure_fast_split(out: str, video_edits: int) -> str:
+    """The fast-motion held-out split under `out`: video edits only, every object at FAST_SPEEDS, of
+    (colour, shape) pairs the training split shows (new scenes from their own seed), so speed is the
+    one thing training never saw. Kept when present. Returns its manifest."""
+    path = os.path.join(out, "video_edits.jsonl")
+    if not os.path.exists(path):  # written last by generate: present means complete
+        print(f"generating the fast-motion held-out split in {out}")
+        generate(
+            out,
+            seed=FAST_SEED,
+            video_edits=video_edits,
+            image_edits=0,
+            clips=0,
+            **DEFAULT_SIZE,
+            held_out=False,
+            speeds=FAST_SPEEDS,
+        )
+    return path
 
 
 def ensure_dataset(data_dir: str, vocab_size: int, counts: dict | None = None) -> str:

@@ -1,0 +1,133 @@
+"""sama-ablate: the fast-motion split, the verdicts, the refusals, and --quick end to end (every arm
+for a few steps through sama-train and sama-export, the report with the paper beside it)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from sama_jax import ablate, ablation_report
+from sama_jax.data import manifest as manifest_lib
+from sama_jax.data import synthetic, video_io
+
+H = W = 64
+
+
+def _speeds(objects):
+    return [math.hypot(o.vy, o.vx) for o in objects]
+
+
+def test_fast_split_objects_move_at_least_twice_the_fastest_training_speed():
+    fastest_training = synthetic.SPEEDS[1] * min(H, W)
+    seen_add = 0
+    for index in range(40):
+        rng = synthetic.sample_rng(synthetic.FAST_SEED, "video_edit", index)
+        scene = synthetic.random_scene(rng, H, W, speeds=synthetic.FAST_SPEEDS)
+        edited, _, record = synthetic.random_edit(rng, scene, H, W, speeds=synthetic.FAST_SPEEDS)
+        seen_add += record["type"] == "add"
+        for speed in _speeds(scene.objects + edited.objects):
+            assert speed >= 2 * fastest_training - 1e-9
+    assert seen_add >= 3  # an added object (its speed is not drawn) is fast too
+    # The training split's objects stay within the training range.
+    for index in range(40):
+        scene = synthetic.random_scene(synthetic.sample_rng(0, "video_edit", index), H, W)
+        assert max(_speeds(scene.objects)) <= fastest_training + 1e-9
+
+
+def test_ensure_fast_split_writes_video_edits_only_and_keeps_them(tmp_path):
+    path = synthetic.ensure_fast_split(str(tmp_path / "fast"), 2)
+    samples = manifest_lib.read_manifest(path)
+    assert [s["id"] for s in samples] == ["synvid_000000", "synvid_000001"]
+    assert not os.path.exists(tmp_path / "fast" / "clips" / "synclip_000000.mp4")
+    source = video_io.decode_video(manifest_lib.resolve(path, samples[0]["source"]))
+    assert source.shape == (synthetic.DEFAULT_SIZE["frames"], 64, 64, 3)
+    # Consecutive frames differ a lot more than a training clip's: objects move 6-10 px a frame.
+    mtime = os.path.getmtime(path)
+    assert synthetic.ensure_fast_split(str(tmp_path / "fast"), 2) == path
+    assert os.path.getmtime(path) == mtime
+
+
+def test_verdicts_follow_the_spread():
+    stat = lambda mean, std, n=3: dict(mean=mean, std=std, n=n)
+    v = ablation_report.verdict
+    assert v(stat(10.0, 0.3), stat(9.0, 0.4), True)["verdict"] == "reproduced"  # 1.0 > 0.5
+    assert v(stat(10.0, 0.3), stat(9.6, 0.4), True)["verdict"] == "inconclusive"  # 0.4 < 0.5
+    assert v(stat(9.0, 0.3), stat(10.0, 0.4), True)["verdict"] == "not reproduced"
+    assert v(stat(0.9, 0.01), stat(1.0, 0.01), False)["verdict"] == "reproduced"  # lower is better
+    one_seed = v(stat(10.0, 0.0, 1), stat(1.0, 0.0, 1), True)
+    assert one_seed["verdict"] == "inconclusive" and "one seed" in one_seed["why"]
+    assert one_seed["difference"] == pytest.approx(9.0)
+    assert v(dict(mean=None, std=None, n=0), stat(1.0, 0.1), True)["verdict"] == "inconclusive"
+    assert ablation_report.mean_std([1.0, 3.0, None]) == dict(mean=2.0, std=pytest.approx(math.sqrt(2)), n=2)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--config.train.semantic_anchoring=False"],
+            "--config.train.semantic_anchoring: the ablation sets it",
+        ),
+        (["--config.train.no_such_key=1"], "no_such_key"),
+        (["--seeds", "0"], "--seeds=0: give at least 1"),
+        (["--demo-workdir", "/no/such/dir"], "--demo-workdir=/no/such/dir is not a directory"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_before_anything_runs(tmp_path, capsys, flags, message):
+    assert ablate.main(["--workdir", str(tmp_path / "a"), "--quick", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_quick_ablation_runs_every_arm_and_writes_the_report(tmp_path, capsys):
+    workdir = tmp_path / "ablate"
+    assert ablate.main(["--workdir", str(workdir), "--quick"]) == 0
+    out = capsys.readouterr().out
+    root = workdir / "ablation"
+    with open(root / "report.json") as f:
+        report = json.load(f)
+    summary = report["summary"]
+    assert set(summary) == {*ablate.ARMS, "untrained"}
+    for arm in ablate.ARMS:
+        m = summary[arm]
+        assert m["psnr_in"]["n"] == 1 and m["psnr_in"]["std"] == 0.0
+        assert 3.0 < m["psnr_in"]["mean"] < 40.0 and 0.0 < m["ssim_in"]["mean"] < 1.0
+        assert 0.0 < m["fast_tssim"]["mean"] <= 1.0 and m["fast_tdiff_rmse"]["mean"] > 0.0
+        assert 3.0 < m["zero_shot_psnr_in"]["mean"] < 40.0
+        # Two steps a stage, evaluated at both; the loss variance of the last half (step 2).
+        assert set(m["val_s0"]) == set(m["val_s1"]) == {"1", "2"}
+        assert all(0.0 < v["mean"] < 10.0 for v in m["val_s1"].values())
+        assert m["loss_var"]["mean"] == 0.0  # one step in the last half of a 2-step stage
+    # The arms differ where they should: SA's runs read semantic tokens, MA's stage 0 the pretext.
+    for arm, (semantic, motion) in ablate.ARMS.items():
+        for stage in (0, 1):
+            with open(root / ablate.ARM_DIRS[arm] / "seed0" / f"stage{stage}" / "config.json") as f:
+                config = json.load(f)
+            assert config["train"]["semantic_anchoring"] is semantic
+            assert config["data"]["motion_alignment"] is (motion and stage == 0)
+            assert config["seed"] == 0 and config["train"]["steps"] == 2
+    # One seed: every claim is inconclusive, each said in one line beside the paper's table.
+    assert [c["verdict"] for c in report["claims"]] == ["inconclusive"] * len(ablation_report.CLAIMS)
+    for arm, score in ablation_report.PAPER.items():
+        assert any(line.startswith(arm) and f"{score:.3f}" in line for line in out.splitlines()), arm
+    assert out.count("[inconclusive]") == len(ablation_report.CLAIMS)
+    assert (root / "report.txt").read_text().strip() in out
+    # The curves: two panels, every arm's colour drawn.
+    curves = video_io.decode_image(str(root / "curves.png"))
+    assert curves.shape == (380, 1120, 3)
+    for colour in ablation_report.COLOURS.values():
+        assert np.any(np.all(curves == colour, axis=-1)), colour
+    page = (root / "index.html").read_text()
+    cases = ablate.QUICK["cases"] + ablate.QUICK["fast_cases"]
+    assert page.count("<video") == cases * (2 + len(ablate.ARMS) + 2)
+    for video in page.split('<video src="')[1:]:
+        assert os.path.exists(root / video.split('"')[0])
+    # A rerun runs nothing again; other settings in the same workdir are refused.
+    assert ablate.main(["--workdir", str(workdir), "--quick"]) == 0
+    assert "+ sama_jax" not in capsys.readouterr().out
+    assert ablate.main(["--workdir", str(workdir), "--quick", "--stage1-steps", "3"]) == 2
+    assert "other settings (stage1_steps: stage1_steps=2)" in capsys.readouterr().err
