@@ -203,7 +203,8 @@ def collect(ablation) -> dict:
     per_seed["untrained"] = {}
     for s in seeds:
         scores = edit_scores(ablation.path("untrained", f"seed{s}", "export"), "fast_")
-        per_seed["untrained"][str(s)] = dict(scores, zero_shot_psnr_in=scores["psnr_in"])
+        zero_shot = dict(zero_shot_psnr_in=scores["psnr_in"], zero_shot_ssim_in=scores["ssim_in"])
+        per_seed["untrained"][str(s)] = dict(scores, **zero_shot)
     summary = summarise(per_seed)
     times = {}
     for unit, _, _ in ablation.units(ablation.settings["seeds"]):
@@ -258,13 +259,12 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{arm:<10}| {paper:>15} | {_ms(m.get('psnr_in')):>15} {_ms(m.get('ssim_in'), 3):>15} | "
             f"{_ms(m.get('fast_tssim'), 3):>15} {_ms(m.get('fast_tdiff_rmse')):>15} | "
-            f"{_ms(m.get('zero_shot_psnr_in')) if arm != 'untrained' else '(same)':>15} "
-            f"{_ms(m.get('zero_shot_ssim_in'), 3) if arm != 'untrained' else '':>15}"
+            f"{_ms(m.get('zero_shot_psnr_in')):>15} {_ms(m.get('zero_shot_ssim_in'), 3):>15}"
         )
     target = summary["baseline"].get("fast_tssim_target")
     lines.append(
-        f"(fast tSSIM of the targets themselves: {_ms(target, 3)}; the untrained row is the DiT before "
-        "any step, whose edits serve as both stages' zero point)"
+        f"(fast tSSIM of the targets themselves: {_ms(target, 3)}; untrained: the DiT before any step, "
+        "the zero point of both stages)"
     )
     for curve, title in (("val_s0", "stage 0"), ("val_s1", "stage 1")):
         steps = sorted({int(k) for arm in arms for k in summary[arm][curve]})
