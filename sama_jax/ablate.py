@@ -40,7 +40,14 @@ from sama_jax import demo as demo_lib
 # arm -> (train.semantic_anchoring, data.motion_alignment of stage 0)
 ARMS = {"baseline": (False, False), "+SA": (True, False), "+MA": (False, True), "full": (True, True)}
 ARM_DIRS = {"baseline": "baseline", "+SA": "sa", "+MA": "ma", "full": "full"}
-ARM_KEYS = ("train.semantic_anchoring", "data.motion_alignment", "seed")
+# Config keys the ablation sets itself, and what to use instead.
+OWN_KEYS = {
+    "train.semantic_anchoring": "the arms set it",
+    "data.motion_alignment": "the arms set it",
+    "seed": "use --seeds",
+    "train.steps": "use --stage0-steps / --stage1-steps",
+    "checkpoint.init_from": "stage 1 starts from the arm's stage 0",
+}
 # The defaults fit the 60-minute budget on a quiet 2-core machine (the shared phases ~15 minutes).
 FULL = dict(seeds=3, stage0_steps=100, stage1_steps=300, edit_steps=12, cases=12, fast_cases=12)
 QUICK = dict(seeds=1, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=2, fast_cases=2)
@@ -328,11 +335,10 @@ def write_json(path: str, record) -> None:
 def check_overrides(overrides: list) -> None:
     """Every override applies to both stages' demo configs; the arms' own keys are refused."""
     for key, _ in overrides:
-        if key in ARM_KEYS:
-            raise AblationError(f"--config.{key}: the ablation sets it itself (per arm, per seed)")
-    for stage in (0, 1):
-        spec = demo_lib.Demo("", {}, 0).config_arg(stage).removeprefix("--config=")
-        config_lib.build_config(spec, overrides)
+        if key in OWN_KEYS:
+            raise AblationError(f"--config.{key}: the ablation sets it itself ({OWN_KEYS[key]})")
+    for name in ("stage0_pretrain", "stage1_sft"):
+        config_lib.build_config(f"{demo_lib.CONFIGS}/{name}.py:{demo_lib.PRESET}", overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,9 @@ def test_verdicts_follow_the_spread():
     [
         (
             ["--config.train.semantic_anchoring=False"],
-            "--config.train.semantic_anchoring: the ablation sets it",
+            "--config.train.semantic_anchoring: the ablation sets it itself (the arms set it)",
         ),
+        (["--config.train.steps=5"], "--config.train.steps: the ablation sets it itself (use --stage0-steps"),
         (["--config.train.no_such_key=1"], "no_such_key"),
         (["--seeds", "0"], "--seeds=0: give at least 1"),
         (["--demo-workdir", "/no/such/dir"], "--demo-workdir=/no/such/dir is not a directory"),
