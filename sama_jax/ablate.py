@@ -91,6 +91,7 @@ class Ablation:
         self.root = self.runner.path("ablation")
         self.timings: dict[str, list[float]] = {}  # timing_key -> seconds of runs that compiled nothing
         self.compiled: set[str] = set()  # timing keys of the runs so far
+        self.cold: dict[str, float] = {}  # timing_key -> seconds of its first run (it compiled)
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -292,6 +293,8 @@ class Ablation:
             key = self.timing_key(unit, arm)
             if key in self.compiled:
                 self.timings.setdefault(key, []).append(seconds)
+            else:
+                self.cold.setdefault(key, seconds)
             self.compiled.add(key)
             print(f"sama-ablate: [{number}/{len(units)}] {unit} done in {progress.duration(seconds)}; "
                   f"{self.eta(units[number:])}", flush=True)  # fmt: skip
@@ -317,10 +320,14 @@ class Ablation:
         keys = [self.timing_key(u, arm) for u, arm, _ in left if not self.done(u)]
         if not keys:
             return "the report is next"
-        if any(k not in self.timings for k in keys):
-            return "ETA once each kind of run has run without compiling"
-        seconds = sum(sum(self.timings[k]) / len(self.timings[k]) for k in keys)
-        return f"{len(keys)} runs left, ETA {progress.duration(seconds)}"
+        if any(k not in self.timings and k not in self.cold for k in keys):
+            return "ETA once each kind of run has run"
+        warm = {k: sum(v) / len(v) for k, v in self.timings.items()}
+        seconds = sum(warm.get(k, self.cold.get(k, 0.0)) for k in keys)
+        bound = any(k not in warm for k in keys)
+        return f"{len(keys)} runs left, ETA {'at most ' if bound else ''}{progress.duration(seconds)}" + (
+            " (some runs timed with their compilation)" if bound else ""
+        )
 
 
 def write_json(path: str, record) -> None:
