@@ -199,3 +199,16 @@ def test_report_of_made_up_runs_judges_each_claim_and_draws_the_curves(tmp_path)
     assert curves.shape == (380, 1120, 3)
     for colour in ablation_report.COLOURS.values():
         assert np.any(np.all(curves == colour, axis=-1)), colour
+
+
+def test_eta_counts_the_runs_left_at_their_times_without_compilation(tmp_path):
+    ablation = ablate.Ablation(str(tmp_path), dict(ablate.QUICK, quick=True), [], 0)
+    units = ablation.units(2)
+    assert len(units) == 2 * (3 * len(ablate.ARMS) + 1)
+    assert ablation.eta(units) == "ETA once each kind of run has run"
+    keys = {ablation.timing_key(u, arm) for u, arm, _ in units}
+    assert keys == {"stage0", "stage0+SA", "stage1", "stage1+SA", "export", "export (untrained)"}
+    ablation.cold = {k: 100.0 for k in keys}
+    assert ablation.eta(units).startswith(f"{len(units)} runs left, ETA at most 43m20s")
+    ablation.timings = {k: [10.0, 20.0] for k in keys}
+    assert ablation.eta(units) == f"{len(units)} runs left, ETA 6m30s"
