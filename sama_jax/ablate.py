@@ -33,12 +33,13 @@ import os
 import sys
 import time
 
-from sama_jax import cli, interrupts, progress
+from sama_jax import ablation_report, cli, interrupts, progress
 from sama_jax import config as config_lib
 from sama_jax import demo as demo_lib
 
-# arm -> (train.semantic_anchoring, data.motion_alignment of stage 0)
+# arm -> (train.semantic_anchoring, data.motion_alignment of stage 0), in the paper's order
 ARMS = {"baseline": (False, False), "+SA": (True, False), "+MA": (False, True), "full": (True, True)}
+assert tuple(ARMS) == tuple(ablation_report.PAPER)
 ARM_DIRS = {"baseline": "baseline", "+SA": "sa", "+MA": "ma", "full": "full"}
 # Config keys the ablation sets itself, and what to use instead.
 OWN_KEYS = {
@@ -52,7 +53,7 @@ OWN_KEYS = {
 FULL = dict(seeds=3, stage0_steps=100, stage1_steps=300, edit_steps=12, cases=12, fast_cases=12)
 QUICK = dict(seeds=1, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=2, fast_cases=2)
 EVALS_PER_STAGE = 5  # validation-loss points of each stage (the curves' steps)
-FAST_PREFIX = "fast_"  # case ids of the fast-motion split in the cases manifest
+FAST_PREFIX = ablation_report.FAST_PREFIX  # case ids of the fast-motion split in the cases manifest
 
 
 class AblationError(ValueError):
@@ -298,8 +299,6 @@ class Ablation:
             self.compiled.add(key)
             print(f"sama-ablate: [{number}/{len(units)}] {unit} done in {progress.duration(seconds)}; "
                   f"{self.eta(units[number:])}", flush=True)  # fmt: skip
-        from sama_jax import ablation_report
-
         ablation_report.write(self)
         print(
             f"sama-ablate: done ({progress.duration(time.time() - started)} this time); "

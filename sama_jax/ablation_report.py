@@ -26,8 +26,9 @@ import os
 
 import numpy as np
 
-# The paper's ablation (VIE-Bench overall, GPT-4o judge, 0-10).
+# The paper's ablation (VIE-Bench overall, GPT-4o judge, 0-10); its rows are sama-ablate's arms.
 PAPER = {"baseline": 6.312, "+SA": 6.696, "+MA": 6.711, "full": 7.095}
+FAST_PREFIX = "fast_"  # case ids of the fast-motion split in sama-ablate's cases manifest
 # (claim, how we test it, arm, other arm ("untrained": the untrained DiT), metric, higher is better)
 CLAIMS = (
     (
@@ -126,8 +127,6 @@ def edit_scores(export_dir: str, fast_prefix: str) -> dict:
 
 
 def run_metrics(ablation, arm: str, seed: int) -> dict:
-    from sama_jax.ablate import FAST_PREFIX
-
     run = lambda *p: ablation.run_dir(arm, seed, *p)
     s0 = read_scalars(run("stage0"), ("val_loss_fm/mean",))
     s1 = read_scalars(run("stage1"), ("val_loss_fm/mean", "loss_fm"))
@@ -196,13 +195,11 @@ def judge(summary: dict) -> list:
 
 
 def collect(ablation) -> dict:
-    from sama_jax.ablate import ARMS
-
     seeds = range(ablation.settings["seeds"])
-    per_seed = {arm: {str(s): run_metrics(ablation, arm, s) for s in seeds} for arm in ARMS}
+    per_seed = {arm: {str(s): run_metrics(ablation, arm, s) for s in seeds} for arm in PAPER}
     per_seed["untrained"] = {}
     for s in seeds:
-        scores = edit_scores(ablation.path("untrained", f"seed{s}", "export"), "fast_")
+        scores = edit_scores(ablation.path("untrained", f"seed{s}", "export"), FAST_PREFIX)
         zero_shot = dict(zero_shot_psnr_in=scores["psnr_in"], zero_shot_ssim_in=scores["ssim_in"])
         per_seed["untrained"][str(s)] = dict(scores, **zero_shot)
     summary = summarise(per_seed)
@@ -361,7 +358,6 @@ def _panel(summary: dict, curve: str, title: str, width: int, height: int):
 def write_html(ablation, report: dict, text: str, path: str, rows: int = 4) -> None:
     """The page: the claims, the tables, the curves, and a few cases of each split as videos
     (seed 0): source | ground truth | each arm's stage 1 | full's stage 0 | untrained."""
-    from sama_jax.ablate import ARMS, FAST_PREFIX
     from sama_jax.data import manifest as manifest_lib
 
     root = os.path.dirname(path)
@@ -370,7 +366,7 @@ def write_html(ablation, report: dict, text: str, path: str, rows: int = 4) -> N
     held = [c for c in cases if not c["id"].startswith(FAST_PREFIX)][:rows]
     fast = [c for c in cases if c["id"].startswith(FAST_PREFIX)][:rows]
     columns = [("source", None), ("ground truth", None)]
-    columns += [(f"{arm}", ablation.run_dir(arm, 0, "export_stage1")) for arm in ARMS]
+    columns += [(f"{arm}", ablation.run_dir(arm, 0, "export_stage1")) for arm in PAPER]
     columns += [("full, stage 0 only", ablation.run_dir("full", 0, "export_stage0"))]
     columns += [("untrained", ablation.path("untrained", "seed0", "export"))]
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
@@ -408,20 +404,21 @@ def write_html(ablation, report: dict, text: str, path: str, rows: int = 4) -> N
         + table("Held-out cases (seed 0)", held)
         + table("Fast-motion cases (seed 0)", fast)
     )
+    _write(path, page)
+
+
+def _write(path: str, text: str) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
     with open(path + ".tmp", "w") as f:
-        f.write(page)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
 def write(ablation) -> dict:
-    from sama_jax.ablate import write_json
-
     report = collect(ablation)
-    write_json(ablation.path("report.json"), report)
+    _write(ablation.path("report.json"), json.dumps(report, indent=1))
     text = format_report(report)
-    with open(ablation.path("report.txt.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(ablation.path("report.txt.tmp"), ablation.path("report.txt"))
+    _write(ablation.path("report.txt"), text + "\n")
     print(text)
     curves_png(report["summary"], ablation.path("curves.png"))
     write_html(ablation, report, text, ablation.path("index.html"))
