@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             raise AblationError(f"--demo-workdir={args.demo_workdir} is not a directory")
         check_overrides(overrides)
         settings["quick"] = args.quick
+        # The world the runs trained on: a rerun on another one would mix them.
+        settings["world"] = os.path.abspath(args.demo_workdir or args.workdir)
         ablation = Ablation(args.workdir, settings, overrides, args.cpu_devices, args.demo_workdir)
         try:
             return ablation.run()

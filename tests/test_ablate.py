@@ -136,6 +136,9 @@ def test_quick_ablation_runs_every_arm_and_writes_the_report(tmp_path, capsys, t
     assert "+ sama_jax" not in capsys.readouterr().out
     assert ablate.main(["--workdir", str(workdir), "--quick", "--stage1-steps", "3"]) == 2
     assert "other settings (stage1_steps: stage1_steps=2)" in capsys.readouterr().err
+    elsewhere = ["--demo-workdir", str(tmp_path)]
+    assert ablate.main(["--workdir", str(workdir), "--quick", *elsewhere]) == 2
+    assert f"other settings (world: world={str(workdir)!r})" in capsys.readouterr().err
 
 
 def _fake_run(seed: int, shift: float) -> dict:
@@ -212,3 +215,17 @@ def test_eta_counts_the_runs_left_at_their_times_without_compilation(tmp_path):
     assert ablation.eta(units).startswith(f"{len(units)} runs left, ETA at most 43m20s")
     ablation.timings = {k: [10.0, 20.0] for k in keys}
     assert ablation.eta(units) == f"{len(units)} runs left, ETA 6m30s"
+
+
+def test_a_workdir_keeps_its_settings_but_may_grow_seeds(tmp_path):
+    settings = dict(ablate.QUICK, quick=True, world=str(tmp_path / "world"))
+    ablate.Ablation(str(tmp_path), settings, [("optimizer.lr", "5e-4")], 0).check_settings()
+    more_seeds = dict(settings, seeds=3)
+    ablate.Ablation(str(tmp_path), more_seeds, [("optimizer.lr", "5e-4")], 0).check_settings()
+    with pytest.raises(
+        ablate.AblationError, match=r"other settings \(overrides: overrides=\[\['optimizer.lr'"
+    ):
+        ablate.Ablation(str(tmp_path), settings, [], 0).check_settings()
+    with pytest.raises(ablate.AblationError, match=r"\(world: world='.*world'\); use another --workdir"):
+        other = dict(settings, world=str(tmp_path / "elsewhere"))
+        ablate.Ablation(str(tmp_path), other, [("optimizer.lr", "5e-4")], 0).check_settings()
