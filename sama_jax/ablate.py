@@ -69,13 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo-workdir", default="", help="a finished sama-demo's workdir: its data, VAE and features"
     )
     parser.add_argument("--quick", action="store_true", help="a few steps of every arm, one seed")
-    for name, value in FULL.items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=int,
-            default=None,
-            help=f"default {value} ({QUICK[name]} with --quick)",
-        )
+    demo_lib.add_step_flags(parser, FULL, QUICK)
     return parser
 
 

@@ -86,14 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", default="runs/demo", help="everything the demo makes (resumable)")
     parser.add_argument("--quick", action="store_true", help="a few steps of every phase")
-    for name, value in FULL.items():
+    add_step_flags(parser, FULL, QUICK)
+    return parser
+
+
+def add_step_flags(parser: argparse.ArgumentParser, full: dict, quick: dict) -> None:
+    """--<name> for every step count of `full` (default None: full's, or quick's with --quick)."""
+    for name, value in full.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=int,
             default=None,
-            help=f"default {value} ({QUICK[name]} with --quick)",
+            help=f"default {value} ({quick[name]} with --quick)",
         )
-    return parser
 
 
 class Demo:

@@ -1,10 +1,8 @@
-"""sama-ablate: the fast-motion split, the verdicts, the refusals, and --quick end to end (every arm
-for a few steps through sama-train and sama-export, the report with the paper beside it)."""
+"""sama-ablate: the fast-motion split, the verdicts, the refusals and the report of made-up runs.
+--quick end to end runs in test_demo.py, on the quick demo's world."""
 
-import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -82,63 +80,6 @@ def test_bad_flags_are_one_line_errors_before_anything_runs(tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
-
-
-@pytest.mark.slow
-def test_quick_ablation_runs_every_arm_and_writes_the_report(tmp_path, capsys, tiny_dataset):
-    workdir = tmp_path / "ablate"
-    # --quick's world is the tiny presets' generated data (the same counts and tokenizer): the
-    # session's copy saves generating it; a copy, since the features phase writes beside it.
-    shutil.copytree(os.path.join(tiny_dataset, "synthetic"), workdir / "data" / "synthetic")
-    assert ablate.main(["--workdir", str(workdir), "--quick"]) == 0
-    out = capsys.readouterr().out
-    root = workdir / "ablation"
-    with open(root / "report.json") as f:
-        report = json.load(f)
-    summary = report["summary"]
-    assert set(summary) == {*ablate.ARMS, "untrained"}
-    for arm in ablate.ARMS:
-        m = summary[arm]
-        assert m["psnr_in"]["n"] == 1 and m["psnr_in"]["std"] == 0.0
-        assert 3.0 < m["psnr_in"]["mean"] < 40.0 and 0.0 < m["ssim_in"]["mean"] < 1.0
-        assert 0.0 < m["fast_tssim"]["mean"] <= 1.0 and m["fast_tdiff_rmse"]["mean"] > 0.0
-        assert 3.0 < m["zero_shot_psnr_in"]["mean"] < 40.0
-        # Two steps a stage, evaluated at both; the loss variance of the last half (step 2).
-        assert set(m["val_s0"]) == set(m["val_s1"]) == {"1", "2"}
-        assert all(0.0 < v["mean"] < 10.0 for v in m["val_s1"].values())
-        assert m["loss_var"]["mean"] == 0.0  # one step in the last half of a 2-step stage
-    # The arms differ where they should: SA's runs read semantic tokens, MA's stage 0 the pretext.
-    for arm, (semantic, motion) in ablate.ARMS.items():
-        for stage in (0, 1):
-            with open(root / ablate.ARM_DIRS[arm] / "seed0" / f"stage{stage}" / "config.json") as f:
-                config = json.load(f)
-            assert config["train"]["semantic_anchoring"] is semantic
-            assert config["data"]["motion_alignment"] is (motion and stage == 0)
-            assert config["seed"] == 0 and config["train"]["steps"] == 2
-    # One seed: every claim is inconclusive, each said in one line beside the paper's table.
-    assert [c["verdict"] for c in report["claims"]] == ["inconclusive"] * len(ablation_report.CLAIMS)
-    for arm, score in ablation_report.PAPER.items():
-        assert any(line.startswith(arm) and f"{score:.3f}" in line for line in out.splitlines()), arm
-    assert out.count("[inconclusive]") == len(ablation_report.CLAIMS)
-    assert (root / "report.txt").read_text().strip() in out
-    # The curves: two panels, every arm's colour drawn.
-    curves = video_io.decode_image(str(root / "curves.png"))
-    assert curves.shape == (380, 1120, 3)
-    for colour in ablation_report.COLOURS.values():
-        assert np.any(np.all(curves == colour, axis=-1)), colour
-    page = (root / "index.html").read_text()
-    cases = ablate.QUICK["cases"] + ablate.QUICK["fast_cases"]
-    assert page.count("<video") == cases * (2 + len(ablate.ARMS) + 2)
-    for video in page.split('<video src="')[1:]:
-        assert os.path.exists(root / video.split('"')[0])
-    # A rerun runs nothing again; other settings in the same workdir are refused.
-    assert ablate.main(["--workdir", str(workdir), "--quick"]) == 0
-    assert "+ sama_jax" not in capsys.readouterr().out
-    assert ablate.main(["--workdir", str(workdir), "--quick", "--stage1-steps", "3"]) == 2
-    assert "other settings (stage1_steps: stage1_steps=2)" in capsys.readouterr().err
-    elsewhere = ["--demo-workdir", str(tmp_path)]
-    assert ablate.main(["--workdir", str(workdir), "--quick", *elsewhere]) == 2
-    assert f"other settings (world: world={str(workdir)!r})" in capsys.readouterr().err
 
 
 def _fake_run(seed: int, shift: float) -> dict:

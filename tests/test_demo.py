@@ -1,8 +1,12 @@
 """sama-demo end to end, shortened (--quick: a few steps of every phase): the same commands the full
-demo runs, and every output it promises."""
+demo runs, and every output it promises; then sama-ablate --quick on the same world (every arm
+for a few steps through sama-train and sama-export, the report with the paper beside it)."""
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,15 +16,26 @@ import numpy as np
 import pytest
 from helpers import tensorboard_events
 
-from sama_jax import demo
+from sama_jax import ablate, ablation_report, demo
 from sama_jax.data import video_io
 
 
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory, tiny_dataset):
+    """sama-demo --quick, once for the module: (workdir, what it printed). Its data is the tiny
+    presets' (the same counts and tokenizer): the session's copy saves generating it (a copy: the
+    features phase writes beside it). The quick ablation below reuses its world."""
+    workdir = tmp_path_factory.mktemp("quick_demo") / "demo"
+    shutil.copytree(os.path.join(tiny_dataset, "synthetic"), workdir / "data" / "synthetic")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
+    return workdir, printed.getvalue()
+
+
 @pytest.mark.slow
-def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
-    workdir = tmp_path / "demo"
-    assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
-    out = capsys.readouterr().out
+def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo, capsys):
+    workdir, out = quick_demo
     assert "inside the edited region" in out and "outside the edited region" in out
     with open(workdir / "report.json") as f:
         report = json.load(f)
@@ -63,6 +78,63 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     assert demo.main(["--workdir", str(workdir), "--quick"]) == 0
     rerun = capsys.readouterr().out
     assert all(f"{phase} done before" in rerun for phase in demo.PHASES[:-1])
+
+
+@pytest.mark.slow
+def test_quick_ablation_runs_every_arm_and_writes_the_report(tmp_path, capsys, quick_demo):
+    # sama-ablate --quick on the quick demo's world (--demo-workdir: its data, VAE and features,
+    # read only), as a user reuses a finished demo; the world phases are not run twice.
+    workdir, world = tmp_path / "ablate", str(quick_demo[0])
+    args = ["--workdir", str(workdir), "--demo-workdir", world, "--quick"]
+    assert ablate.main(args) == 0
+    out = capsys.readouterr().out
+    root = workdir / "ablation"
+    with open(root / "report.json") as f:
+        report = json.load(f)
+    summary = report["summary"]
+    assert set(summary) == {*ablate.ARMS, "untrained"}
+    for arm in ablate.ARMS:
+        m = summary[arm]
+        assert m["psnr_in"]["n"] == 1 and m["psnr_in"]["std"] == 0.0
+        assert 3.0 < m["psnr_in"]["mean"] < 40.0 and 0.0 < m["ssim_in"]["mean"] < 1.0
+        assert 0.0 < m["fast_tssim"]["mean"] <= 1.0 and m["fast_tdiff_rmse"]["mean"] > 0.0
+        assert 3.0 < m["zero_shot_psnr_in"]["mean"] < 40.0
+        # Two steps a stage, evaluated at both; the loss variance of the last half (step 2).
+        assert set(m["val_s0"]) == set(m["val_s1"]) == {"1", "2"}
+        assert all(0.0 < v["mean"] < 10.0 for v in m["val_s1"].values())
+        assert m["loss_var"]["mean"] == 0.0  # one step in the last half of a 2-step stage
+    # The arms differ where they should: SA's runs read semantic tokens, MA's stage 0 the pretext.
+    for arm, (semantic, motion) in ablate.ARMS.items():
+        for stage in (0, 1):
+            with open(root / ablate.ARM_DIRS[arm] / "seed0" / f"stage{stage}" / "config.json") as f:
+                config = json.load(f)
+            assert config["train"]["semantic_anchoring"] is semantic
+            assert config["data"]["motion_alignment"] is (motion and stage == 0)
+            assert config["seed"] == 0 and config["train"]["steps"] == 2
+    # One seed: every claim is inconclusive, each said in one line beside the paper's table.
+    assert [c["verdict"] for c in report["claims"]] == ["inconclusive"] * len(ablation_report.CLAIMS)
+    for arm, score in ablation_report.PAPER.items():
+        assert any(line.startswith(arm) and f"{score:.3f}" in line for line in out.splitlines()), arm
+    assert out.count("[inconclusive]") == len(ablation_report.CLAIMS)
+    assert (root / "report.txt").read_text().strip() in out
+    # The curves: two panels, every arm's colour drawn.
+    curves = video_io.decode_image(str(root / "curves.png"))
+    assert curves.shape == (380, 1120, 3)
+    for colour in ablation_report.COLOURS.values():
+        assert np.any(np.all(curves == colour, axis=-1)), colour
+    page = (root / "index.html").read_text()
+    cases = ablate.QUICK["cases"] + ablate.QUICK["fast_cases"]
+    assert page.count("<video") == cases * (2 + len(ablate.ARMS) + 2)
+    for video in page.split('<video src="')[1:]:
+        assert os.path.exists(root / video.split('"')[0])
+    # A rerun runs nothing again; other settings in the same workdir are refused.
+    assert ablate.main(args) == 0
+    assert "+ sama_jax" not in capsys.readouterr().out
+    assert ablate.main([*args, "--stage1-steps", "3"]) == 2
+    assert "other settings (stage1_steps: stage1_steps=2)" in capsys.readouterr().err
+    elsewhere = ["--demo-workdir", str(tmp_path)]
+    assert ablate.main(["--workdir", str(workdir), "--quick", *elsewhere]) == 2
+    assert f"other settings (world: world={world!r})" in capsys.readouterr().err
 
 
 def _live_pids(pattern: str) -> list[int]:
