@@ -68,6 +68,9 @@ TARGETS = dict(
 # Steps of each phase: the full demo, and --quick (the test: the same commands, a few steps).
 FULL = dict(vae_steps=800, stage0_steps=200, stage1_steps=600, edit_steps=20, cases=20)
 QUICK = dict(vae_steps=4, stage0_steps=2, stage1_steps=2, edit_steps=2, cases=3)
+# How every demo (and ablation) export edits: the world's 64x64 frames as they are, the run's prompt
+# prefix, one device.
+EXPORT_FLAGS = ("--height", "64", "--width", "64", "--exact-size", "--prompt-prefix", "--mesh", "none")
 # Precomputed features per stage: stage 0's sources (motion-aligned clips, image-edit sources) and
 # prompts (task tokens) are made at train time, so only its targets' features are stored.
 STAGE_FEATURES = {
@@ -307,14 +310,7 @@ class Demo:
             str(self.steps["cases"]),
             "--steps",
             str(self.steps["edit_steps"]),
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--exact-size",
-            "--prompt-prefix",
-            "--mesh",
-            "none",
+            *EXPORT_FLAGS,
         ]
         for model, run in (("trained", "stage1"), ("stage0", "stage0")):
             self.command(
