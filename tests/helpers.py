@@ -97,6 +97,31 @@ def synthetic_samples(root, seed: int, video_edits: int, image_edits: int, clips
     ]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_train_args(steps: int) -> list[str]:
+    """sama-train's arguments for the tests' short tiny runs: image edits of the tiny dataset at
+    32x32, no evaluators, a checkpoint and a log line every 2 steps."""
+    return [
+        f"--config={REPO}/configs/stage1_sft.py:tiny",
+        "--config.data.mixture=[{'kind': 'image_edit', 'manifest': 'data/synthetic/image_edits.jsonl', "
+        "'weight': 1.0}]",
+        "--config.data.pixels=1024",
+        "--config.eval.evaluators=()",
+        f"--config.train.steps={steps}",
+        "--config.checkpoint.every_steps=2",
+        "--config.train.log_every=2",
+    ]
+
+
+def command_environ() -> dict:
+    """The environment of a command a test starts: the test run's compilation cache and compile
+    flags (conftest), without its device count (the command sets its own with --cpu-devices)."""
+    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+    return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+
+
 def link_tiny_dataset(tiny_dataset: str, cwd) -> None:
     """cwd/data -> the shared tiny dataset (conftest's tiny_dataset fixture): the tiny preset finds
     data/synthetic there and generates nothing. Read only."""

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import link_tiny_dataset
+from helpers import command_environ, link_tiny_dataset, tiny_train_args
 from model_helpers import random_params
 
 from sama_jax import config as config_lib
@@ -198,18 +198,9 @@ def command_env(tmp_path_factory, tiny_dataset, tiny_models):
         siglip.KIND,
         dataclasses.asdict(siglip_cfg),
     )
-    # The runs choose their device count (--cpu-devices); conftest's compile flags are kept.
-    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
-    environ = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    environ = command_environ()
     args = [
-        f"--config={ROOT}/configs/stage1_sft.py:tiny",
-        "--config.data.mixture=[{'kind': 'image_edit', 'manifest': 'data/synthetic/image_edits.jsonl', "
-        "'weight': 1.0}]",
-        "--config.data.pixels=1024",
-        "--config.eval.evaluators=()",
-        f"--config.train.steps={STEPS}",
-        "--config.checkpoint.every_steps=2",
-        "--config.train.log_every=2",
+        *tiny_train_args(STEPS),
         "--config.train.lora.rank=4",
         f"--config.checkpoint.init_from={models / 'dit'}",
         f"--config.model.checkpoints.vae={models / 'vae'}",

@@ -18,24 +18,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import link_tiny_dataset
+from helpers import command_environ, link_tiny_dataset, tiny_train_args
 
 from sama_jax import checkpointing, encoders, run_dir
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 STEPS = 10
-ARGS = [
-    f"--config={ROOT}/configs/stage1_sft.py:tiny",
-    "--config.data.mixture=[{'kind': 'image_edit', 'manifest': 'data/synthetic/image_edits.jsonl', "
-    "'weight': 1.0}]",
-    "--config.data.pixels=1024",
-    "--config.eval.evaluators=()",
-    f"--config.train.steps={STEPS}",
-    "--config.checkpoint.every_steps=2",
-    "--config.train.log_every=2",
-    "--config.train.log_sample_ids=True",
-]
+ARGS = [*tiny_train_args(STEPS), "--config.train.log_sample_ids=True"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +32,7 @@ def env(tmp_path_factory, tiny_dataset):
     root = tmp_path_factory.mktemp("train_command")
     link_tiny_dataset(tiny_dataset, root)
     # The test run's compilation cache (conftest) is inherited: the runs share compiled steps.
-    # The runs choose their device count (--cpu-devices); conftest's compile flags are kept.
-    environ = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(DEVICE_COUNT_FLAG, ""))
-    environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    return root, environ
+    return root, command_environ()
 
 
 def start(env, workdir, *extra, devices=8, log="log", group=False):
